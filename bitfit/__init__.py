@@ -1,0 +1,43 @@
+"""BitFit deployment toolkit: train -> task pack -> compile -> session -> verify.
+
+Each stage is a function here and a `bitfit` subcommand. Imports are lazy so that `predict` and
+`inspect` work on a box with the runtime alone (no torch).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from runtime.version import __version__
+
+
+def train(*args: Any, **kwargs: Any):
+    from training.train import train as _train
+
+    return _train(*args, **kwargs)
+
+
+def compile(*args: Any, **kwargs: Any):  # noqa: A001 - the stage is called compile
+    from compiler.compile import compile as _compile
+
+    return _compile(*args, **kwargs)
+
+
+def verify(*args: Any, **kwargs: Any):
+    from .verify import verify as _verify
+
+    return _verify(*args, **kwargs)
+
+
+def predict(*args: Any, **kwargs: Any):
+    from .predict import predict as _predict
+
+    return _predict(*args, **kwargs)
+
+
+def inspect(*args: Any, **kwargs: Any):
+    from .inspect import inspect as _inspect
+
+    return _inspect(*args, **kwargs)
+
+
+__all__ = ["__version__", "compile", "inspect", "predict", "train", "verify"]

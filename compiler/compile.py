@@ -1,0 +1,169 @@
+"""Compile a frozen encoder once to ONNX, with every selected bias a named graph input.
+
+Export uses torch's legacy (TorchScript) exporter with a wrapper whose forward takes the biases as
+inputs and puts them into the modules for the duration of the call: measured here, this gives one
+cleanly named input per bias and the fastest graph (see shared ONNX-NOTES). Biases exported as
+inputs cannot be merged with equal-valued initializers, which the exporters otherwise do.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx_ir as ir
+import torch
+from onnx_ir.passes import PassManager, PassError
+from torch import nn
+
+from runtime import compiled as cm
+from runtime.errors import BitFitError, CompiledModelError
+from runtime.pack import TensorSpec, sha256_file
+from runtime.version import __version__
+from training.biases import BiasSlot, find_biases, parse_subset
+from training.model import base_fingerprint, load_encoder, load_tokenizer, uses_token_types
+
+from .passes import BiasDefaultsPass, CheckBiasInputsPass, CheckTokenInputsPass
+
+DEFAULT_OPSET = 17  # LayerNormalization is a single op from 17 on
+# Models whose position ids start after the padding index (RoBERTa-style) have fewer usable positions.
+_PADDING_OFFSET_TYPES = {"roberta", "xlm-roberta", "camembert", "mpnet"}
+
+
+class BiasInputWrapper(nn.Module):
+    """forward(input_ids, attention_mask, [token_type_ids], *biases) -> last_hidden_state."""
+
+    def __init__(self, encoder: nn.Module, slots: list[BiasSlot], token_inputs: list[str]):
+        super().__init__()
+        self.encoder = encoder
+        self.slots = slots
+        self.token_inputs = token_inputs
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        tokens = dict(zip(self.token_inputs, args))
+        biases = args[len(self.token_inputs) :]
+        saved = [s.module._parameters["bias"] for s in self.slots]
+        try:
+            for s, b in zip(self.slots, biases):
+                s.module._parameters["bias"] = b
+            # keyword arguments: transformers 5 models fail positional calls under the legacy exporter
+            return self.encoder(**tokens).last_hidden_state
+        finally:
+            for s, p in zip(self.slots, saved):
+                s.module._parameters["bias"] = p
+
+
+def export_onnx(encoder: nn.Module, slots: list[BiasSlot], token_inputs: list[str], path: Path, opset: int) -> None:
+    wrapper = BiasInputWrapper(encoder, slots, token_inputs).eval()
+    # Export on a batch of 2 x 7 (and check dynamic axes afterwards): shapes of 1 get specialised away.
+    ids = torch.randint(5, 50, (2, 7))
+    example = {
+        "input_ids": ids,
+        "attention_mask": torch.tensor([[1] * 7, [1] * 5 + [0] * 2]),
+        "token_type_ids": torch.zeros_like(ids),
+    }
+    args = tuple(example[n] for n in token_inputs) + tuple(s.parameter.detach().clone() for s in slots)
+    dynamic = {n: {0: "batch", 1: "sequence"} for n in token_inputs}
+    dynamic[cm.OUTPUT_NAME] = {0: "batch", 1: "sequence"}
+    with torch.no_grad(), warnings.catch_warnings():
+        # The tracer warns about Python-side shape checks in transformers' masking code; the dynamic axes
+        # are checked by a pass and by parity tests on other shapes instead.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*aten::index.*")
+        torch.onnx.export(
+            wrapper,
+            args,
+            str(path),
+            input_names=[*token_inputs, *(s.name for s in slots)],
+            output_names=[cm.OUTPUT_NAME],
+            dynamic_axes=dynamic,
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+
+
+def compile(
+    model: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    biases: str = "all",
+    opset: int = DEFAULT_OPSET,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Export `model`'s encoder to `out`/model.onnx with bias inputs, plus tokenizer.json and manifest.json."""
+    out = Path(out)
+    if out.exists():
+        if not overwrite:
+            raise BitFitError(f"{out} already exists: choose another --out, or pass --overwrite to replace it")
+        if not (out / cm.MANIFEST_FILE).is_file():
+            raise BitFitError(f"{out} exists and is not a compiled model directory: refusing to replace it")
+    kinds = parse_subset(biases)
+    tokenizer = load_tokenizer(model)
+    if tokenizer.pad_token is None:
+        raise BitFitError(f"the tokenizer of {model!r} has no pad token: the runtime pads batches with it")
+    encoder = load_encoder(model, attn_implementation="eager")
+    slots = find_biases(encoder, kinds)
+    token_inputs = ["input_ids", "attention_mask"] + (["token_type_ids"] if uses_token_types(encoder) else [])
+    config = encoder.config
+    max_positions = int(config.max_position_embeddings)
+    if config.model_type in _PADDING_OFFSET_TYPES:
+        max_positions -= int(config.pad_token_id) + 1
+    max_positions = min(max_positions, int(getattr(tokenizer, "model_max_length", max_positions) or max_positions))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        log(f"exporting {config.model_type} ({len(slots)} bias inputs: {','.join(kinds)}) with opset {opset}")
+        raw = tmp / "raw.onnx"
+        export_onnx(encoder, slots, token_inputs, raw, opset)
+        graph = ir.load(raw)
+        raw.unlink()
+        defaults = {s.name: s.parameter.detach().float().numpy() for s in slots}
+        passes = [
+            BiasDefaultsPass(defaults),
+            CheckBiasInputsPass({k: v.shape for k, v in defaults.items()}),
+            CheckTokenInputsPass(token_inputs),
+        ]
+        try:
+            PassManager(passes)(graph)
+        except PassError as e:
+            raise CompiledModelError(f"compiling {model!r} failed: {e}") from e
+        ir.save(graph, tmp / cm.MODEL_FILE)
+        tokenizer.backend_tokenizer.save(str(tmp / cm.TOKENIZER_FILE))
+        manifest = cm.CompiledManifest(
+            base_model=os.path.abspath(model) if Path(model).is_dir() else str(model),
+            base_model_type=config.model_type,
+            base_fingerprint=base_fingerprint(encoder),
+            hidden_size=int(config.hidden_size),
+            num_layers=int(config.num_hidden_layers if hasattr(config, "num_hidden_layers") else config.n_layers),
+            max_positions=max_positions,
+            opset=opset,
+            token_inputs=token_inputs,
+            bias_inputs=[TensorSpec(s.name, tuple(s.parameter.shape), "float32", s.kind, s.layer, s.source) for s in slots],
+            pad_token=str(tokenizer.pad_token),
+            pad_token_id=int(tokenizer.pad_token_id),
+            model_sha256=sha256_file(tmp / cm.MODEL_FILE),
+            passes=[type(p).__name__ for p in passes],
+            tool_version=__version__,
+        )
+        cm.write_manifest(tmp, manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    size = (out / cm.MODEL_FILE).stat().st_size
+    log(f"compiled {out / cm.MODEL_FILE} ({size / 2**20:.1f} MiB, {len(slots)} bias inputs, {len(token_inputs)} token inputs)")
+    return out
+
+
+def graph_bias_values(model_path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The default (base) value of each bias input of a compiled graph."""
+    graph = ir.load(model_path).graph
+    return {v.name: v.const_value.numpy() for v in graph.inputs if v.const_value is not None}

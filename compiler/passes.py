@@ -1,0 +1,94 @@
+"""Small onnx-ir passes over the exported graph. Each checks or changes one thing and says which.
+
+They run in a PassManager, so an error names the pass that raised it.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes import InPlacePass, PassResult, PostconditionError, PreconditionError
+
+
+class BiasDefaultsPass(InPlacePass):
+    """Give every bias input the base model's value as an overridable initializer.
+
+    A run that feeds nothing is the base model, a pack feeds only what it trained, and onnxruntime
+    does not constant-fold an initializer that is also a graph input, so the input stays live.
+    """
+
+    def __init__(self, defaults: Mapping[str, np.ndarray]):
+        super().__init__()
+        self.defaults = defaults
+
+    def call(self, model: ir.Model) -> PassResult:
+        inputs = {v.name: v for v in model.graph.inputs}
+        missing = sorted(set(self.defaults) - inputs.keys())
+        if missing:
+            raise PreconditionError(f"the exported graph has no inputs {missing[:4]}: the export lost bias inputs")
+        for name, value in self.defaults.items():
+            v = inputs[name]
+            v.const_value = ir.tensor(np.ascontiguousarray(value, dtype=np.float32), name=name)
+            model.graph.register_initializer(v)
+        return PassResult(model, modified=bool(self.defaults))
+
+
+class CheckBiasInputsPass(InPlacePass):
+    """Every expected bias is a float32 graph input of its shape that some node consumes.
+
+    This is what catches a graph whose optimiser baked a bias into a fused kernel and left its input
+    dead (onnxruntime's transformer optimiser does this to q/k/v when the bias is also an initializer):
+    swapping that bias would then silently change nothing.
+    """
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]]):
+        super().__init__()
+        self.shapes = shapes
+
+    def call(self, model: ir.Model) -> PassResult:
+        inputs = {v.name: v for v in model.graph.inputs}
+        problems = []
+        for name, shape in self.shapes.items():
+            v = inputs.get(name)
+            if v is None:
+                problems.append(f"{name} is not a graph input")
+                continue
+            if v.dtype != ir.DataType.FLOAT:
+                problems.append(f"{name} is {v.dtype}, not float32")
+            if v.shape is None or tuple(v.shape) != tuple(shape):
+                problems.append(f"{name} has shape {v.shape}, expected {list(shape)}")
+            if not v.uses():
+                problems.append(f"{name} is an input that no node reads (baked into a fused kernel?)")
+        if problems:
+            raise PostconditionError(
+                f"{len(problems)} bias inputs are not live: " + "; ".join(problems[:6])
+                + ("; ..." if len(problems) > 6 else "")
+            )
+        return PassResult(model, modified=False)
+
+
+class CheckTokenInputsPass(InPlacePass):
+    """Token inputs are int64 [batch, sequence] with both axes dynamic, so any shape runs."""
+
+    def __init__(self, names: Iterable[str]):
+        super().__init__()
+        self.names = list(names)
+
+    def call(self, model: ir.Model) -> PassResult:
+        inputs = {v.name: v for v in model.graph.inputs}
+        for name in self.names:
+            v = inputs.get(name)
+            if v is None:
+                raise PostconditionError(f"token input {name} is missing from the graph")
+            if v.dtype != ir.DataType.INT64 or v.shape is None or len(v.shape) != 2:
+                raise PostconditionError(f"token input {name} is {v.dtype}{v.shape}, expected int64 [batch, sequence]")
+            frozen = [d for d in v.shape if isinstance(d, int)]
+            if frozen:
+                raise PostconditionError(f"token input {name} has a fixed axis {list(v.shape)}: export froze a shape")
+        return PassResult(model, modified=False)
+
+
+def bias_inputs_live(model: ir.Model, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Raise PostconditionError unless every bias in `shapes` is a live input of `model`."""
+    CheckBiasInputsPass(shapes)(model)

@@ -1,0 +1,114 @@
+"""The compiled directory: model.onnx, tokenizer.json and a manifest that is the contract between them
+and every task pack. Names, shapes and the base fingerprint are written here and checked, never assumed.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import CompiledModelError, IncompatibleError
+from .pack import HEAD_WEIGHT, PackManifest, TaskPack, TensorSpec
+
+FORMAT = "bitfit-compiled"
+FORMAT_VERSION = 1
+MODEL_FILE = "model.onnx"
+MANIFEST_FILE = "manifest.json"
+TOKENIZER_FILE = "tokenizer.json"
+OUTPUT_NAME = "last_hidden_state"
+
+
+@dataclass
+class CompiledManifest:
+    base_model: str
+    base_model_type: str
+    base_fingerprint: str
+    hidden_size: int
+    num_layers: int
+    max_positions: int
+    opset: int
+    token_inputs: list[str]
+    bias_inputs: list[TensorSpec]
+    pad_token: str
+    pad_token_id: int
+    model_sha256: str
+    output: str = OUTPUT_NAME
+    precision: str = "fp32"
+    passes: list[str] = field(default_factory=list)
+    tool_version: str = ""
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        self.bias_inputs = [b if isinstance(b, TensorSpec) else TensorSpec.from_json(b) for b in self.bias_inputs]
+
+    @property
+    def bias_specs(self) -> dict[str, TensorSpec]:
+        return {b.name: b for b in self.bias_inputs}
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["bias_inputs"] = [b.to_json() for b in self.bias_inputs]
+        return out
+
+
+def write_manifest(directory: str | os.PathLike, manifest: CompiledManifest) -> Path:
+    path = Path(directory) / MANIFEST_FILE
+    path.write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
+    return path
+
+
+def read_manifest(directory: str | os.PathLike) -> CompiledManifest:
+    root = Path(directory)
+    if not root.is_dir():
+        raise CompiledModelError(f"no compiled model at {root}: run `bitfit compile --model M --out {root}` first")
+    for name in (MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE):
+        if not (root / name).is_file():
+            raise CompiledModelError(f"{root} has no {name}: it is not a complete compiled model; compile it again")
+    try:
+        data = json.loads((root / MANIFEST_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CompiledModelError(f"{root / MANIFEST_FILE} is not valid JSON ({e}): compile again") from e
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise CompiledModelError(f"{root / MANIFEST_FILE} is not a bitfit compiled-model manifest")
+    if int(data.get("format_version", 0)) > FORMAT_VERSION:
+        raise CompiledModelError(f"{root} was compiled by a newer bitfit (format {data['format_version']}): upgrade")
+    known = {f.name for f in fields(CompiledManifest)}
+    try:
+        return CompiledManifest(**{k: v for k, v in data.items() if k in known})
+    except TypeError as e:
+        raise CompiledModelError(f"{root / MANIFEST_FILE} is incomplete ({e}): compile again") from e
+
+
+def check_pack_fits(compiled: CompiledManifest, pack: TaskPack | PackManifest, where: str = "") -> None:
+    """Raise IncompatibleError naming every reason `pack` cannot run on this graph."""
+    m = pack.manifest if isinstance(pack, TaskPack) else pack
+    label = where or f"task pack {m.task!r}"
+    if m.base_fingerprint != compiled.base_fingerprint:
+        raise IncompatibleError(
+            f"{label} was trained on base model {m.base_model!r} (fingerprint {m.base_fingerprint[:12]}) but the "
+            f"graph was compiled from {compiled.base_model!r} (fingerprint {compiled.base_fingerprint[:12]}): "
+            "their frozen weights differ; train the pack on the compiled model, or compile the pack's base model"
+        )
+    problems: list[str] = []
+    graph = compiled.bias_specs
+    absent = [b.name for b in m.biases if b.name not in graph]
+    if absent:
+        kinds = sorted({b.kind or "?" for b in m.biases if b.name in absent})
+        problems.append(
+            f"the graph has no input for biases {', '.join(absent[:4])}{' ...' if len(absent) > 4 else ''}: "
+            f"recompile with --biases all (or include {','.join(kinds)})"
+        )
+    for b in m.biases:
+        g = graph.get(b.name)
+        if g is not None and (g.shape != b.shape or g.dtype != b.dtype):
+            problems.append(f"{b.name} is {b.dtype}{list(b.shape)} in the pack but {g.dtype}{list(g.shape)} in the graph")
+    head = {h.name: h for h in m.head}.get(HEAD_WEIGHT)
+    if head is not None and head.shape[-1] != compiled.hidden_size:
+        problems.append(f"the head expects hidden size {head.shape[-1]}, the graph has {compiled.hidden_size}")
+    if m.max_length > compiled.max_positions:
+        problems.append(f"max_length {m.max_length} exceeds the model's {compiled.max_positions} positions")
+    if problems:
+        raise IncompatibleError(f"{label} does not fit the compiled graph: " + "; ".join(problems))

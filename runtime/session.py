@@ -1,0 +1,239 @@
+"""One onnxruntime session for the frozen encoder, any number of tasks.
+
+A task is its bias arrays and a small head. Switching tasks binds other pre-built OrtValues to the
+graph's bias inputs; the graph is never reloaded. Biases a pack does not train are not fed, so the
+graph's defaults (the base model's values, stored as overridable initializers) apply.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from . import compiled as cm
+from .errors import BitFitError, CompiledModelError, UnknownTaskError
+from .pack import HEAD_BIAS, HEAD_WEIGHT, TaskPack, load_pack, sha256_file
+from .tokenize import TextEncoder
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Outputs for a batch of texts: logits [n, k], scores (probabilities, or the value for regression)."""
+
+    task: str
+    task_kind: str
+    label_names: list[str]
+    logits: np.ndarray
+    scores: np.ndarray
+    labels: list[Any]
+
+    def records(self) -> list[dict[str, Any]]:
+        """One JSON-ready dict per text: label, scores by label name, logits."""
+        out = []
+        for i, label in enumerate(self.labels):
+            if self.task_kind == "classification":
+                scores = {n: float(s) for n, s in zip(self.label_names, self.scores[i])}
+            else:
+                scores = {"value": float(self.scores[i, 0])}
+            out.append({"label": label, "scores": scores, "logits": [float(x) for x in self.logits[i]]})
+        return out
+
+
+@dataclass
+class _Task:
+    pack: TaskPack
+    values: dict[str, ort.OrtValue]  # bias input name -> OrtValue, built once at registration
+    arrays: dict[str, np.ndarray]  # the memory those OrtValues point at: keep it alive
+    weight: np.ndarray  # head, transposed for pooled @ weight
+    bias: np.ndarray
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    z = x - x.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def pool(hidden: np.ndarray, attention_mask: np.ndarray, pooling: str) -> np.ndarray:
+    if pooling == "cls":
+        return hidden[:, 0]
+    mask = attention_mask[..., None].astype(hidden.dtype)
+    return (hidden * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1.0)
+
+
+class TaskSession:
+    """Serve many task packs from one compiled graph: `register` packs, then `run(task, texts)`."""
+
+    def __init__(
+        self,
+        compiled_dir: str | os.PathLike,
+        *,
+        threads: int | None = None,
+        providers: Sequence[str] | None = None,
+        check_integrity: bool = True,
+    ) -> None:
+        self.directory = Path(compiled_dir)
+        self.manifest = cm.read_manifest(self.directory)
+        model_path = self.directory / cm.MODEL_FILE
+        if check_integrity and self.manifest.model_sha256 and sha256_file(model_path) != self.manifest.model_sha256:
+            raise CompiledModelError(
+                f"{model_path} does not match the checksum in {cm.MANIFEST_FILE}: it is corrupt or was replaced; "
+                "compile again"
+            )
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Bias inputs are initializers on purpose (their default is the base model): skip the warning per bias.
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        try:
+            self.session = ort.InferenceSession(
+                str(model_path), options, providers=list(providers or ["CPUExecutionProvider"])
+            )
+        except Exception as e:  # onnxruntime raises its own untyped errors
+            raise CompiledModelError(f"onnxruntime cannot load {model_path} ({e}): compile again") from e
+        inputs = {i.name for i in [*self.session.get_inputs(), *self.session.get_overridable_initializers()]}
+        declared = set(self.manifest.token_inputs) | set(self.manifest.bias_specs)
+        if inputs != declared:
+            raise CompiledModelError(
+                f"{model_path} has inputs that differ from its manifest (only in graph: "
+                f"{sorted(inputs - declared)[:4]}, only in manifest: {sorted(declared - inputs)[:4]}): compile again"
+            )
+        self.encoder = TextEncoder(
+            str(self.directory / cm.TOKENIZER_FILE),
+            pad_token=self.manifest.pad_token,
+            pad_token_id=self.manifest.pad_token_id,
+            token_inputs=self.manifest.token_inputs,
+        )
+        self._tasks: dict[str, _Task] = {}
+        self._lock = threading.Lock()
+
+    # -- tasks ---------------------------------------------------------------------------------
+    @property
+    def tasks(self) -> list[str]:
+        return sorted(self._tasks)
+
+    def pack(self, task: str) -> TaskPack:
+        return self._get(task).pack
+
+    def register(self, pack: TaskPack | str | os.PathLike, *, name: str | None = None, replace: bool = False) -> str:
+        """Validate a pack against the graph's manifest and make it servable under `name`."""
+        if not isinstance(pack, TaskPack):
+            pack = load_pack(pack)
+        pack.validate(f"task pack {pack.name!r}")
+        cm.check_pack_fits(self.manifest, pack)
+        name = name or pack.name
+        arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in pack.biases.items()}
+        values = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()}
+        task = _Task(
+            pack=pack,
+            values=values,
+            arrays=arrays,
+            weight=np.ascontiguousarray(pack.tensors[HEAD_WEIGHT].T, dtype=np.float32),
+            bias=np.asarray(pack.tensors[HEAD_BIAS], dtype=np.float32),
+        )
+        with self._lock:  # swap the whole entry at once: a caller sees the old task or the new one
+            if name in self._tasks and not replace:
+                raise BitFitError(f"a task named {name!r} is already registered: pass replace=True or another name")
+            self._tasks[name] = task
+        return name
+
+    def remove(self, task: str) -> None:
+        with self._lock:
+            self._get(task)
+            del self._tasks[task]
+
+    def _get(self, task: str) -> _Task:
+        try:
+            return self._tasks[task]
+        except KeyError:
+            known = ", ".join(self.tasks) or "none"
+            raise UnknownTaskError(f"unknown task {task!r}: registered tasks are {known}") from None
+
+    # -- inference -----------------------------------------------------------------------------
+    def encode(
+        self, texts: Sequence[str], text_pairs: Sequence[str] | None = None, *, max_length: int
+    ) -> dict[str, np.ndarray]:
+        return self.encoder(texts, text_pairs, max_length=max_length)
+
+    def hidden_states(self, inputs: dict[str, np.ndarray], task: str | None = None) -> np.ndarray:
+        """The encoder's last hidden state; task=None runs the graph's default (base model) biases."""
+        feeds = self._check_inputs(inputs)
+        binding = self.session.io_binding()
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, array)
+        if task is not None:
+            for name, value in self._get(task).values.items():
+                binding.bind_ortvalue_input(name, value)
+        binding.bind_output(self.manifest.output)
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+    def logits(self, task: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        t = self._get(task)
+        hidden = self.hidden_states(inputs, task)
+        pooled = pool(hidden, inputs["attention_mask"], t.pack.manifest.pooling)
+        return pooled @ t.weight + t.bias
+
+    def run(
+        self,
+        task: str,
+        texts: Sequence[str],
+        text_pairs: Sequence[str] | None = None,
+        *,
+        batch_size: int = 32,
+    ) -> Predictions:
+        """Tokenize, run in batches of `batch_size`, and apply the task's head."""
+        t = self._get(task)
+        m = t.pack.manifest
+        if m.text_pair and text_pairs is None:
+            raise BitFitError(f"task {task!r} was trained on sentence pairs: pass text_pairs too")
+        if not m.text_pair and text_pairs is not None:
+            raise BitFitError(f"task {task!r} was trained on single sentences: do not pass text_pairs")
+        chunks = []
+        for start in range(0, len(texts), batch_size):
+            pairs = None if text_pairs is None else text_pairs[start : start + batch_size]
+            inputs = self.encode(texts[start : start + batch_size], pairs, max_length=m.max_length)
+            chunks.append(self.logits(task, inputs))
+        if not chunks:
+            raise BitFitError("texts is empty: give at least one text")
+        logits = np.concatenate(chunks)
+        if m.task_kind == "classification":
+            scores = softmax(logits)
+            labels: list[Any] = [m.labels[i] for i in scores.argmax(axis=-1)]
+        else:
+            scores = logits
+            labels = [float(v) for v in logits[:, 0]]
+        return Predictions(task, m.task_kind, list(m.labels), logits, scores, labels)
+
+    def _check_inputs(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        wanted = self.manifest.token_inputs
+        missing = [k for k in wanted if k not in inputs]
+        if missing:
+            raise BitFitError(f"missing token inputs {missing}: the graph takes {wanted}")
+        feeds = {}
+        shape = np.shape(inputs[wanted[0]])
+        for k in wanted:
+            a = np.asarray(inputs[k])
+            if a.ndim != 2 or a.shape != shape:
+                raise BitFitError(f"{k} has shape {a.shape}: every token input must be [batch, sequence] like {shape}")
+            if not np.issubdtype(a.dtype, np.integer):
+                raise BitFitError(f"{k} has dtype {a.dtype}: token inputs must be integers")
+            feeds[k] = np.ascontiguousarray(a, dtype=np.int64)
+        if shape[1] > self.manifest.max_positions:
+            raise BitFitError(f"sequence length {shape[1]} exceeds the model's {self.manifest.max_positions} positions")
+        return feeds
+
+
+def load(compiled_dir: str | os.PathLike, packs: Sequence[str | os.PathLike] = (), **kwargs: Any) -> TaskSession:
+    """Open a compiled directory and register `packs` (paths) on it."""
+    session = TaskSession(compiled_dir, **kwargs)
+    for p in packs:
+        session.register(p)
+    return session

