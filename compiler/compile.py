@@ -25,13 +25,11 @@ from runtime.errors import BitFitError, CompiledModelError
 from runtime.pack import TensorSpec, sha256_file
 from runtime.version import __version__
 from training.biases import BiasSlot, find_biases, parse_subset
-from training.model import base_fingerprint, load_encoder, load_tokenizer, uses_token_types
+from training.model import base_fingerprint, load_encoder, load_tokenizer, max_positions, uses_token_types
 
 from .passes import BiasDefaultsPass, CheckBiasInputsPass, CheckTokenInputsPass
 
 DEFAULT_OPSET = 17  # LayerNormalization is a single op from 17 on
-# Models whose position ids start after the padding index (RoBERTa-style) have fewer usable positions.
-_PADDING_OFFSET_TYPES = {"roberta", "xlm-roberta", "camembert", "mpnet"}
 
 
 class BiasInputWrapper(nn.Module):
@@ -111,10 +109,6 @@ def compile(
     slots = find_biases(encoder, kinds)
     token_inputs = ["input_ids", "attention_mask"] + (["token_type_ids"] if uses_token_types(encoder) else [])
     config = encoder.config
-    max_positions = int(config.max_position_embeddings)
-    if config.model_type in _PADDING_OFFSET_TYPES:
-        max_positions -= int(config.pad_token_id) + 1
-    max_positions = min(max_positions, int(getattr(tokenizer, "model_max_length", max_positions) or max_positions))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -142,7 +136,7 @@ def compile(
             base_fingerprint=base_fingerprint(encoder),
             hidden_size=int(config.hidden_size),
             num_layers=int(config.num_hidden_layers if hasattr(config, "num_hidden_layers") else config.n_layers),
-            max_positions=max_positions,
+            max_positions=max_positions(encoder, tokenizer),
             opset=opset,
             token_inputs=token_inputs,
             bias_inputs=[TensorSpec(s.name, tuple(s.parameter.shape), "float32", s.kind, s.layer, s.source) for s in slots],

@@ -162,8 +162,11 @@ class TaskSession:
     ) -> dict[str, np.ndarray]:
         return self.encoder(texts, text_pairs, max_length=max_length)
 
-    def hidden_states(self, inputs: dict[str, np.ndarray], task: str | None = None) -> np.ndarray:
-        """The encoder's last hidden state; task=None runs the graph's default (base model) biases."""
+    def hidden_states(
+        self, inputs: dict[str, np.ndarray], task: str | None = None, *, biases: dict[str, np.ndarray] | None = None
+    ) -> np.ndarray:
+        """The encoder's last hidden state with a task's biases; task=None runs the graph's defaults (the base
+        model). `biases` feeds raw arrays by input name on top (used to check that every bias input is live)."""
         feeds = self._check_inputs(inputs)
         binding = self.session.io_binding()
         for name, array in feeds.items():
@@ -171,6 +174,12 @@ class TaskSession:
         if task is not None:
             for name, value in self._get(task).values.items():
                 binding.bind_ortvalue_input(name, value)
+        specs = self.manifest.bias_specs
+        for name, array in (biases or {}).items():
+            if name not in specs or tuple(np.shape(array)) != specs[name].shape:
+                raise BitFitError(f"no bias input {name} of shape {np.shape(array)} in the graph")
+            # bind_cpu_input only knows required inputs; an OrtValue also binds an overridable initializer
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array, np.float32)))
         binding.bind_output(self.manifest.output)
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]

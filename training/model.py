@@ -73,6 +73,20 @@ def uses_token_types(encoder: nn.Module) -> bool:
     return emb is not None and emb.num_embeddings > 1
 
 
+# Models whose position ids start after the padding index (RoBERTa-style) have fewer usable positions.
+_PADDING_OFFSET_TYPES = {"roberta", "xlm-roberta", "camembert", "mpnet"}
+
+
+def max_positions(encoder: nn.Module, tokenizer=None) -> int:
+    """How many tokens one sequence may have: position embeddings, less the RoBERTa-style offset."""
+    config = encoder.config
+    n = int(config.max_position_embeddings)
+    if config.model_type in _PADDING_OFFSET_TYPES:
+        n -= int(config.pad_token_id) + 1
+    limit = getattr(tokenizer, "model_max_length", None)
+    return min(n, int(limit)) if isinstance(limit, int) and limit > 0 else n
+
+
 class BitFitModel(nn.Module):
     """Encoder -> pooling (mean over the mask, or the first token) -> dropout -> linear head."""
 

@@ -20,7 +20,7 @@ from runtime.version import __version__
 from .biases import BiasSlot, find_biases, parse_subset
 from .data import Example, TaskData, load_task_data
 from .metrics import evaluate
-from .model import BitFitModel, base_fingerprint, count_parameters, load_encoder, load_tokenizer
+from .model import BitFitModel, base_fingerprint, count_parameters, load_encoder, load_tokenizer, max_positions
 
 
 @dataclass
@@ -49,7 +49,9 @@ def batches(examples: list[Example], size: int, order: list[int] | None = None) 
 def encode_batch(tokenizer, batch: list[Example], max_length: int) -> dict[str, torch.Tensor]:
     texts = [e.text for e in batch]
     pairs = [e.text_pair or "" for e in batch] if any(e.text_pair is not None for e in batch) else None
-    enc = tokenizer(texts, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    # token_type_ids always: the runtime feeds them to models that read them, so training must see the same
+    enc = tokenizer(texts, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt",
+                    return_token_type_ids=True)
     return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
 
 
@@ -117,6 +119,10 @@ def train(
     tokenizer = load_tokenizer(model)
     encoder = load_encoder(model)
     fingerprint = base_fingerprint(encoder)
+    limit = max_positions(encoder, tokenizer)
+    if max_length > limit:
+        log(f"max_length {max_length} is more than {model} takes: using {limit}")
+        max_length = limit
     slots = find_biases(encoder, kinds)
     num_outputs = len(task.labels) if task.kind == "classification" else 1
     net = BitFitModel(encoder, num_outputs, pooling)

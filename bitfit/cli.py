@@ -1,0 +1,154 @@
+"""The `bitfit` command. Every subcommand is also a function in the `bitfit` package.
+
+Exit codes: 0 ok, 1 a check failed (verify), 2 bad input or usage.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from runtime.errors import BitFitError
+from runtime.version import __version__
+
+
+def _train(a: argparse.Namespace) -> int:
+    from training.train import train
+
+    result = train(
+        a.model, a.data, a.out, biases=a.biases, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size,
+        warmup=a.warmup, max_length=a.max_length, pooling=a.pooling, task_kind=a.task_kind, task_name=a.name,
+        dev=a.dev, train_size=a.train_size, seed=a.seed, overwrite=a.overwrite, progress=not a.quiet,
+    )
+    m = result.pack.manifest
+    metric = m.metrics["metric"]
+    test = f", test {result.test[metric]:.2f}" if result.test else ""
+    print(f"{m.task}: dev {metric} {result.dev[metric]:.2f} at epoch {result.best_epoch}{test} "
+          f"({result.seconds:.0f} s) -> {result.pack_path}")
+    return 0
+
+
+def _compile(a: argparse.Namespace) -> int:
+    from compiler.compile import compile
+
+    compile(a.model, a.out, biases=a.biases, opset=a.opset, overwrite=a.overwrite)
+    return 0
+
+
+def _predict(a: argparse.Namespace) -> int:
+    from .predict import predict, read_texts
+
+    texts, pairs = list(a.text or []), list(a.text_pair) if a.text_pair else None
+    if a.file:
+        more, more_pairs = read_texts(a.file)
+        texts += more
+        pairs = (pairs or []) + more_pairs if more_pairs else pairs
+    if not texts:
+        raise BitFitError("nothing to predict: pass --text T (repeatable) or --file F")
+    out = predict(a.compiled, a.pack, texts, pairs, threads=a.threads)
+    for text, record in zip(texts, out.records()):
+        if a.json:
+            print(json.dumps(record))
+        elif out.task_kind == "classification":
+            print(f"{record['label']}\t{max(record['scores'].values()):.3f}\t{text}")
+        else:
+            print(f"{record['label']:.4f}\t{text}")
+    return 0
+
+
+def _verify(a: argparse.Namespace) -> int:
+    from .verify import verify, write_report
+
+    report = verify(a.compiled, a.pack, model=a.model, atol=a.atol)
+    print(report.table())
+    if a.report:
+        write_report(report, a.report)
+    return 0 if report.ok else 1
+
+
+def _inspect(a: argparse.Namespace) -> int:
+    from .inspect import inspect
+
+    print(inspect(a.path, as_json=a.json))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bitfit", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"bitfit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="BitFit-train a task and save its task pack")
+    p.add_argument("--model", required=True, help="HF model id or local directory of the pre-trained encoder")
+    p.add_argument("--data", required=True,
+                   help="CSV/TSV/JSONL with text, label (and text_pair) columns, or a built-in data set: "
+                        "movie-sentiment, movie-score, trec6, sms-spam")
+    p.add_argument("--out", required=True, help="directory to write the task pack to")
+    p.add_argument("--dev", help="a dev file (default: 10%% of --data, seeded)")
+    p.add_argument("--biases", default="all", help="'all', or bias kinds: bq,bk,bv,bm1,bLN1,bm2,bm3,bLN2,bLNe "
+                                                   "(e.g. bq,bm2, the paper's 0.04%% setting)")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--lr", type=float, default=1e-3, help="bias-only training wants a high LR (default 1e-3)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--warmup", type=float, default=0.1, help="share of steps with linear warm-up")
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--pooling", choices=["mean", "cls"], default="mean")
+    p.add_argument("--task-kind", choices=["auto", "classification", "regression"], default="auto")
+    p.add_argument("--name", help="task name (default: the data set's name)")
+    p.add_argument("--train-size", type=int, help="use only the first N training examples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing pack at --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_train)
+
+    p = sub.add_parser("compile", help="export the frozen encoder to ONNX with bias inputs")
+    p.add_argument("--model", required=True, help="HF model id or local directory")
+    p.add_argument("--out", required=True, help="directory for model.onnx, tokenizer.json, manifest.json")
+    p.add_argument("--biases", default="all", help="bias kinds to expose as inputs (default all: any pack fits)")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing compiled directory")
+    p.set_defaults(run=_compile)
+
+    p = sub.add_parser("predict", help="run a task pack on texts with the compiled graph (no torch)")
+    p.add_argument("--compiled", required=True, help="a directory made by `bitfit compile`")
+    p.add_argument("--pack", required=True, help="a task pack made by `bitfit train`")
+    p.add_argument("--text", action="append", help="a text (repeatable)")
+    p.add_argument("--text-pair", action="append", help="second texts for sentence-pair tasks (repeatable)")
+    p.add_argument("--file", help="texts, one per line, or JSONL with text (and text_pair)")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    p.add_argument("--json", action="store_true", help="one JSON object per text: label, scores, logits")
+    p.set_defaults(run=_predict)
+
+    p = sub.add_parser("verify", help="check the graph and task packs against PyTorch (exit 1 on mismatch)")
+    p.add_argument("--compiled", required=True)
+    p.add_argument("--pack", action="append", default=[], help="a task pack (repeatable)")
+    p.add_argument("--model", help="the base model (default: the one recorded at compile time)")
+    p.add_argument("--atol", type=float, default=1e-4, help="max abs logit difference (fp32 default 1e-4)")
+    p.add_argument("--report", help="also write the report as JSON here")
+    p.set_defaults(run=_verify)
+
+    p = sub.add_parser("inspect", help="summarise a task pack or a compiled directory")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except BitFitError as e:
+        print(f"bitfit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        if e.name in ("torch", "transformers", "onnx", "onnx_ir"):
+            print(f"bitfit {args.command}: error: needs {e.name}; install the training extra: "
+                  "pip install 'bitfit-deploy[train]'", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

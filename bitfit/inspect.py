@@ -1,0 +1,86 @@
+"""A readable summary of a task pack or a compiled directory (runtime only: no torch)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from runtime import compiled as cm
+from runtime.errors import BitFitError
+from runtime.pack import MANIFEST_FILE, TENSORS_FILE, load_pack
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return ""
+
+
+def inspect(path: str | os.PathLike, *, as_json: bool = False) -> str:
+    p = Path(path)
+    manifest_path = p / MANIFEST_FILE if p.is_dir() else p
+    try:
+        fmt = json.loads(manifest_path.read_text()).get("format")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        fmt = None
+    if fmt == cm.FORMAT:
+        return _compiled(p, as_json)
+    if fmt is None and not (p / TENSORS_FILE).exists():
+        raise BitFitError(f"{p} is neither a task pack nor a compiled model directory")
+    return _pack(p, as_json)
+
+
+def _pack(path: Path, as_json: bool) -> str:
+    pack = load_pack(path)  # strict: inspecting a corrupt pack says so
+    m = pack.manifest
+    on_disk = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    full = m.base_params * 4  # the whole model in fp32, what a full fine-tune would ship per task
+    if as_json:
+        return json.dumps({"manifest": m.to_json(), "pack_bytes": on_disk, "full_model_bytes": full}, indent=2)
+    metrics = m.metrics or {}
+    dev = metrics.get("dev", {})
+    lines = [
+        f"task pack      {path}",
+        f"task           {m.task} ({m.task_kind}{', sentence pairs' if m.text_pair else ''})",
+        f"labels         {', '.join(m.labels) if m.labels else '(regression: one value)'}",
+        f"base model     {m.base_model} ({m.base_model_type}, hidden {m.hidden_size})",
+        f"fingerprint    {m.base_fingerprint}",
+        f"biases         {','.join(m.bias_subset)}: {len(m.biases)} tensors, "
+        f"{sum(int(np.prod(b.shape)) for b in m.biases):,} parameters",
+        f"head           {m.pooling} pooling -> linear {m.hidden_size} x {m.num_outputs}",
+        f"trainable      {m.trainable_params:,} of {m.base_params:,} ({m.trainable_params / m.base_params:.3%})",
+        f"max length     {m.max_length} tokens",
+        f"size           {_size(on_disk)} on disk vs {_size(full)} for the full model in fp32 "
+        f"({full / max(on_disk, 1):,.0f}x smaller)",
+        f"dev {metrics.get('metric', 'metric'):<10} {dev.get(metrics.get('metric', ''), float('nan')):.2f} "
+        f"(best epoch {metrics.get('best_epoch', '?')})" if dev else "dev metric     (none recorded)",
+        f"tool version   {m.tool_version}, format {m.format_version}",
+    ]
+    return "\n".join(lines)
+
+
+def _compiled(path: Path, as_json: bool) -> str:
+    m = cm.read_manifest(path)
+    size = (path / cm.MODEL_FILE).stat().st_size
+    if as_json:
+        return json.dumps({"manifest": m.to_json(), "model_bytes": size}, indent=2)
+    kinds = sorted({b.kind for b in m.bias_inputs}, key=lambda k: k or "")
+    lines = [
+        f"compiled model {path}",
+        f"base model     {m.base_model} ({m.base_model_type}, {m.num_layers} layers, hidden {m.hidden_size})",
+        f"fingerprint    {m.base_fingerprint}",
+        f"graph          {cm.MODEL_FILE}, {_size(size)}, opset {m.opset}, {m.precision}",
+        f"token inputs   {', '.join(m.token_inputs)} (int64 [batch, sequence], up to {m.max_positions} tokens)",
+        f"bias inputs    {len(m.bias_inputs)} ({','.join(k or '?' for k in kinds)}), "
+        f"{sum(int(np.prod(b.shape)) for b in m.bias_inputs):,} values, base values as defaults",
+        f"output         {m.output} [batch, sequence, {m.hidden_size}]",
+        f"passes         {', '.join(m.passes)}",
+    ]
+    return "\n".join(lines)
+
+
+

@@ -1,0 +1,42 @@
+"""Predictions from a compiled graph and a task pack, with the runtime alone (no torch)."""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from runtime import Predictions, TaskSession
+from runtime.errors import BitFitError
+
+
+def predict(
+    compiled: str | os.PathLike,
+    pack: str | os.PathLike,
+    texts: Sequence[str],
+    text_pairs: Sequence[str] | None = None,
+    *,
+    threads: int | None = None,
+    batch_size: int = 32,
+) -> Predictions:
+    session = TaskSession(compiled, threads=threads)
+    task = session.register(pack)
+    return session.run(task, texts, text_pairs, batch_size=batch_size)
+
+
+def read_texts(path: str | os.PathLike) -> tuple[list[str], list[str] | None]:
+    """One text per line, or JSONL objects with `text` (and `text_pair`)."""
+    p = Path(path)
+    if not p.is_file():
+        raise BitFitError(f"no file of texts at {p}")
+    lines = [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if p.suffix.lower() != ".jsonl":
+        return lines, None
+    try:
+        rows = [json.loads(line) for line in lines]
+    except json.JSONDecodeError as e:
+        raise BitFitError(f"{p} is not valid JSONL ({e})") from e
+    if any(not isinstance(r, dict) or "text" not in r for r in rows):
+        raise BitFitError(f"{p}: every JSONL row needs a `text` field")
+    pairs = [r.get("text_pair") for r in rows]
+    return [r["text"] for r in rows], (pairs if any(x is not None for x in pairs) else None)

@@ -1,0 +1,240 @@
+"""Parity of a compiled graph and its task packs against PyTorch, with the figures shown.
+
+For the graph: the runtime's tokenization equals transformers'; with no bias fed, the graph is the
+base model; each bias input, perturbed alone, changes the output (no input is dead or baked in).
+For each pack: logits and probabilities on real sentences and on a grid of batch sizes and sequence
+lengths with padding, against the base model with the pack loaded in PyTorch; label agreement; and a
+perturbed copy of the pack must both change the output and still match PyTorch.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from runtime import TaskSession, load_pack
+from runtime.errors import IncompatibleError
+from runtime.pack import TaskPack
+from runtime.session import pool, softmax
+
+SENTENCES = [
+    "A gripping, beautifully acted film that stays with you long after the credits.",
+    "What a waste of two hours.",
+    "How far is it from Denver to Aspen?",
+    "WINNER!! You have been selected to receive a £900 prize reward. Call 09061701461 now.",
+    "I'll call you later, I'm still at work.",
+    "The plot meanders, but the performances are worth it.",
+    "Who invented the telephone?",
+    "ok",
+]
+GRID = ((1, 8), (3, 17), (8, 64), (2, 128))
+
+
+@dataclass
+class Check:
+    subject: str  # pack name, or "graph"
+    case: str
+    max_abs: float
+    max_rel: float = float("nan")
+    prob_abs: float = float("nan")
+    agreement: float = float("nan")  # % of rows whose label matches PyTorch
+    tolerance: float = float("nan")
+    passed: bool = True
+    note: str = ""
+
+
+@dataclass
+class VerifyReport:
+    compiled: str
+    atol: float
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    @property
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if not c.passed]
+
+    def table(self) -> str:
+        head = ["task", "case", "max |dlogit|", "max rel", "max |dprob|", "labels agree", "tol", "result"]
+        rows = [head]
+        for c in self.checks:
+            rows.append([
+                c.subject, c.case, _fmt(c.max_abs), _fmt(c.max_rel), _fmt(c.prob_abs),
+                "" if np.isnan(c.agreement) else f"{c.agreement:.1f}%",
+                _fmt(c.tolerance), ("ok" if c.passed else "FAIL") + (f" ({c.note})" if c.note else ""),
+            ])
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        verdict = "PASS" if self.ok else f"FAIL: {len(self.failures)} of {len(self.checks)} checks"
+        return "\n".join(lines) + f"\n\n{verdict} (fp32, atol {self.atol:g} on logits; rel diff where |ref| >= 1e-2)"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"compiled": self.compiled, "atol": self.atol, "ok": self.ok,
+                "checks": [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in asdict(c).items()}
+                           for c in self.checks]}
+
+
+def _fmt(x: float) -> str:
+    return "" if x is None or np.isnan(x) else f"{x:.2e}"
+
+
+def diff(ours: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    """Max abs diff, and max relative diff over entries where |ref| >= 1e-2 (near zero it means nothing)."""
+    d = np.abs(ours.astype(np.float64) - ref.astype(np.float64))
+    big = np.abs(ref) >= 1e-2
+    return float(d.max()), float((d[big] / np.abs(ref[big])).max()) if big.any() else float("nan")
+
+
+def grid_inputs(b: int, s: int, vocab: int, token_inputs: Sequence[str], rng: np.random.Generator,
+                pad_id: int) -> dict[str, np.ndarray]:
+    """Random ids with per-row lengths in [1, s] (row 0 full), padded like the tokenizer pads."""
+    lengths = np.concatenate([[s], rng.integers(1, s + 1, size=b - 1)])
+    ids = rng.integers(min(5, vocab - 1), vocab, size=(b, s))
+    mask = (np.arange(s)[None, :] < lengths[:, None]).astype(np.int64)
+    ids = np.where(mask == 1, ids, pad_id)
+    types = np.zeros_like(ids)
+    for i, n in enumerate(lengths):  # a second segment in the back half, as for sentence pairs
+        types[i, n // 2 : n] = 1
+    full = {"input_ids": ids.astype(np.int64), "attention_mask": mask, "token_type_ids": types}
+    return {k: full[k] for k in token_inputs}
+
+
+class _Reference:
+    """The base encoder in PyTorch; packs are written into its bias parameters one at a time."""
+
+    def __init__(self, model: str | os.PathLike, fingerprint: str):
+        from training.biases import find_biases
+        from training.model import base_fingerprint, load_encoder
+
+        self.encoder = load_encoder(model)
+        fp = base_fingerprint(self.encoder)
+        if fp != fingerprint:
+            raise IncompatibleError(
+                f"{model!r} (fingerprint {fp[:12]}) is not the model the graph was compiled from "
+                f"(fingerprint {fingerprint[:12]}): pass --model with the compiled base model"
+            )
+        self.slots = {s.name: s for s in find_biases(self.encoder, "all")}
+        self.base = {k: s.parameter.detach().clone() for k, s in self.slots.items()}
+
+    def set_biases(self, values: dict[str, np.ndarray]) -> None:
+        with torch.no_grad():
+            for name, slot in self.slots.items():
+                v = values.get(name)
+                slot.parameter.copy_(self.base[name] if v is None else torch.from_numpy(np.asarray(v)))
+
+    @torch.no_grad()
+    def hidden(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        return self.encoder(**{k: torch.from_numpy(v) for k, v in inputs.items()}).last_hidden_state.numpy()
+
+    def logits(self, pack: TaskPack, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        m = pack.manifest
+        self.set_biases(pack.biases)
+        pooled = pool(self.hidden(inputs), inputs["attention_mask"], m.pooling)
+        return pooled @ pack.tensors["head.weight"].T + pack.tensors["head.bias"]
+
+
+def verify(
+    compiled: str | os.PathLike,
+    packs: Sequence[str | os.PathLike | TaskPack] = (),
+    *,
+    model: str | os.PathLike | None = None,
+    atol: float = 1e-4,
+    texts: Sequence[str] | None = None,
+    grid: Sequence[tuple[int, int]] = GRID,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> VerifyReport:
+    """Check the compiled graph and every pack against PyTorch; `report.ok` is False if any check fails."""
+    from training.model import load_tokenizer
+
+    session = TaskSession(compiled)
+    cm = session.manifest
+    base = model or cm.base_model
+    ref = _Reference(base, cm.base_fingerprint)
+    report = VerifyReport(str(compiled), atol)
+    rng = np.random.default_rng(seed)
+    sentences = list(texts or SENTENCES)
+    max_len = min(128, cm.max_positions)
+    vocab = int(ref.encoder.config.vocab_size)
+
+    # tokenization: the runtime's `tokenizers` path must give transformers' ids
+    hf = load_tokenizer(base)(sentences, padding=True, truncation=True, max_length=max_len, return_tensors="np",
+                                 return_token_type_ids=True)
+    ours = session.encode(sentences, max_length=max_len)
+    same = all(np.array_equal(ours[k], hf[k]) for k in cm.token_inputs)
+    report.checks.append(Check("graph", "tokenizer ids vs transformers", 0.0 if same else float("inf"),
+                               passed=same, note="" if same else "token ids differ"))
+
+    # with nothing fed, the graph is the base model
+    ref.set_biases({})
+    a, r = diff(session.hidden_states(ours), ref.hidden(ours))
+    report.checks.append(Check("graph", "base model, no bias fed (hidden)", a, r, tolerance=atol, passed=a <= atol))
+
+    # each bias input is live: perturbing it alone moves the output. Not bk: a key bias adds q.bk to every
+    # score of a query's row, which softmax cancels exactly, so it cannot move any output (the compiler's
+    # CheckBiasInputsPass checks structurally that bk inputs are consumed).
+    probe = {k: v[:1, :8] for k, v in ours.items()}
+    reference = session.hidden_states(probe)
+    dead = []
+    probed = [spec for spec in cm.bias_inputs if spec.kind != "bk"]
+    for spec in probed:
+        delta = rng.normal(0, 1.0, spec.shape).astype(np.float32)
+        moved = np.abs(session.hidden_states(probe, biases={spec.name: ref.base[spec.name].numpy() + delta}) - reference)
+        if moved.max() <= 1e-4:
+            dead.append(spec.name)
+    report.checks.append(Check("graph", f"each of {len(probed)} non-bk bias inputs is live", float("nan"),
+                               passed=not dead, note=f"dead: {', '.join(dead[:4])}" if dead else ""))
+
+    for item in packs:
+        pack = item if isinstance(item, TaskPack) else load_pack(item)
+        name = session.register(pack, name=f"{pack.name}#{len(session.tasks)}")
+        label = pack.name
+        log(f"verifying {label} ...")
+        cases = [("real sentences", session.encode(sentences, max_length=pack.manifest.max_length))]
+        cases += [(f"grid b={b} s={s}", grid_inputs(b, s, vocab, cm.token_inputs, rng, cm.pad_token_id))
+                  for b, s in grid if s <= cm.max_positions]
+        for case, inputs in cases:
+            report.checks.append(_compare(label, case, session.logits(name, inputs), ref.logits(pack, inputs), pack, atol))
+
+        # a pack with other biases changes the output, and still matches PyTorch
+        noisy = {k: (v + rng.normal(0, 0.1, v.shape)).astype(np.float32) for k, v in pack.tensors.items()}
+        other = TaskPack(pack.manifest, noisy)
+        other_name = session.register(other, name=f"{name}~perturbed")
+        inputs = cases[0][1]
+        ours_pack, ours_other = session.logits(name, inputs), session.logits(other_name, inputs)
+        moved = float(np.abs(ours_other - ours_pack).max())
+        check = _compare(label, "perturbed biases vs PyTorch", ours_other, ref.logits(other, inputs), other, atol)
+        check.note = f"output moved {moved:.2e}"
+        check.passed = check.passed and moved > 10 * atol
+        report.checks.append(check)
+        session.remove(other_name)
+        session.remove(name)
+    ref.set_biases({})
+    return report
+
+
+def _compare(subject: str, case: str, ours: np.ndarray, ref: np.ndarray, pack: TaskPack, atol: float) -> Check:
+    a, r = diff(ours, ref)
+    if pack.manifest.task_kind == "classification":
+        p = float(np.abs(softmax(ours) - softmax(ref)).max())
+        agree = float((ours.argmax(-1) == ref.argmax(-1)).mean() * 100)
+    else:
+        p, agree = float("nan"), float("nan")
+    return Check(subject, case, a, r, p, agree, atol, passed=a <= atol)
+
+
+def write_report(report: VerifyReport, path: str | os.PathLike) -> Path:
+    import json
+
+    path = Path(path)
+    path.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    return path
