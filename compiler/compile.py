@@ -127,7 +127,10 @@ def compile(
         try:
             PassManager(passes)(graph)
         except PassError as e:
-            raise CompiledModelError(f"compiling {model!r} failed: {e}") from e
+            cause: BaseException = e  # PassManager wraps the pass's own error twice ("error at step 0"): report it
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            raise CompiledModelError(f"compiling {model!r} failed: {cause}") from e
         ir.save(graph, tmp / cm.MODEL_FILE)
         tokenizer.backend_tokenizer.save(str(tmp / cm.TOKENIZER_FILE))
         manifest = cm.CompiledManifest(
