@@ -174,10 +174,13 @@ def verify(
     report.checks.append(Check("graph", "tokenizer ids vs transformers", 0.0 if same else float("inf"),
                                passed=same, note="" if same else "token ids differ"))
 
-    # with nothing fed, the graph is the base model
+    # with nothing fed, the graph is the base model. Compared on real tokens: hidden states at padded
+    # positions are never read by a head and differ more between attention kernels (seen: 6e-5 vs 2.5e-6)
     ref.set_biases({})
-    a, r = diff(session.hidden_states(ours), ref.hidden(ours))
-    report.checks.append(Check("graph", "base model, no bias fed (hidden)", a, r, tolerance=atol, passed=a <= atol))
+    valid = ours["attention_mask"].astype(bool)
+    a, r = diff(session.hidden_states(ours)[valid], ref.hidden(ours)[valid])
+    report.checks.append(Check("graph", "base model, no bias fed (hidden, real tokens)", a, r, tolerance=atol,
+                               passed=a <= atol))
 
     # each bias input is live: perturbing it alone moves the output. Not bk: a key bias adds q.bk to every
     # score of a query's row, which softmax cancels exactly, so it cannot move any output (the compiler's
