@@ -28,6 +28,7 @@ from training.biases import BiasSlot, find_biases, parse_subset
 from training.model import base_fingerprint, load_encoder, load_tokenizer, max_positions, uses_token_types
 
 from .passes import BiasDefaultsPass, CheckBiasInputsPass, CheckTokenInputsPass
+from .quantize import QUANTIZE_MODES, quantize_int8
 
 DEFAULT_OPSET = 17  # LayerNormalization is a single op from 17 on
 
@@ -91,11 +92,18 @@ def compile(
     *,
     biases: str = "all",
     opset: int = DEFAULT_OPSET,
+    quantize: str | None = None,
     overwrite: bool = False,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Export `model`'s encoder to `out`/model.onnx with bias inputs, plus tokenizer.json and manifest.json."""
+    """Export `model`'s encoder to `out`/model.onnx with bias inputs, plus tokenizer.json and manifest.json.
+
+    quantize: None (fp32), "int8" (dynamic, per-channel int8 weights) or "int8-per-tensor"; biases stay
+    fp32 graph inputs either way.
+    """
     out = Path(out)
+    if quantize is not None and quantize not in QUANTIZE_MODES:
+        raise BitFitError(f"unknown quantize mode {quantize!r}: use one of {', '.join(QUANTIZE_MODES)}")
     if out.exists():
         if not overwrite:
             raise BitFitError(f"{out} already exists: choose another --out, or pass --overwrite to replace it")
@@ -132,6 +140,22 @@ def compile(
                 cause = cause.__cause__
             raise CompiledModelError(f"compiling {model!r} failed: {cause}") from e
         ir.save(graph, tmp / cm.MODEL_FILE)
+        if quantize:
+            log(f"quantizing weights: {QUANTIZE_MODES[quantize]}")
+            fp32 = tmp / "fp32.onnx"
+            os.replace(tmp / cm.MODEL_FILE, fp32)
+            quantize_int8(fp32, tmp / cm.MODEL_FILE, per_channel=quantize == "int8")
+            fp32.unlink()
+            quantized = ir.load(tmp / cm.MODEL_FILE)
+            check = CheckBiasInputsPass({k: v.shape for k, v in defaults.items()})
+            try:
+                check(quantized)
+            except PassError as e:
+                raise CompiledModelError(f"quantizing {model!r} broke the bias inputs: {e}") from e
+            lost = [v.name for v in quantized.graph.inputs if v.name in defaults and v.const_value is None]
+            if lost:
+                raise CompiledModelError(f"quantizing dropped the base values of {lost[:4]}: compile without --quantize")
+            passes.append(check)
         tokenizer.backend_tokenizer.save(str(tmp / cm.TOKENIZER_FILE))
         manifest = cm.CompiledManifest(
             base_model=os.path.abspath(model) if Path(model).is_dir() else str(model),
@@ -147,6 +171,7 @@ def compile(
             pad_token_id=int(tokenizer.pad_token_id),
             model_sha256=sha256_file(tmp / cm.MODEL_FILE),
             passes=[type(p).__name__ for p in passes],
+            precision=QUANTIZE_MODES[quantize] if quantize else "fp32",
             tool_version=__version__,
         )
         cm.write_manifest(tmp, manifest)

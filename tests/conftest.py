@@ -196,9 +196,12 @@ def copy_dir(tmp_path):
 
 
 def make_inputs(batch: int, length: int, token_inputs, vocab: int, pad_id: int, seed: int = 0) -> dict:
-    """Random int64 token inputs [batch, length]: row 0 full, other rows padded to random lengths >= 1."""
+    """Random int64 token inputs [batch, length]: row 0 full, the last row (when batch > 1) padded to a third,
+    other rows padded to random lengths >= 1."""
     rng = np.random.default_rng(seed + 1000 * batch + length)
     lengths = np.concatenate([[length], rng.integers(1, length + 1, size=batch - 1)]).astype(np.int64)
+    if batch > 1:
+        lengths[-1] = max(1, length // 3)
     mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int64)
     ids = np.where(mask == 1, rng.integers(5, vocab, size=(batch, length)), pad_id).astype(np.int64)
     types = np.zeros_like(ids)

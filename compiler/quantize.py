@@ -1,0 +1,47 @@
+"""int8 weights with fp32 bias inputs, through onnxruntime's own quantizer.
+
+Dynamic quantisation rewrites MatMul weights to int8 and leaves the bias Adds (fed by our bias
+inputs) in fp32, so task switching keeps working. Measured on all-MiniLM-L6-v2 with three real tasks
+(test sets, 1,500 examples each): per-channel weights kept accuracy within 0.1 point of fp32
+(movie 79.53 vs 79.47, TREC-6 90.20 vs 90.00, SMS F1 93.89 vs 93.89); per-tensor lost 1.5 points on
+movie (77.93). Per-channel is the default.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+
+QUANTIZE_MODES = {
+    "int8": "int8-dynamic-per-channel",
+    "int8-per-tensor": "int8-dynamic-per-tensor",
+}
+
+
+def quantize_int8(src: str | Path, dst: str | Path, *, per_channel: bool = True) -> None:
+    from onnx import TensorProto
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # The quantizer logs a pre-processing hint on the root logger for every call: it is about static
+    # quantisation of image models, not this graph.
+    with _quiet_root_logger():
+        quantize_dynamic(
+            str(src),
+            str(dst),
+            weight_type=QuantType.QInt8,
+            per_channel=per_channel,
+            # Without it, graphs that went through onnxruntime's transformer optimiser fail with
+            # "Unable to find data type for weight_name" (shared/ONNX-NOTES).
+            extra_options={"DefaultTensorType": TensorProto.FLOAT},
+        )
+
+
+@contextmanager
+def _quiet_root_logger():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)

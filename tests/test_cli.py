@@ -1,0 +1,212 @@
+"""The `bitfit` command (bitfit.cli.main): exit codes 0 ok, 1 a check failed, 2 bad input."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from bitfit.cli import main
+from runtime import TaskSession, load_pack, read_manifest
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def cli_workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cli")
+
+
+@pytest.fixture(scope="module")
+def cli_pack(cli_workdir, bert_model, data_files):
+    """A pack trained through the command line (module-scoped: trained once)."""
+    out = cli_workdir / "pack"
+    code = main(["train", "--model", str(bert_model), "--data", str(data_files["sentiment"]), "--out", str(out),
+                 "--epochs", "1", "--biases", "bq,bm2", "--name", "cli-task", "--quiet", "--seed", "1"])
+    assert code == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def cli_compiled(cli_workdir, bert_model):
+    out = cli_workdir / "compiled"
+    assert main(["compile", "--model", str(bert_model), "--out", str(out)]) == 0
+    return out
+
+
+def test_train_writes_a_pack(cli_pack, capsys):
+    pack = load_pack(cli_pack)
+    assert pack.manifest.task == "cli-task"
+    assert pack.manifest.bias_subset == ["bq", "bm2"]
+    assert pack.manifest.metrics["hyperparameters"]["epochs"] == 1
+    assert pack.manifest.metrics["hyperparameters"]["seed"] == 1
+
+
+def test_train_prints_a_summary(bert_model, data_files, tmp_path, capsys):
+    code, out, err = run(capsys, "train", "--model", bert_model, "--data", data_files["scores"], "--out",
+                         tmp_path / "p", "--epochs", "1", "--quiet")
+    assert code == 0, err
+    assert "scores: dev spearman" in out and str(tmp_path / "p") in out
+    assert load_pack(tmp_path / "p").manifest.task_kind == "regression"
+
+
+def test_compile_writes_a_compiled_directory(cli_compiled, bert_compiled):
+    m = read_manifest(cli_compiled)
+    assert m.base_fingerprint == read_manifest(bert_compiled).base_fingerprint
+    assert len(m.bias_inputs) == 17
+    TaskSession(cli_compiled)  # loads, checksum and inputs agree
+
+
+def test_predict_json(cli_compiled, cli_pack, capsys):
+    texts = ["a good movie", "awful boring plot", "who won"]
+    args = ["predict", "--compiled", cli_compiled, "--pack", cli_pack, "--json"]
+    for t in texts:
+        args += ["--text", t]
+    code, out, err = run(capsys, *args)
+    assert code == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    assert len(records) == len(texts)
+    pack = load_pack(cli_pack)
+    session = TaskSession(cli_compiled)
+    expected = session.run(session.register(pack), texts)
+    for record, label, logits in zip(records, expected.labels, expected.logits):
+        assert set(record) == {"label", "scores", "logits"}
+        assert record["label"] == label
+        assert set(record["scores"]) == set(pack.manifest.labels)
+        assert sum(record["scores"].values()) == pytest.approx(1.0)
+        np.testing.assert_allclose(record["logits"], logits, rtol=1e-6)
+
+
+def test_predict_plain_text_and_file(cli_compiled, cli_pack, tmp_path, capsys):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("good fun\n\nboring plot\n")
+    code, out, err = run(capsys, "predict", "--compiled", cli_compiled, "--pack", cli_pack, "--file", texts)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 2
+    labels = load_pack(cli_pack).manifest.labels
+    for line, text in zip(lines, ["good fun", "boring plot"]):
+        label, score, shown = line.split("\t")
+        assert label in labels and 0.5 <= float(score) <= 1.0 and shown == text
+
+
+def test_predict_pairs_from_jsonl(bert_compiled, pack_pairs, tmp_path, capsys):
+    rows = tmp_path / "pairs.jsonl"
+    rows.write_text(json.dumps({"text": "who is it", "text_pair": "it is me"}) + "\n"
+                    + json.dumps({"text": "fun", "text_pair": "not fun"}) + "\n")
+    code, out, err = run(capsys, "predict", "--compiled", bert_compiled, "--pack", pack_pairs, "--file", rows, "--json")
+    assert code == 0, err
+    assert len(out.splitlines()) == 2
+    # without the second texts, the pair task refuses
+    code, out, err = run(capsys, "predict", "--compiled", bert_compiled, "--pack", pack_pairs, "--text", "who")
+    assert code == 2 and "pass text_pairs too" in err
+
+
+def test_verify_passes_with_default_tolerance(cli_compiled, cli_pack, pack_all, tmp_path, capsys):
+    report = tmp_path / "report.json"
+    code, out, err = run(capsys, "verify", "--compiled", cli_compiled, "--pack", cli_pack, "--pack", pack_all,
+                         "--report", report)
+    assert code == 0, out + err
+    assert "\nPASS (fp32, atol 0.0001" in out
+    data = json.loads(report.read_text())
+    assert data["ok"] is True and data["atol"] == 1e-4
+    subjects = {c["subject"] for c in data["checks"]}
+    assert {"graph", "cli-task", load_pack(pack_all).manifest.task} <= subjects
+    assert all(c["passed"] for c in data["checks"])
+
+
+def test_verify_with_impossible_tolerance_exits_1(cli_compiled, cli_pack, capsys):
+    code, out, err = run(capsys, "verify", "--compiled", cli_compiled, "--pack", cli_pack, "--atol", "1e-12")
+    assert code == 1
+    assert "FAIL:" in out and "FAIL" in out.splitlines()[-1]
+    assert "error:" not in err
+
+
+def test_verify_pack_of_another_base_exits_2(bert_compiled, pack_other_base, capsys):
+    code, out, err = run(capsys, "verify", "--compiled", bert_compiled, "--pack", pack_other_base)
+    assert code == 2
+    assert "bitfit verify: error:" in err and "fingerprint" in err
+    assert "Traceback" not in err
+
+
+def test_verify_with_another_base_model_exits_2(bert_compiled, tiny_model, capsys):
+    code, out, err = run(capsys, "verify", "--compiled", bert_compiled, "--model", tiny_model("bert", 1))
+    assert code == 2
+    assert "is not the model the graph was compiled from" in err and "pass --model" in err
+
+
+def test_inspect_pack_and_compiled(cli_pack, cli_compiled, capsys):
+    code, out, err = run(capsys, "inspect", cli_pack)
+    assert code == 0, err
+    pack = load_pack(cli_pack)
+    assert f"task           cli-task (classification)" in out
+    assert pack.manifest.base_fingerprint in out
+    assert "bq,bm2: 4 tensors" in out
+    code, out, err = run(capsys, "inspect", cli_pack, "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["manifest"] == pack.manifest.to_json()
+    assert data["pack_bytes"] == sum(f.stat().st_size for f in cli_pack.iterdir())
+    code, out, err = run(capsys, "inspect", cli_compiled, "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["manifest"] == read_manifest(cli_compiled).to_json()
+    assert data["model_bytes"] == (cli_compiled / "model.onnx").stat().st_size
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["predict", "--compiled", "{compiled}", "--pack", "{tmp}/no-such-pack", "--text", "hi"], r"no task pack at"),
+    (["predict", "--compiled", "{tmp}/no-such-graph", "--pack", "{pack}", "--text", "hi"], r"no compiled model at"),
+    (["predict", "--compiled", "{compiled}", "--pack", "{pack}"], r"nothing to predict: pass --text"),
+    (["predict", "--compiled", "{compiled}", "--pack", "{pack}", "--file", "{tmp}/none.txt"], r"no file of texts"),
+    (["train", "--model", "{model}", "--data", "movie-sentimentt", "--out", "{tmp}/p"],
+     r"no data file at movie-sentimentt: give a CSV/TSV/JSONL file or one of movie-sentiment"),
+    (["train", "--model", "{model}", "--data", "{tmp}/missing.jsonl", "--out", "{tmp}/p"], r"no data file at"),
+    (["train", "--model", "{model}", "--data", "{data}", "--out", "{pack}"], r"already exists.*--overwrite"),
+    (["train", "--model", "{model}", "--data", "{data}", "--out", "{tmp}/p", "--biases", "bq,zz"],
+     r"unknown bias kinds \['zz'\]"),
+    (["train", "--model", "{tmp}/no-model", "--data", "{data}", "--out", "{tmp}/p"], r"cannot load a tokenizer"),
+    (["compile", "--model", "{model}", "--out", "{compiled}"], r"already exists"),
+    (["compile", "--model", "{model}", "--out", "{tmp}/c", "--biases", "nope"], r"unknown bias kinds"),
+    (["inspect", "{tmp}/nothing"], r"neither a task pack nor a compiled model directory"),
+    (["verify", "--compiled", "{tmp}/nothing"], r"no compiled model at"),
+])
+def test_bad_input_exits_2_with_an_error_line(argv, message, tmp_path, capsys, bert_model, bert_compiled, pack_all,
+                                              data_files):
+    import re
+
+    values = {"tmp": tmp_path, "model": bert_model, "compiled": bert_compiled, "pack": pack_all,
+              "data": data_files["sentiment"]}
+    code, out, err = run(capsys, *(a.format(**values) for a in argv))
+    assert code == 2
+    assert err.startswith(f"bitfit {argv[0]}: error: "), err
+    assert re.search(message, err), err
+    assert "Traceback" not in err
+    assert not (tmp_path / "p").exists() and not (tmp_path / "c").exists()
+
+
+def test_corrupt_pack_exits_2(bert_compiled, pack_all, copy_dir, capsys):
+    broken = copy_dir(pack_all)
+    (broken / "tensors.safetensors").write_bytes(b"\x00" * 16)
+    code, out, err = run(capsys, "predict", "--compiled", bert_compiled, "--pack", broken, "--text", "hi")
+    assert code == 2 and "checksum" in err
+    code, out, err = run(capsys, "inspect", broken)
+    assert code == 2 and "checksum" in err
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit) as info:
+        main(["predict", "--pack", "x"])
+    assert info.value.code == 2
+    assert "--compiled" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.startswith("bitfit 0.")

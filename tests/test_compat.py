@@ -1,0 +1,217 @@
+"""Which packs fit which graphs, and what a broken compiled directory or bad input says."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from runtime import (
+    BitFitError, CompiledModelError, IncompatibleError, TaskSession, UnknownTaskError, check_pack_fits, load,
+    load_pack, read_manifest,
+)
+from runtime.compiled import MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE
+
+
+def test_pack_from_another_base_is_refused(bert_compiled, pack_other_base, pack_all):
+    session = TaskSession(bert_compiled)
+    other, ours = load_pack(pack_other_base), load_pack(pack_all)
+    assert other.manifest.base_fingerprint != ours.manifest.base_fingerprint
+    with pytest.raises(IncompatibleError, match=r"fingerprint .*their frozen weights differ; train the pack on the "
+                                                r"compiled model, or compile the pack's base model"):
+        session.register(other)
+    assert session.tasks == []
+    session.register(ours)  # the same graph takes a pack of its own base
+
+
+def test_fingerprint_ignores_biases_but_not_weights(bert_model, tiny_model):
+    """Packs of every bias subset share their base's fingerprint; another base differs."""
+    import torch
+
+    from training.biases import find_biases
+    from training.model import base_fingerprint, load_encoder
+
+    encoder = load_encoder(bert_model)
+    fp = base_fingerprint(encoder)
+    assert fp == base_fingerprint(load_encoder(bert_model))
+    assert fp != base_fingerprint(load_encoder(tiny_model("bert", 1)))
+    with torch.no_grad():
+        for s in find_biases(encoder, "all"):
+            s.parameter.add_(1.0)
+    assert base_fingerprint(encoder) == fp
+    with torch.no_grad():
+        encoder.encoder.layer[1].intermediate.dense.weight[0, 0] += 1e-3
+    assert base_fingerprint(encoder) != fp
+
+
+def test_graph_with_fewer_biases_refuses_an_all_pack(bert_compiled_min, pack_all):
+    session = TaskSession(bert_compiled_min)
+    assert {b.kind for b in session.manifest.bias_inputs} == {"bq", "bm2"}
+    with pytest.raises(IncompatibleError, match=r"does not fit the compiled graph: the graph has no input for biases "
+                                                r".*recompile with --biases all \(or include .*bm3"):
+        session.register(pack_all)
+    with pytest.raises(IncompatibleError, match=r"recompile with --biases"):
+        check_pack_fits(session.manifest, load_pack(pack_all))
+
+
+def test_min_pack_runs_on_min_graph_and_matches_pytorch(bert_model, bert_compiled_min, pack_min, token_inputs,
+                                                        torch_logits):
+    session = TaskSession(bert_compiled_min)
+    pack = load_pack(pack_min)
+    task = session.register(pack)
+    for batch, length in ((1, 5), (4, 23)):
+        inputs = token_inputs(session, batch, length)
+        assert np.abs(session.logits(task, inputs) - torch_logits(pack, bert_model, inputs)).max() <= 1e-4
+
+
+def test_min_pack_runs_on_all_graph_and_matches_pytorch(bert_model, bert_compiled, pack_min, token_inputs,
+                                                        torch_logits):
+    """Biases the pack did not train keep the graph's defaults, which are the base model's."""
+    session = TaskSession(bert_compiled)
+    pack = load_pack(pack_min)
+    assert len(pack.manifest.biases) < len(session.manifest.bias_inputs)
+    task = session.register(pack)
+    for batch, length in ((1, 5), (2, 7), (4, 23), (3, 60)):
+        inputs = token_inputs(session, batch, length)
+        ours, ref = session.logits(task, inputs), torch_logits(pack, bert_model, inputs)
+        assert ours.shape == (batch, 2)
+        assert np.abs(ours - ref).max() <= 1e-4, (batch, length)
+
+
+def test_pack_that_does_not_fit_lists_each_problem(bert_compiled, pack_all):
+    pack = load_pack(pack_all)
+    pack.manifest.max_length = 500
+    pack.manifest.biases[0] = type(pack.manifest.biases[0])(
+        pack.manifest.biases[0].name, (99,), "float32", pack.manifest.biases[0].kind)
+    manifest = read_manifest(bert_compiled)
+    with pytest.raises(IncompatibleError) as info:
+        check_pack_fits(manifest, pack.manifest)
+    message = str(info.value)
+    assert "max_length 500 exceeds the model's 64 positions" in message
+    assert f"{pack.manifest.biases[0].name} is float32[99] in the pack but float32[" in message
+
+
+def test_unknown_task_lists_registered_tasks(bert_compiled, pack_all, pack_min):
+    session = load(bert_compiled, [pack_all, pack_min])
+    assert len(session.tasks) == 2
+    with pytest.raises(UnknownTaskError, match=r"unknown task 'nope': registered tasks are ") as info:
+        session.run("nope", ["hello"])
+    for name in session.tasks:
+        assert name in str(info.value)
+    empty = TaskSession(bert_compiled)
+    with pytest.raises(UnknownTaskError, match=r"registered tasks are none"):
+        empty.logits("nope", {})
+
+
+def test_duplicate_registration_needs_replace(bert_compiled, pack_all, pack_min):
+    session = TaskSession(bert_compiled)
+    session.register(pack_all, name="t")
+    with pytest.raises(BitFitError, match=r"a task named 't' is already registered: pass replace=True"):
+        session.register(pack_min, name="t")
+    session.register(pack_min, name="t", replace=True)
+    assert session.pack("t").manifest.bias_subset == ["bq", "bm2"]
+    session.remove("t")
+    assert session.tasks == []
+    with pytest.raises(UnknownTaskError):
+        session.remove("t")
+
+
+@pytest.fixture
+def session(bert_compiled, pack_all):
+    s = TaskSession(bert_compiled)
+    s.register(pack_all, name="task")
+    return s
+
+
+def test_bad_token_inputs(session, token_inputs):
+    good = token_inputs(session, 2, 6)
+    with pytest.raises(BitFitError, match=r"input_ids has shape \(12,\): every token input must be \[batch, sequence\]"):
+        session.logits("task", {**good, "input_ids": good["input_ids"].reshape(-1)})
+    with pytest.raises(BitFitError, match=r"attention_mask has shape \(2, 5\): every token input must be"):
+        session.logits("task", {**good, "attention_mask": good["attention_mask"][:, :5]})
+    with pytest.raises(BitFitError, match=r"input_ids has dtype float32: token inputs must be integers"):
+        session.logits("task", {**good, "input_ids": good["input_ids"].astype(np.float32)})
+    with pytest.raises(BitFitError, match=r"missing token inputs \['token_type_ids'\]: the graph takes"):
+        session.hidden_states({k: v for k, v in good.items() if k != "token_type_ids"})
+    too_long = token_inputs(session, 1, 65)
+    with pytest.raises(BitFitError, match=r"sequence length 65 exceeds the model's 64 positions"):
+        session.hidden_states(too_long)
+    # int32 is accepted and gives the int64 result
+    as_int32 = {k: v.astype(np.int32) for k, v in good.items()}
+    assert np.array_equal(session.logits("task", as_int32), session.logits("task", good))
+
+
+@pytest.mark.parametrize("texts, match", [
+    ("a single string", r"texts must be a list of strings, got str"),
+    ([], r"texts is empty"),
+    (["ok", 3], r"texts\[1\] is int, not a string"),
+])
+def test_bad_texts(session, texts, match):
+    with pytest.raises(BitFitError, match=match):
+        session.run("task", texts)
+
+
+def test_bad_bias_override_is_refused(session, token_inputs):
+    inputs = token_inputs(session, 1, 4)
+    with pytest.raises(BitFitError, match=r"no bias input layer\.0\.bq of shape \(31,\)"):
+        session.hidden_states(inputs, biases={"layer.0.bq": np.zeros(31, np.float32)})
+    with pytest.raises(BitFitError, match=r"no bias input layer\.7\.bq"):
+        session.hidden_states(inputs, biases={"layer.7.bq": np.zeros(32, np.float32)})
+
+
+# -- broken compiled directories --------------------------------------------------------------------
+def test_modified_model_fails_the_checksum(bert_compiled, copy_dir):
+    broken = copy_dir(bert_compiled)
+    data = bytearray((broken / MODEL_FILE).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (broken / MODEL_FILE).write_bytes(bytes(data))
+    with pytest.raises(CompiledModelError, match=r"does not match the checksum in manifest\.json: .*compile again"):
+        TaskSession(broken)
+
+
+def test_replaced_model_fails_the_checksum(bert_compiled, bert_compiled_min, copy_dir):
+    """A valid graph, but not the one the manifest describes."""
+    broken = copy_dir(bert_compiled)
+    (broken / MODEL_FILE).write_bytes((bert_compiled_min / MODEL_FILE).read_bytes())
+    with pytest.raises(CompiledModelError, match=r"checksum"):
+        TaskSession(broken)
+    # skipping the checksum, the manifest/graph input comparison still catches it
+    with pytest.raises(CompiledModelError, match=r"has inputs that differ from its manifest .*compile again"):
+        TaskSession(broken, check_integrity=False)
+
+
+def test_garbage_model_without_integrity_check(bert_compiled, copy_dir):
+    broken = copy_dir(bert_compiled)
+    (broken / MODEL_FILE).write_bytes(b"not an onnx model")
+    with pytest.raises(CompiledModelError, match=r"onnxruntime cannot load .*compile again"):
+        TaskSession(broken, check_integrity=False)
+
+
+def test_missing_compiled_directory(tmp_path):
+    with pytest.raises(CompiledModelError, match=r"no compiled model at .*run `bitfit compile --model M --out"):
+        TaskSession(tmp_path / "absent")
+
+
+@pytest.mark.parametrize("name", [MODEL_FILE, MANIFEST_FILE, TOKENIZER_FILE])
+def test_incomplete_compiled_directory(bert_compiled, copy_dir, name):
+    broken = copy_dir(bert_compiled)
+    (broken / name).unlink()
+    with pytest.raises(CompiledModelError, match=rf"has no {name}: it is not a complete compiled model"):
+        TaskSession(broken)
+
+
+def test_corrupt_or_newer_compiled_manifest(bert_compiled, copy_dir):
+    broken = copy_dir(bert_compiled)
+    text = (broken / MANIFEST_FILE).read_text()
+    (broken / MANIFEST_FILE).write_text(text[:40])
+    with pytest.raises(CompiledModelError, match=r"is not valid JSON"):
+        TaskSession(broken)
+    data = json.loads(text)
+    data["format_version"] = 7
+    (broken / MANIFEST_FILE).write_text(json.dumps(data))
+    with pytest.raises(CompiledModelError, match=r"compiled by a newer bitfit \(format 7\): upgrade"):
+        TaskSession(broken)
+    del data["format_version"], data["bias_inputs"]
+    (broken / MANIFEST_FILE).write_text(json.dumps(data))
+    with pytest.raises(CompiledModelError, match=r"incomplete .*compile again"):
+        TaskSession(broken)
