@@ -25,7 +25,7 @@ def inspect(path: str | os.PathLike, *, as_json: bool = False) -> str:
     manifest_path = p / MANIFEST_FILE if p.is_dir() else p
     try:
         fmt = json.loads(manifest_path.read_text()).get("format")
-    except (OSError, json.JSONDecodeError, AttributeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):  # a binary file is not a manifest
         fmt = None
     if fmt == cm.FORMAT:
         return _compiled(p, as_json)
@@ -36,6 +36,7 @@ def inspect(path: str | os.PathLike, *, as_json: bool = False) -> str:
 
 def _pack(path: Path, as_json: bool) -> str:
     pack = load_pack(path)  # strict: inspecting a corrupt pack says so
+    path = path.parent if path.is_file() else path  # load_pack also takes a file inside the pack
     m = pack.manifest
     on_disk = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
     full = m.base_params * 4  # the whole model in fp32, what a full fine-tune would ship per task

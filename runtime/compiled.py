@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CompiledModelError, IncompatibleError
-from .pack import HEAD_WEIGHT, PackManifest, TaskPack, TensorSpec
+from .pack import HEAD_WEIGHT, PackManifest, TaskPack, TensorSpec, _version
 
 FORMAT = "bitfit-compiled"
 FORMAT_VERSION = 1
@@ -62,6 +62,8 @@ def write_manifest(directory: str | os.PathLike, manifest: CompiledManifest) -> 
 
 def read_manifest(directory: str | os.PathLike) -> CompiledManifest:
     root = Path(directory)
+    if root.name == MANIFEST_FILE and root.is_file():  # the manifest's own path names its directory
+        root = root.parent
     if not root.is_dir():
         raise CompiledModelError(f"no compiled model at {root}: run `bitfit compile --model M --out {root}` first")
     for name in (MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE):
@@ -73,7 +75,7 @@ def read_manifest(directory: str | os.PathLike) -> CompiledManifest:
         raise CompiledModelError(f"{root / MANIFEST_FILE} is not valid JSON ({e}): compile again") from e
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CompiledModelError(f"{root / MANIFEST_FILE} is not a bitfit compiled-model manifest")
-    if int(data.get("format_version", 0)) > FORMAT_VERSION:
+    if _version(data, root / MANIFEST_FILE, CompiledModelError) > FORMAT_VERSION:
         raise CompiledModelError(f"{root} was compiled by a newer bitfit (format {data['format_version']}): upgrade")
     known = {f.name for f in fields(CompiledManifest)}
     try:

@@ -26,6 +26,7 @@ FORMAT = "bitfit-task-pack"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 TENSORS_FILE = "tensors.safetensors"
+METADATA_KEY = "bitfit"  # safetensors metadata: provenance JSON, checked against the manifest
 TASK_KINDS = ("classification", "regression")
 POOLINGS = ("mean", "cls")
 HEAD_WEIGHT = "head.weight"
@@ -205,9 +206,11 @@ def save_pack(pack: TaskPack, path: str | os.PathLike, *, overwrite: bool = Fals
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         m = pack.manifest
-        metadata = {"format": FORMAT, "task": m.task, "base_fingerprint": m.base_fingerprint}
+        # One metadata key holding sorted JSON: safetensors writes several keys in hash-map order, which
+        # changes between calls, and the same pack must always give the same bytes (and tensors_sha256).
+        provenance = {"format": FORMAT, "task": m.task, "base_fingerprint": m.base_fingerprint}
         tensors = {k: np.ascontiguousarray(v) for k, v in pack.tensors.items()}
-        save_file(tensors, str(tmp / TENSORS_FILE), metadata=metadata)
+        save_file(tensors, str(tmp / TENSORS_FILE), metadata={METADATA_KEY: json.dumps(provenance, sort_keys=True)})
         m.tensors_sha256 = sha256_file(tmp / TENSORS_FILE)
         m.metrics = _jsonable(m.metrics)
         (tmp / MANIFEST_FILE).write_text(json.dumps(m.to_json(), indent=2) + "\n")
@@ -235,7 +238,7 @@ def read_manifest(path: str | os.PathLike) -> PackManifest:
         raise PackError(f"{root / MANIFEST_FILE} is not valid JSON ({e}): the pack is corrupt; save it again") from e
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise PackError(f"{root / MANIFEST_FILE} is not a bitfit task-pack manifest (format is not {FORMAT!r})")
-    if int(data.get("format_version", 0)) > FORMAT_VERSION:
+    if _version(data, root / MANIFEST_FILE, PackError) > FORMAT_VERSION:
         raise PackError(
             f"{root} uses pack format {data['format_version']}, newer than this bitfit reads ({FORMAT_VERSION}): "
             "upgrade bitfit"
@@ -244,6 +247,13 @@ def read_manifest(path: str | os.PathLike) -> PackManifest:
         return PackManifest.from_json(data)
     except TypeError as e:
         raise PackError(f"{root / MANIFEST_FILE} has malformed entries ({e}): the pack is corrupt") from e
+
+
+def _version(data: dict, where: Path, error: type[Exception]) -> int:
+    try:
+        return int(data.get("format_version", 0))
+    except (TypeError, ValueError):
+        raise error(f"{where} has format_version {data.get('format_version')!r}, not an integer: it is corrupt") from None
 
 
 def load_pack(path: str | os.PathLike) -> TaskPack:
@@ -266,9 +276,13 @@ def load_pack(path: str | os.PathLike) -> TaskPack:
         tensors = load_file(str(tensors_path))
     except (SafetensorError, OSError, ValueError) as e:
         raise PackError(f"{tensors_path} is not a readable safetensors file ({e}): re-save or re-copy the pack") from e
-    if metadata.get("base_fingerprint") != manifest.base_fingerprint:
+    try:
+        provenance = json.loads(metadata.get(METADATA_KEY, "{}"))
+    except json.JSONDecodeError:
+        provenance = {}
+    if provenance.get("base_fingerprint") != manifest.base_fingerprint:
         raise PackError(
-            f"{tensors_path} was saved for base fingerprint {metadata.get('base_fingerprint')!r} but "
+            f"{tensors_path} was saved for base fingerprint {provenance.get('base_fingerprint')!r} but "
             f"{MANIFEST_FILE} says {manifest.base_fingerprint!r}: files from two packs were mixed"
         )
     pack = TaskPack(manifest, tensors)

@@ -111,7 +111,8 @@ def test_verify_passes_with_default_tolerance(cli_compiled, cli_pack, pack_all, 
     code, out, err = run(capsys, "verify", "--compiled", cli_compiled, "--pack", cli_pack, "--pack", pack_all,
                          "--report", report)
     assert code == 0, out + err
-    assert "\nPASS (fp32, atol 0.0001" in out
+    verdict = out.strip().splitlines()[-1]
+    assert verdict.startswith("PASS") and "fp32" in verdict and "0.0001" in verdict
     data = json.loads(report.read_text())
     assert data["ok"] is True and data["atol"] == 1e-4
     subjects = {c["subject"] for c in data["checks"]}
@@ -122,7 +123,8 @@ def test_verify_passes_with_default_tolerance(cli_compiled, cli_pack, pack_all, 
 def test_verify_with_impossible_tolerance_exits_1(cli_compiled, cli_pack, capsys):
     code, out, err = run(capsys, "verify", "--compiled", cli_compiled, "--pack", cli_pack, "--atol", "1e-12")
     assert code == 1
-    assert "FAIL:" in out and "FAIL" in out.splitlines()[-1]
+    verdict = out.strip().splitlines()[-1]
+    assert verdict.startswith("FAIL: ") and "1e-12" in verdict
     assert "error:" not in err
 
 
@@ -143,7 +145,7 @@ def test_inspect_pack_and_compiled(cli_pack, cli_compiled, capsys):
     code, out, err = run(capsys, "inspect", cli_pack)
     assert code == 0, err
     pack = load_pack(cli_pack)
-    assert f"task           cli-task (classification)" in out
+    assert "task           cli-task (classification)" in out
     assert pack.manifest.base_fingerprint in out
     assert "bq,bm2: 4 tensors" in out
     code, out, err = run(capsys, "inspect", cli_pack, "--json")
@@ -156,6 +158,24 @@ def test_inspect_pack_and_compiled(cli_pack, cli_compiled, capsys):
     data = json.loads(out)
     assert data["manifest"] == read_manifest(cli_compiled).to_json()
     assert data["model_bytes"] == (cli_compiled / "model.onnx").stat().st_size
+
+
+def test_inspect_a_file_inside_a_pack(cli_pack, capsys):
+    """load_pack takes a path to a file in the pack; inspect does too."""
+    code, out, err = run(capsys, "inspect", cli_pack / "manifest.json", "--json")
+    assert code == 0, err
+    assert json.loads(out)["pack_bytes"] == sum(f.stat().st_size for f in cli_pack.iterdir())
+    code, out, err = run(capsys, "inspect", cli_pack / "manifest.json")
+    assert code == 0, err
+    assert out.startswith(f"task pack      {cli_pack}\n")
+
+
+@pytest.mark.parametrize("name", ["tensors.safetensors", "model.onnx"])
+def test_inspect_a_binary_file_exits_2(cli_pack, cli_compiled, capsys, name):
+    path = (cli_pack if name.endswith("safetensors") else cli_compiled) / name
+    code, out, err = run(capsys, "inspect", path)
+    assert code == 2
+    assert err.startswith("bitfit inspect: error: ") and "neither a task pack nor a compiled model" in err
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -8,7 +8,7 @@ import pytest
 
 from runtime import (
     BitFitError, CompiledModelError, IncompatibleError, TaskSession, UnknownTaskError, check_pack_fits, load,
-    load_pack, read_manifest,
+    TensorSpec, load_pack, read_manifest,
 )
 from runtime.compiled import MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE
 
@@ -81,8 +81,8 @@ def test_min_pack_runs_on_all_graph_and_matches_pytorch(bert_model, bert_compile
 def test_pack_that_does_not_fit_lists_each_problem(bert_compiled, pack_all):
     pack = load_pack(pack_all)
     pack.manifest.max_length = 500
-    pack.manifest.biases[0] = type(pack.manifest.biases[0])(
-        pack.manifest.biases[0].name, (99,), "float32", pack.manifest.biases[0].kind)
+    first = pack.manifest.biases[0]
+    pack.manifest.biases[0] = TensorSpec(first.name, (99,), "float32", first.kind)
     manifest = read_manifest(bert_compiled)
     with pytest.raises(IncompatibleError) as info:
         check_pack_fits(manifest, pack.manifest)

@@ -51,6 +51,20 @@ def test_save_load_save_load_is_identical(pack_all, tmp_path):
     assert (tmp_path / "a" / TENSORS_FILE).read_bytes() == (pack_all / TENSORS_FILE).read_bytes()
 
 
+def test_saving_is_byte_for_byte_reproducible(pack_all, tmp_path):
+    """The same pack saved again gives the same bytes, so the same checksum in its manifest."""
+    pack = load_pack(pack_all)
+    for i in range(6):
+        save_pack(pack, tmp_path / f"p{i}")
+    files = {(tmp_path / f"p{i}" / TENSORS_FILE).read_bytes() for i in range(6)}
+    manifests = {(tmp_path / f"p{i}" / MANIFEST_FILE).read_text() for i in range(6)}
+    assert len(files) == 1 and len(manifests) == 1
+    with safe_open(str(tmp_path / "p0" / TENSORS_FILE), framework="np") as fh:
+        provenance = json.loads(fh.metadata()["bitfit"])
+    assert provenance == {"format": "bitfit-task-pack", "task": pack.manifest.task,
+                          "base_fingerprint": pack.manifest.base_fingerprint}
+
+
 def test_manifest_records_what_the_pack_holds(pack_all):
     pack = load_pack(pack_all)
     m = pack.manifest

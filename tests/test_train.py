@@ -91,6 +91,13 @@ def test_same_seed_gives_identical_pack(bert_model, data_files):
     assert not all(np.array_equal(a.tensors[k], c.tensors[k]) for k in a.tensors)
 
 
+def test_same_seed_gives_identical_pack_files(bert_model, data_files, tmp_path):
+    for name in ("a", "b"):
+        train(bert_model, data_files["sentiment"], tmp_path / name, epochs=1, seed=3, biases="bq,bm2", **QUIET)
+    for file in ("manifest.json", "tensors.safetensors"):
+        assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes(), file
+
+
 def test_trained_pack_matches_pytorch_dev_metrics(bert_model, pack_all, data_files):
     """The pack saves the best epoch; loading it back into PyTorch gives the recorded dev metric."""
     from training.data import load_task_data

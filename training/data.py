@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -189,6 +190,9 @@ def infer_kind(examples: list[Example]) -> str:
         values = [float(e.label) for e in examples]
     except (TypeError, ValueError):
         return "classification"
+    bad = [e.label for e, v in zip(examples, values) if not math.isfinite(v)]
+    if bad:
+        raise BitFitError(f"labels {bad[:3]} are not finite numbers: fix or drop those rows")
     return "regression" if any(v != int(v) for v in values) else "classification"
 
 

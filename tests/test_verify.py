@@ -1,0 +1,125 @@
+"""bitfit.verify: parity of a compiled graph and its packs against PyTorch, as a report."""
+from __future__ import annotations
+
+import json
+import math
+
+import onnx_ir as ir
+import pytest
+
+from bitfit.verify import verify, write_report
+from runtime import IncompatibleError, TaskSession
+from runtime.compiled import MANIFEST_FILE, MODEL_FILE
+from runtime.pack import sha256_file
+
+QUIET = {"log": lambda s: None}
+TOKENIZER_ROW = "tokenizer ids vs transformers"
+LIVENESS_ROW = "bias inputs is live"
+
+
+@pytest.fixture(scope="module")
+def good_report(bert_compiled, pack_all, pack_min, pack_pairs, pack_scores):
+    return verify(bert_compiled, [pack_all, pack_min, pack_pairs, pack_scores], **QUIET)
+
+
+def test_good_packs_pass(good_report):
+    assert good_report.ok, good_report.table()
+    assert good_report.failures == []
+    for c in good_report.checks:
+        if not math.isnan(c.tolerance):
+            assert c.max_abs <= c.tolerance == 1e-4
+
+
+def test_table_has_graph_rows_and_a_verdict(good_report):
+    table = good_report.table()
+    cases = [c.case for c in good_report.checks if c.subject == "graph"]
+    assert TOKENIZER_ROW in cases
+    assert any(LIVENESS_ROW in c for c in cases)
+    assert any(c.startswith("base model, no bias fed") for c in cases)
+    assert TOKENIZER_ROW in table and LIVENESS_ROW in table
+    assert table.strip().splitlines()[-1].startswith("PASS")
+    liveness = next(c for c in good_report.checks if LIVENESS_ROW in c.case)
+    assert "each of 15 non-bk" in liveness.case  # 17 bias inputs less the two bk
+
+
+def test_every_pack_is_checked_on_sentences_grid_and_perturbed_biases(good_report, bert_compiled):
+    subjects = [c.subject for c in good_report.checks if c.subject != "graph"]
+    assert len(set(subjects)) == 4
+    max_positions = TaskSession(bert_compiled).manifest.max_positions
+    for subject in set(subjects):
+        cases = [c.case for c in good_report.checks if c.subject == subject]
+        assert "real sentences" in cases
+        assert "perturbed biases vs PyTorch" in cases
+        grid = [c for c in cases if c.startswith("grid")]
+        assert grid == [f"grid b={b} s={s}" for b, s in ((1, 8), (3, 17), (8, 64), (2, 128)) if s <= max_positions]
+    perturbed = [c for c in good_report.checks if c.case == "perturbed biases vs PyTorch"]
+    assert all(c.note.startswith("output moved") for c in perturbed)
+
+
+def test_classification_rows_report_probabilities_and_agreement(good_report, pack_scores):
+    from runtime import read_pack_manifest
+
+    regression = read_pack_manifest(pack_scores).task
+    for c in good_report.checks:
+        if c.subject in ("graph",):
+            continue
+        if c.subject == regression:
+            assert math.isnan(c.prob_abs) and math.isnan(c.agreement)
+        else:
+            assert c.prob_abs <= 1e-4 and c.agreement == 100.0
+
+
+def test_report_json(good_report, tmp_path):
+    path = write_report(good_report, tmp_path / "r.json")
+    data = json.loads(path.read_text())  # strict JSON: NaN became null
+    assert data["ok"] is True and data["atol"] == 1e-4
+    assert len(data["checks"]) == len(good_report.checks)
+    assert "NaN" not in path.read_text()
+
+
+def test_impossible_tolerance_fails(bert_compiled, pack_all):
+    report = verify(bert_compiled, [pack_all], atol=1e-12, **QUIET)
+    assert not report.ok
+    failed = {c.case for c in report.failures}
+    assert "real sentences" in failed or any(c.startswith("grid") for c in failed)
+    assert all(c.max_abs > 1e-12 for c in report.failures if not math.isnan(c.max_abs))
+    assert report.table().strip().splitlines()[-1].startswith(f"FAIL: {len(report.failures)} of {len(report.checks)}")
+
+
+def test_dead_bias_input_is_caught_at_verify_time(bert_compiled, copy_dir):
+    """A graph whose layer.1.bm2 input was baked in (manifest checksum updated so it loads): the parity rows
+    still pass, since the baked value is the base's, but the liveness row fails and names the input."""
+    broken = copy_dir(bert_compiled)
+    model = ir.load(broken / MODEL_FILE)
+    v = {x.name: x for x in model.graph.inputs}["layer.1.bm2"]
+    baked = ir.Value(name="baked", shape=ir.Shape(v.shape), type=v.type,
+                     const_value=ir.tensor(v.const_value.numpy().copy(), name="baked"))
+    model.graph.register_initializer(baked)
+    ir.convenience.replace_all_uses_with(v, baked)
+    ir.save(model, broken / MODEL_FILE)
+    manifest = json.loads((broken / MANIFEST_FILE).read_text())
+    manifest["model_sha256"] = sha256_file(broken / MODEL_FILE)
+    (broken / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+    report = verify(broken, **QUIET)
+    assert not report.ok
+    assert len(report.failures) == 1
+    failure = report.failures[0]
+    assert LIVENESS_ROW in failure.case and failure.note == "dead: layer.1.bm2"
+    assert "dead: layer.1.bm2" in report.table()
+
+
+def test_pack_of_another_base_is_refused(bert_compiled, pack_other_base):
+    with pytest.raises(IncompatibleError, match=r"fingerprint"):
+        verify(bert_compiled, [pack_other_base], **QUIET)
+
+
+def test_reference_model_of_another_base_is_refused(bert_compiled, tiny_model):
+    with pytest.raises(IncompatibleError, match=r"is not the model the graph was compiled from .*pass --model"):
+        verify(bert_compiled, model=tiny_model("bert", 1), **QUIET)
+
+
+@pytest.mark.parametrize("kind", ["roberta", "distilbert"])
+def test_other_architectures_verify(kind, compiled_dir, trained_pack):
+    report = verify(compiled_dir(kind), [trained_pack(kind, "all", epochs=1)], **QUIET)
+    assert report.ok, report.table()
