@@ -32,7 +32,8 @@ def _train(a: argparse.Namespace) -> int:
 def _compile(a: argparse.Namespace) -> int:
     from compiler.compile import compile
 
-    compile(a.model, a.out, biases=a.biases, opset=a.opset, quantize=a.quantize, overwrite=a.overwrite)
+    compile(a.model, a.out, biases=a.biases, opset=a.opset, quantize=a.quantize, fuse=a.fuse,
+            overwrite=a.overwrite)
     return 0
 
 
@@ -110,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=["int8", "int8-per-tensor"],
                    help="int8 weights, biases stay fp32 inputs (int8 = dynamic per-channel: kept accuracy within "
                         "0.1 point on the quickstart tasks; per-tensor lost 1.5)")
+    p.add_argument("--fuse", action="store_true",
+                   help="onnxruntime's fused kernels (Attention, SkipLayerNorm, BiasGelu) with every bias still a "
+                        "live input: what GPUs run; not faster on CPU (BERT, RoBERTa, ELECTRA, DistilBERT)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing compiled directory")
     p.set_defaults(run=_compile)
 

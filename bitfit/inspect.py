@@ -80,6 +80,7 @@ def _compiled(path: Path, as_json: bool) -> str:
         f"{sum(int(np.prod(b.shape)) for b in m.bias_inputs):,} values, base values as defaults",
         f"output         {m.output} [batch, sequence, {m.hidden_size}]",
         f"passes         {', '.join(m.passes)}",
+        f"fused kernels  {', '.join(f'{k} x{v}' for k, v in m.fused_ops.items()) or 'none'}",
     ]
     return "\n".join(lines)
 

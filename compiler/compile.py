@@ -17,7 +17,6 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 import torch
-from onnx_ir.passes import PassManager, PassError
 from torch import nn
 
 from runtime import compiled as cm
@@ -27,7 +26,8 @@ from runtime.version import __version__
 from training.biases import BiasSlot, find_biases, parse_subset
 from training.model import base_fingerprint, load_encoder, load_tokenizer, max_positions, uses_token_types
 
-from .passes import BiasDefaultsPass, CheckBiasInputsPass, CheckTokenInputsPass
+from .fuse import FUSE_STEPS, export_fused
+from .passes import BiasDefaultsPass, CheckBiasInputsPass, CheckTokenInputsPass, run_passes
 from .quantize import QUANTIZE_MODES, quantize_int8
 
 DEFAULT_OPSET = 17  # LayerNormalization is a single op from 17 on
@@ -93,13 +93,15 @@ def compile(
     biases: str = "all",
     opset: int = DEFAULT_OPSET,
     quantize: str | None = None,
+    fuse: bool = False,
     overwrite: bool = False,
     log: Callable[[str], None] = print,
 ) -> Path:
     """Export `model`'s encoder to `out`/model.onnx with bias inputs, plus tokenizer.json and manifest.json.
 
     quantize: None (fp32), "int8" (dynamic, per-channel int8 weights) or "int8-per-tensor"; biases stay
-    fp32 graph inputs either way.
+    fp32 graph inputs either way. fuse: onnxruntime's fused kernels (Attention, SkipLayerNormalization,
+    BiasGelu, EmbedLayerNormalization) with every bias still a live input; BERT-style models only.
     """
     out = Path(out)
     if quantize is not None and quantize not in QUANTIZE_MODES:
@@ -121,25 +123,23 @@ def compile(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        log(f"exporting {config.model_type} ({len(slots)} bias inputs: {','.join(kinds)}) with opset {opset}")
-        raw = tmp / "raw.onnx"
-        export_onnx(encoder, slots, token_inputs, raw, opset)
-        graph = ir.load(raw)
-        raw.unlink()
         defaults = {s.name: s.parameter.detach().float().numpy() for s in slots}
-        passes = [
-            BiasDefaultsPass(defaults),
-            CheckBiasInputsPass({k: v.shape for k, v in defaults.items()}),
-            CheckTokenInputsPass(token_inputs),
-        ]
-        try:
-            PassManager(passes)(graph)
-        except PassError as e:
-            cause: BaseException = e  # PassManager wraps the pass's own error twice ("error at step 0"): report it
-            while cause.__cause__ is not None:
-                cause = cause.__cause__
-            raise CompiledModelError(f"compiling {model!r} failed: {cause}") from e
-        ir.save(graph, tmp / cm.MODEL_FILE)
+        shapes = {k: v.shape for k, v in defaults.items()}
+        fused_ops: dict[str, int] = {}
+        if fuse:
+            log(f"exporting {config.model_type} with onnxruntime's fused kernels ({len(slots)} bias inputs) opset {opset}")
+            fused_ops = export_fused(encoder, slots, token_inputs, tmp / cm.MODEL_FILE, opset)
+            steps = list(FUSE_STEPS)
+        else:
+            log(f"exporting {config.model_type} ({len(slots)} bias inputs: {','.join(kinds)}) with opset {opset}")
+            raw = tmp / "raw.onnx"
+            export_onnx(encoder, slots, token_inputs, raw, opset)
+            graph = ir.load(raw)
+            raw.unlink()
+            passes = [BiasDefaultsPass(defaults), CheckBiasInputsPass(shapes), CheckTokenInputsPass(token_inputs)]
+            run_passes(graph, passes, f"compiling {model!r}")
+            ir.save(graph, tmp / cm.MODEL_FILE)
+            steps = ["export(bias inputs)", *(type(p).__name__ for p in passes)]
         if quantize:
             log(f"quantizing weights: {QUANTIZE_MODES[quantize]}")
             fp32 = tmp / "fp32.onnx"
@@ -147,15 +147,11 @@ def compile(
             quantize_int8(fp32, tmp / cm.MODEL_FILE, per_channel=quantize == "int8")
             fp32.unlink()
             quantized = ir.load(tmp / cm.MODEL_FILE)
-            check = CheckBiasInputsPass({k: v.shape for k, v in defaults.items()})
-            try:
-                check(quantized)
-            except PassError as e:
-                raise CompiledModelError(f"quantizing {model!r} broke the bias inputs: {e}") from e
+            run_passes(quantized, [CheckBiasInputsPass(shapes)], f"quantizing {model!r}", "compile without --quantize")
             lost = [v.name for v in quantized.graph.inputs if v.name in defaults and v.const_value is None]
             if lost:
                 raise CompiledModelError(f"quantizing dropped the base values of {lost[:4]}: compile without --quantize")
-            passes.append(check)
+            steps += [f"quantize_dynamic({QUANTIZE_MODES[quantize]})", "CheckBiasInputsPass"]
         tokenizer.backend_tokenizer.save(str(tmp / cm.TOKENIZER_FILE))
         manifest = cm.CompiledManifest(
             base_model=os.path.abspath(model) if Path(model).is_dir() else str(model),
@@ -170,7 +166,8 @@ def compile(
             pad_token=str(tokenizer.pad_token),
             pad_token_id=int(tokenizer.pad_token_id),
             model_sha256=sha256_file(tmp / cm.MODEL_FILE),
-            passes=[type(p).__name__ for p in passes],
+            passes=steps,
+            fused_ops=fused_ops,
             precision=QUANTIZE_MODES[quantize] if quantize else "fp32",
             tool_version=__version__,
         )

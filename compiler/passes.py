@@ -8,7 +8,9 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes import InPlacePass, PassResult, PostconditionError, PreconditionError
+from onnx_ir.passes import InPlacePass, PassError, PassManager, PassResult, PostconditionError, PreconditionError
+
+from runtime.errors import CompiledModelError
 
 
 class BiasDefaultsPass(InPlacePass):
@@ -92,3 +94,14 @@ class CheckTokenInputsPass(InPlacePass):
 def bias_inputs_live(model: ir.Model, shapes: Mapping[str, tuple[int, ...]]) -> None:
     """Raise PostconditionError unless every bias in `shapes` is a live input of `model`."""
     CheckBiasInputsPass(shapes)(model)
+
+
+def run_passes(model: ir.Model, passes: list[InPlacePass], what: str, hint: str = "") -> None:
+    """Run `passes` in order; a failure becomes a CompiledModelError naming the pass's own message."""
+    try:
+        PassManager(passes)(model)
+    except PassError as e:
+        cause: BaseException = e  # PassManager wraps the pass's error twice ("error at step N"): report the cause
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        raise CompiledModelError(f"{what} failed: {cause}" + (f". {hint}" if hint else "")) from e

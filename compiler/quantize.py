@@ -30,6 +30,9 @@ def quantize_int8(src: str | Path, dst: str | Path, *, per_channel: bool = True)
             str(dst),
             weight_type=QuantType.QInt8,
             per_channel=per_channel,
+            # Only ops whose int8 weights are frozen. Left to its defaults, the quantizer also rewrites
+            # EmbedLayerNormalization and swallows its beta, an overridable bias input (bLNe).
+            op_types_to_quantize=["MatMul", "Attention", "Gather"],
             # Without it, graphs that went through onnxruntime's transformer optimiser fail with
             # "Unable to find data type for weight_name" (shared/ONNX-NOTES).
             extra_options={"DefaultTensorType": TensorProto.FLOAT},

@@ -37,6 +37,7 @@ class CompiledManifest:
     output: str = OUTPUT_NAME
     precision: str = "fp32"
     passes: list[str] = field(default_factory=list)
+    fused_ops: dict[str, int] = field(default_factory=dict)  # onnxruntime fused kernels in the graph, by op
     tool_version: str = ""
     format: str = FORMAT
     format_version: int = FORMAT_VERSION

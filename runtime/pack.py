@@ -280,6 +280,11 @@ def load_pack(path: str | os.PathLike) -> TaskPack:
         provenance = json.loads(metadata.get(METADATA_KEY, "{}"))
     except json.JSONDecodeError:
         provenance = {}
+    if "base_fingerprint" not in provenance:
+        raise PackError(
+            f"{tensors_path} carries no bitfit provenance metadata: it was not written by bitfit's save_pack "
+            "(or by a pre-release version); re-save the pack"
+        )
     if provenance.get("base_fingerprint") != manifest.base_fingerprint:
         raise PackError(
             f"{tensors_path} was saved for base fingerprint {provenance.get('base_fingerprint')!r} but "
