@@ -53,7 +53,8 @@ def test_compiled_graph_passes_every_check(bert_compiled):
     bias_inputs_live(model, shapes)
     CheckBiasInputsPass(shapes)(model)
     CheckTokenInputsPass(read_manifest(bert_compiled).token_inputs)(model)
-    assert read_manifest(bert_compiled).passes == ["BiasDefaultsPass", "CheckBiasInputsPass", "CheckTokenInputsPass"]
+    assert read_manifest(bert_compiled).passes == [
+        "export(bias inputs)", "BiasDefaultsPass", "CheckBiasInputsPass", "CheckTokenInputsPass"]
 
 
 # -- the trap ---------------------------------------------------------------------------------------
