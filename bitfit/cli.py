@@ -32,7 +32,7 @@ def _train(a: argparse.Namespace) -> int:
 def _compile(a: argparse.Namespace) -> int:
     from compiler.compile import compile
 
-    compile(a.model, a.out, biases=a.biases, opset=a.opset, quantize=a.quantize, fuse=a.fuse,
+    compile(a.model, a.out, biases=a.biases, opset=a.opset, quantize=a.quantize, fp16=a.fp16, fuse=a.fuse,
             overwrite=a.overwrite)
     return 0
 
@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=["int8", "int8-per-tensor"],
                    help="int8 weights, biases stay fp32 inputs (int8 = dynamic per-channel: kept accuracy within "
                         "0.1 point on the quickstart tasks; per-tensor lost 1.5)")
+    p.add_argument("--fp16", action="store_true",
+                   help="fp16 weights for GPUs; bias inputs stay fp32 (cast inside the graph)")
     p.add_argument("--fuse", action="store_true",
                    help="onnxruntime's fused kernels (Attention, SkipLayerNorm, BiasGelu) with every bias still a "
                         "live input: what GPUs run; not faster on CPU (BERT, RoBERTa, ELECTRA, DistilBERT)")
@@ -131,11 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compiled", required=True)
     p.add_argument("--pack", action="append", default=[], help="a task pack (repeatable)")
     p.add_argument("--model", help="the base model (default: the one recorded at compile time)")
-    p.add_argument("--atol", type=float, help="max abs logit difference (default 1e-4 fp32, 1.5 quantized)")
-    p.add_argument("--mode", choices=["auto", "fp32", "quantized"], default="auto",
-                   help="tolerance mode; auto: quantized when the graph is int8")
+    p.add_argument("--atol", type=float, help="max abs logit difference (default: fp32 1e-4, fp16 2e-2, int8 1.5)")
+    p.add_argument("--mode", choices=["auto", "fp32", "fp16", "int8"], default="auto",
+                   help="tolerance mode; auto: the graph's precision")
     p.add_argument("--min-agreement", type=float, default=90.0,
-                   help="quantized mode: %% of rows whose label must match fp32 PyTorch")
+                   help="fp16/int8 modes: %% of rows whose label must match fp32 PyTorch")
     p.add_argument("--report", help="also write the report as JSON here")
     p.set_defaults(run=_verify)
 

@@ -28,7 +28,7 @@ from training.model import base_fingerprint, load_encoder, load_tokenizer, max_p
 
 from .fuse import FUSE_STEPS, export_fused
 from .passes import BiasDefaultsPass, CheckBiasInputsPass, CheckTokenInputsPass, run_passes
-from .quantize import QUANTIZE_MODES, quantize_int8
+from .quantize import QUANTIZE_MODES, quantize_int8, to_fp16
 
 DEFAULT_OPSET = 17  # LayerNormalization is a single op from 17 on
 
@@ -93,6 +93,7 @@ def compile(
     biases: str = "all",
     opset: int = DEFAULT_OPSET,
     quantize: str | None = None,
+    fp16: bool = False,
     fuse: bool = False,
     overwrite: bool = False,
     log: Callable[[str], None] = print,
@@ -100,12 +101,14 @@ def compile(
     """Export `model`'s encoder to `out`/model.onnx with bias inputs, plus tokenizer.json and manifest.json.
 
     quantize: None (fp32), "int8" (dynamic, per-channel int8 weights) or "int8-per-tensor"; biases stay
-    fp32 graph inputs either way. fuse: onnxruntime's fused kernels (Attention, SkipLayerNormalization,
+    fp32 graph inputs either way. fp16: fp16 weights for GPUs, bias inputs still fp32. fuse: onnxruntime's fused kernels (Attention, SkipLayerNormalization,
     BiasGelu, EmbedLayerNormalization) with every bias still a live input; BERT-style models only.
     """
     out = Path(out)
     if quantize is not None and quantize not in QUANTIZE_MODES:
         raise BitFitError(f"unknown quantize mode {quantize!r}: use one of {', '.join(QUANTIZE_MODES)}")
+    if quantize and fp16:
+        raise BitFitError("choose one of --quantize and --fp16: int8 weights are for CPUs, fp16 weights for GPUs")
     if out.exists():
         if not overwrite:
             raise BitFitError(f"{out} already exists: choose another --out, or pass --overwrite to replace it")
@@ -152,6 +155,12 @@ def compile(
             if lost:
                 raise CompiledModelError(f"quantizing dropped the base values of {lost[:4]}: compile without --quantize")
             steps += [f"quantize_dynamic({QUANTIZE_MODES[quantize]})", "CheckBiasInputsPass"]
+        if fp16:
+            log("converting weights to fp16 (bias inputs stay fp32)")
+            to_fp16(tmp / cm.MODEL_FILE)
+            run_passes(ir.load(tmp / cm.MODEL_FILE), [CheckBiasInputsPass(shapes)], f"fp16 conversion of {model!r}",
+                       "compile without --fp16")
+            steps += ["convert_float_to_float16(keep_io_types)", "CheckBiasInputsPass"]
         tokenizer.backend_tokenizer.save(str(tmp / cm.TOKENIZER_FILE))
         manifest = cm.CompiledManifest(
             base_model=os.path.abspath(model) if Path(model).is_dir() else str(model),
@@ -168,7 +177,7 @@ def compile(
             model_sha256=sha256_file(tmp / cm.MODEL_FILE),
             passes=steps,
             fused_ops=fused_ops,
-            precision=QUANTIZE_MODES[quantize] if quantize else "fp32",
+            precision=QUANTIZE_MODES[quantize] if quantize else "fp16" if fp16 else "fp32",
             tool_version=__version__,
         )
         cm.write_manifest(tmp, manifest)

@@ -5,7 +5,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from bitfit.verify import QUANTIZED_ATOL, verify
+from bitfit.verify import TOLERANCES, verify
 from compiler.passes import bias_inputs_live
 from runtime import BitFitError, TaskPack, TaskSession, load_pack
 from runtime.compiled import MODEL_FILE
@@ -48,7 +48,7 @@ def test_quantized_logits_are_close_to_pytorch_and_packs_still_swap(quantized, b
     inputs = token_inputs(session, 4, 23)
     a, b = session.logits("A", inputs), session.logits("B", inputs)
     ref_a, ref_b = torch_logits(pack, bert_model, inputs), torch_logits(noisy, bert_model, inputs)
-    assert np.abs(a - ref_a).max() <= QUANTIZED_ATOL and np.abs(b - ref_b).max() <= QUANTIZED_ATOL
+    assert np.abs(a - ref_a).max() <= TOLERANCES["int8"] and np.abs(b - ref_b).max() <= TOLERANCES["int8"]
     assert np.abs(a - ref_a).max() > 1e-6  # it is quantized: not bit-for-bit fp32
     # swapping moves the quantized output as it moves PyTorch's
     assert np.abs(b - a).max() > 1e-2
@@ -57,10 +57,11 @@ def test_quantized_logits_are_close_to_pytorch_and_packs_still_swap(quantized, b
 
 def test_verify_auto_mode_uses_quantized_tolerance(quantized, pack_all):
     report = verify(quantized, [pack_all], **QUIET)
-    assert report.mode == "int8-dynamic-per-channel" and report.atol == QUANTIZED_ATOL
+    assert report.mode == "int8" and report.precision == "int8-dynamic-per-channel"
+    assert report.atol == TOLERANCES["int8"]
     assert report.ok, report.table()
     assert any(c.case.startswith("labels over all") for c in report.checks)
-    assert "quantized mode" in report.table().strip().splitlines()[-1]
+    assert "int8 mode" in report.table().strip().splitlines()[-1]
 
 
 def test_verify_fp32_mode_on_a_quantized_graph_fails(quantized, pack_all):
@@ -76,5 +77,5 @@ def test_bad_modes_are_refused(bert_model, bert_compiled, tmp_path):
     with pytest.raises(BitFitError, match=r"unknown quantize mode 'int4': use one of int8, int8-per-tensor"):
         compile_model(bert_model, tmp_path / "c", quantize="int4", log=lambda s: None)
     assert not (tmp_path / "c").exists()
-    with pytest.raises(BitFitError, match=r"verify mode must be auto, fp32 or quantized, got 'fast'"):
+    with pytest.raises(BitFitError, match=r"verify mode must be auto, fp32, fp16, int8; got 'fast'"):
         verify(bert_compiled, mode="fast", **QUIET)
