@@ -47,7 +47,7 @@ def _predict(a: argparse.Namespace) -> int:
         pairs = (pairs or []) + more_pairs if more_pairs else pairs
     if not texts:
         raise BitFitError("nothing to predict: pass --text T (repeatable) or --file F")
-    out = predict(a.compiled, a.pack, texts, pairs, threads=a.threads)
+    out = predict(a.compiled, a.pack, texts, pairs, threads=a.threads, device=a.device)
     for text, record in zip(texts, out.records()):
         if a.json:
             print(json.dumps(record))
@@ -125,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", action="append", help="a text (repeatable)")
     p.add_argument("--text-pair", action="append", help="second texts for sentence-pair tasks (repeatable)")
     p.add_argument("--file", help="texts, one per line, or JSONL with text (and text_pair)")
-    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
+                   help="cuda needs onnxruntime-gpu; auto: cuda where present")
     p.add_argument("--json", action="store_true", help="one JSON object per text: label, scores, logits")
     p.set_defaults(run=_predict)
 

@@ -17,9 +17,10 @@ def predict(
     text_pairs: Sequence[str] | None = None,
     *,
     threads: int | None = None,
+    device: str = "cpu",
     batch_size: int = 32,
 ) -> Predictions:
-    session = TaskSession(compiled, threads=threads)
+    session = TaskSession(compiled, threads=threads, device=device)
     task = session.register(pack)
     return session.run(task, texts, text_pairs, batch_size=batch_size)
 

@@ -75,10 +75,13 @@ class TaskSession:
         compiled_dir: str | os.PathLike,
         *,
         threads: int | None = None,
-        providers: Sequence[str] | None = None,
+        device: str = "cpu",
         check_integrity: bool = True,
     ) -> None:
+        """threads: onnxruntime intra-op threads (default: all cores). device: "cpu", "cuda" (task biases are
+        kept on the GPU, so a call copies none), or "auto" (cuda where onnxruntime has it)."""
         self.directory = Path(compiled_dir)
+        self.device, providers = _device(device)
         self.manifest = cm.read_manifest(self.directory)
         model_path = self.directory / cm.MODEL_FILE
         if check_integrity and self.manifest.model_sha256 and sha256_file(model_path) != self.manifest.model_sha256:
@@ -94,7 +97,7 @@ class TaskSession:
             options.intra_op_num_threads = int(threads)
         try:
             self.session = ort.InferenceSession(
-                str(model_path), options, providers=list(providers or ["CPUExecutionProvider"])
+                str(model_path), options, providers=providers
             )
         except Exception as e:  # onnxruntime raises its own untyped errors
             raise CompiledModelError(f"onnxruntime cannot load {model_path} ({e}): compile again") from e
@@ -130,7 +133,7 @@ class TaskSession:
         cm.check_pack_fits(self.manifest, pack)
         name = name or pack.name
         arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in pack.biases.items()}
-        values = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()}
+        values = {k: ort.OrtValue.ortvalue_from_numpy(v, self.device, 0) for k, v in arrays.items()}
         task = _Task(
             pack=pack,
             values=values,
@@ -179,7 +182,8 @@ class TaskSession:
             if name not in specs or tuple(np.shape(array)) != specs[name].shape:
                 raise BitFitError(f"no bias input {name} of shape {np.shape(array)} in the graph")
             # bind_cpu_input only knows required inputs; an OrtValue also binds an overridable initializer
-            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array, np.float32)))
+            value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array, np.float32), self.device, 0)
+            binding.bind_ortvalue_input(name, value)
         binding.bind_output(self.manifest.output)
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]
@@ -238,6 +242,22 @@ class TaskSession:
         if shape[1] > self.manifest.max_positions:
             raise BitFitError(f"sequence length {shape[1]} exceeds the model's {self.manifest.max_positions} positions")
         return feeds
+
+
+def _device(device: str) -> tuple[str, list[str]]:
+    available = ort.get_available_providers()
+    if device == "auto":
+        device = "cuda" if "CUDAExecutionProvider" in available else "cpu"
+    if device == "cpu":
+        return "cpu", ["CPUExecutionProvider"]
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise BitFitError(
+                f"device 'cuda' asked for, but this onnxruntime has only {', '.join(available)}: install "
+                "onnxruntime-gpu (instead of onnxruntime), or use device 'cpu' or 'auto'"
+            )
+        return "cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    raise BitFitError(f"unknown device {device!r}: use cpu, cuda or auto")
 
 
 def load(compiled_dir: str | os.PathLike, packs: Sequence[str | os.PathLike] = (), **kwargs: Any) -> TaskSession:

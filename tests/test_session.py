@@ -111,3 +111,17 @@ def test_registering_from_a_path_and_an_object_is_the_same(bert_compiled, pack_a
     session.register(load_pack(pack_all), name="object")
     inputs = token_inputs(session, 2, 5)
     assert np.array_equal(session.logits("path", inputs), session.logits("object", inputs))
+
+
+def test_device_option(bert_compiled):
+    import onnxruntime as ort
+
+    from runtime import BitFitError, TaskSession
+
+    assert TaskSession(bert_compiled, device="auto").device == (
+        "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu")
+    with pytest.raises(BitFitError, match="unknown device 'tpu': use cpu, cuda or auto"):
+        TaskSession(bert_compiled, device="tpu")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(BitFitError, match="install onnxruntime-gpu"):
+            TaskSession(bert_compiled, device="cuda")
