@@ -1,5 +1,9 @@
 """Latency, throughput, task-switch cost and memory of compiled BitFit graphs, side by side in one run.
 
+Every onnxruntime session here runs with intra-op spinning off: on 2 cores, worker threads that keep
+spinning after a run slowed the next session's run by up to 40% (measured), which made the order of
+the variants, not the variants, decide the result. torch keeps its defaults.
+
 Models: a bert-base-shaped encoder (random weights from BertConfig, random biases) and the real
 all-MiniLM-L6-v2. Shapes: batch 1 and 8 at sequence length 128. Every variant is built from the same
 weights, then timed interleaved (one call of each variant per round), so machine noise hits all alike.
@@ -23,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import shutil
 import subprocess
 import sys
@@ -118,6 +123,7 @@ def ort_session(path: Path, threads: int) -> ort.InferenceSession:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -168,7 +174,7 @@ def build(name: str, model_dir: Path, work: Path, threads: int, rng: np.random.G
     except TypeError:
         b.notes.append("ours fused: this compiler has no fuse option")
     for variant, directory in b.dirs.items():
-        session = TaskSession(directory, threads=threads)
+        session = TaskSession(directory, threads=threads, spinning=False)
         for task in ("task-a", "task-b"):
             session.register(synthetic_pack(Path(directory), task, rng))
         b.sessions[variant] = session
@@ -184,13 +190,18 @@ def feed_for(b: Built, batch: int, rng: np.random.Generator) -> dict[str, np.nda
     return {k: full[k] for k in b.token_inputs}
 
 
-def time_interleaved(runners: dict, feed: dict, rounds: int, warmup: int = 2) -> dict[str, list[float]]:
+def time_interleaved(runners: dict, feed: dict, rounds: int, warmup: int = 2, seed: int = 0) -> dict[str, list[float]]:
+    """One call of each variant per round, in a new random order each round: whatever a call leaves behind
+    (warm caches, another runtime's worker threads still busy) is spread evenly over the variants."""
     for run in runners.values():
         for _ in range(warmup):
             run(feed)
     times: dict[str, list[float]] = {k: [] for k in runners}
+    order = list(runners.items())
+    shuffle = random.Random(seed).shuffle
     for _ in range(rounds):
-        for name, run in runners.items():
+        shuffle(order)
+        for name, run in order:
             t = time.perf_counter()
             run(feed)
             times[name].append(time.perf_counter() - t)

@@ -18,7 +18,7 @@ import onnxruntime as ort
 
 from . import compiled as cm
 from .errors import BitFitError, CompiledModelError, UnknownTaskError
-from .pack import HEAD_BIAS, HEAD_WEIGHT, TaskPack, load_pack, sha256_file
+from .pack import HEAD_BIAS, HEAD_WEIGHT, PackManifest, TaskPack, load_pack, sha256_file
 from .tokenize import TextEncoder
 
 
@@ -32,6 +32,16 @@ class Predictions:
     logits: np.ndarray
     scores: np.ndarray
     labels: list[Any]
+
+    @classmethod
+    def from_logits(cls, task: str, manifest: PackManifest, logits: np.ndarray) -> Predictions:
+        if manifest.task_kind == "classification":
+            scores = softmax(logits)
+            labels: list[Any] = [manifest.labels[i] for i in scores.argmax(axis=-1)]
+        else:
+            scores = logits
+            labels = [float(v) for v in logits[:, 0]]
+        return cls(task, manifest.task_kind, list(manifest.labels), logits, scores, labels)
 
     def records(self) -> list[dict[str, Any]]:
         """One JSON-ready dict per text: label, scores by label name, logits."""
@@ -76,10 +86,13 @@ class TaskSession:
         *,
         threads: int | None = None,
         device: str = "cpu",
+        spinning: bool = True,
         check_integrity: bool = True,
     ) -> None:
         """threads: onnxruntime intra-op threads (default: all cores). device: "cpu", "cuda" (task biases are
-        kept on the GPU, so a call copies none), or "auto" (cuda where onnxruntime has it)."""
+        kept on the GPU, so a call copies none), or "auto" (cuda where onnxruntime has it). spinning=False
+        stops idle worker threads from busy-waiting after a run: do that when other sessions or processes
+        share the cores (measured on 2 cores: a spinning session slowed the next one by up to 40%)."""
         self.directory = Path(compiled_dir)
         self.device, providers = _device(device)
         self.manifest = cm.read_manifest(self.directory)
@@ -95,6 +108,8 @@ class TaskSession:
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = int(threads)
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(
                 str(model_path), options, providers=providers
@@ -216,14 +231,30 @@ class TaskSession:
             chunks.append(self.logits(task, inputs))
         if not chunks:
             raise BitFitError("texts is empty: give at least one text")
-        logits = np.concatenate(chunks)
-        if m.task_kind == "classification":
-            scores = softmax(logits)
-            labels: list[Any] = [m.labels[i] for i in scores.argmax(axis=-1)]
-        else:
-            scores = logits
-            labels = [float(v) for v in logits[:, 0]]
-        return Predictions(task, m.task_kind, list(m.labels), logits, scores, labels)
+        return Predictions.from_logits(task, m, np.concatenate(chunks))
+
+    def run_mixed(self, rows: Sequence[tuple[str, str] | tuple[str, str, str | None]]) -> list[dict[str, Any]]:
+        """Rows of (task, text) or (task, text, text_pair), any tasks mixed: one record per row, in order,
+        each with task, label, scores and logits (the numbers `run` gives for that row's task)."""
+        if isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence) or not rows:
+            raise BitFitError("rows must be a non-empty list of (task, text) or (task, text, text_pair)")
+        groups: dict[str, list[int]] = {}
+        for i, row in enumerate(rows):
+            if not isinstance(row, (tuple, list)) or len(row) not in (2, 3):
+                raise BitFitError(f"rows[{i}] must be (task, text) or (task, text, text_pair), got {row!r}")
+            self._get(row[0])
+            groups.setdefault(row[0], []).append(i)
+        out: list[dict[str, Any]] = [{} for _ in rows]
+        # One pass per task present. (A graph compiled for mixed batches does it in one pass for all.)
+        for task, index in groups.items():
+            pairs = [rows[i][2] if len(rows[i]) == 3 else None for i in index]
+            given = [p for p in pairs if p is not None]
+            if given and len(given) != len(pairs):
+                raise BitFitError(f"rows of task {task!r} mix single texts and pairs: give text_pair for all or none")
+            predictions = self.run(task, [rows[i][1] for i in index], pairs if given else None)
+            for i, record in zip(index, predictions.records()):
+                out[i] = {"task": task, **record}
+        return out
 
     def _check_inputs(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         wanted = self.manifest.token_inputs
