@@ -32,7 +32,7 @@ def _train(a: argparse.Namespace) -> int:
 def _compile(a: argparse.Namespace) -> int:
     from compiler.compile import compile
 
-    compile(a.model, a.out, biases=a.biases, opset=a.opset, quantize=a.quantize, fp16=a.fp16, fuse=a.fuse,
+    compile(a.model, a.out, biases=a.biases, opset=a.opset, quantize=a.quantize, fp16=a.fp16, fuse=a.fuse, mixed=a.mixed,
             overwrite=a.overwrite)
     return 0
 
@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fuse", action="store_true",
                    help="onnxruntime's fused kernels (Attention, SkipLayerNorm, BiasGelu) with every bias still a "
                         "live input: what GPUs run; not faster on CPU (BERT, RoBERTa, ELECTRA, DistilBERT)")
+    p.add_argument("--mixed", action="store_true",
+                   help="mixed-task batches: each bias a [tasks, dim] table, a task_ids input picks every row's "
+                        "task, so one pass serves rows of many tasks (not with --fuse)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing compiled directory")
     p.set_defaults(run=_compile)
 

@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 import torch
+from safetensors.numpy import save_file
 from torch import nn
 
 from runtime import compiled as cm
@@ -56,8 +57,44 @@ class BiasInputWrapper(nn.Module):
                 s.module._parameters["bias"] = p
 
 
-def export_onnx(encoder: nn.Module, slots: list[BiasSlot], token_inputs: list[str], path: Path, opset: int) -> None:
-    wrapper = BiasInputWrapper(encoder, slots, token_inputs).eval()
+class BiasTableWrapper(nn.Module):
+    """forward(input_ids, attention_mask, [token_type_ids], task_ids, *tables) -> last_hidden_state.
+
+    For mixed-task batches: row i adds tables[k][task_ids[i]] wherever the model adds bias k. Each chosen
+    module runs without its bias and a forward hook adds the gathered row, broadcast over the sequence;
+    that works the same for Linear and LayerNorm, whose bias is added last in both.
+    """
+
+    def __init__(self, encoder: nn.Module, slots: list[BiasSlot], token_inputs: list[str]):
+        super().__init__()
+        self.encoder = encoder
+        self.slots = slots
+        self.token_inputs = token_inputs
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        n = len(self.token_inputs)
+        tokens = dict(zip(self.token_inputs, args[:n]))
+        task_ids, tables = args[n], args[n + 1 :]
+        saved = [s.module._parameters["bias"] for s in self.slots]
+        hooks = []
+        try:
+            for s, table in zip(self.slots, tables):
+                s.module._parameters["bias"] = None
+                rows = table[task_ids].unsqueeze(1)  # [batch, 1, dim]
+                hooks.append(s.module.register_forward_hook(lambda _m, _i, out, rows=rows: out + rows))
+            return self.encoder(**tokens).last_hidden_state
+        finally:
+            for h in hooks:
+                h.remove()
+            for s, p in zip(self.slots, saved):
+                s.module._parameters["bias"] = p
+
+
+def export_onnx(
+    encoder: nn.Module, slots: list[BiasSlot], token_inputs: list[str], path: Path, opset: int, *, mixed: bool = False
+) -> None:
+    """mixed=False: one 1-D input per bias. mixed=True: a [tasks, dim] table per bias plus task_ids [batch]."""
+    wrapper = (BiasTableWrapper if mixed else BiasInputWrapper)(encoder, slots, token_inputs).eval()
     # Export on a batch of 2 x 7 (and check dynamic axes afterwards): shapes of 1 get specialised away.
     ids = torch.randint(5, 50, (2, 7))
     example = {
@@ -65,9 +102,17 @@ def export_onnx(encoder: nn.Module, slots: list[BiasSlot], token_inputs: list[st
         "attention_mask": torch.tensor([[1] * 7, [1] * 5 + [0] * 2]),
         "token_type_ids": torch.zeros_like(ids),
     }
-    args = tuple(example[n] for n in token_inputs) + tuple(s.parameter.detach().clone() for s in slots)
     dynamic = {n: {0: "batch", 1: "sequence"} for n in token_inputs}
     dynamic[cm.OUTPUT_NAME] = {0: "batch", 1: "sequence"}
+    if mixed:  # 3 tasks and ids [0, 2]: a table of 1 row or equal ids would get specialised away
+        tables = tuple(s.parameter.detach().clone().expand(3, -1).contiguous() for s in slots)
+        args = tuple(example[n] for n in token_inputs) + (torch.tensor([0, 2]),) + tables
+        names = [*token_inputs, cm.TASK_IDS, *(s.name for s in slots)]
+        dynamic[cm.TASK_IDS] = {0: "batch"}
+        dynamic.update({s.name: {0: "tasks"} for s in slots})
+    else:
+        args = tuple(example[n] for n in token_inputs) + tuple(s.parameter.detach().clone() for s in slots)
+        names = [*token_inputs, *(s.name for s in slots)]
     with torch.no_grad(), warnings.catch_warnings():
         # The tracer warns about Python-side shape checks in transformers' masking code; the dynamic axes
         # are checked by a pass and by parity tests on other shapes instead.
@@ -77,7 +122,7 @@ def export_onnx(encoder: nn.Module, slots: list[BiasSlot], token_inputs: list[st
             wrapper,
             args,
             str(path),
-            input_names=[*token_inputs, *(s.name for s in slots)],
+            input_names=names,
             output_names=[cm.OUTPUT_NAME],
             dynamic_axes=dynamic,
             opset_version=opset,
@@ -95,6 +140,7 @@ def compile(
     quantize: str | None = None,
     fp16: bool = False,
     fuse: bool = False,
+    mixed: bool = False,
     overwrite: bool = False,
     log: Callable[[str], None] = print,
 ) -> Path:
@@ -103,7 +149,11 @@ def compile(
     quantize: None (fp32), "int8" (dynamic, per-channel int8 weights) or "int8-per-tensor"; biases stay
     fp32 graph inputs either way. fp16: fp16 weights for GPUs, bias inputs still fp32. fuse: onnxruntime's fused kernels (Attention, SkipLayerNormalization,
     BiasGelu, EmbedLayerNormalization) with every bias still a live input; BERT-style models only.
+    mixed: each bias is a [tasks, dim] table and a task_ids [batch] input picks every row's task, so one
+    batch can hold rows of different tasks (fused kernels take 1-D biases only: not with fuse).
     """
+    if mixed and fuse:
+        raise BitFitError("--mixed and --fuse do not combine: fused kernels take one bias per batch; choose one")
     out = Path(out)
     if quantize is not None and quantize not in QUANTIZE_MODES:
         raise BitFitError(f"unknown quantize mode {quantize!r}: use one of {', '.join(QUANTIZE_MODES)}")
@@ -136,13 +186,18 @@ def compile(
         else:
             log(f"exporting {config.model_type} ({len(slots)} bias inputs: {','.join(kinds)}) with opset {opset}")
             raw = tmp / "raw.onnx"
-            export_onnx(encoder, slots, token_inputs, raw, opset)
+            export_onnx(encoder, slots, token_inputs, raw, opset, mixed=mixed)
             graph = ir.load(raw)
             raw.unlink()
-            passes = [BiasDefaultsPass(defaults), CheckBiasInputsPass(shapes), CheckTokenInputsPass(token_inputs)]
+            if mixed:  # defaults: a one-row table of base values (task_ids 0 then means the base model)
+                passes = [BiasDefaultsPass({k: v[None, :] for k, v in defaults.items()}),
+                          CheckBiasInputsPass({k: (None, *v) for k, v in shapes.items()}),
+                          CheckTokenInputsPass(token_inputs)]
+            else:
+                passes = [BiasDefaultsPass(defaults), CheckBiasInputsPass(shapes), CheckTokenInputsPass(token_inputs)]
             run_passes(graph, passes, f"compiling {model!r}")
             ir.save(graph, tmp / cm.MODEL_FILE)
-            steps = ["export(bias inputs)", *(type(p).__name__ for p in passes)]
+            steps = [f"export({'bias tables + task_ids' if mixed else 'bias inputs'})", *(type(p).__name__ for p in passes)]
         if quantize:
             log(f"quantizing weights: {QUANTIZE_MODES[quantize]}")
             fp32 = tmp / "fp32.onnx"
@@ -150,7 +205,8 @@ def compile(
             quantize_int8(fp32, tmp / cm.MODEL_FILE, per_channel=quantize == "int8")
             fp32.unlink()
             quantized = ir.load(tmp / cm.MODEL_FILE)
-            run_passes(quantized, [CheckBiasInputsPass(shapes)], f"quantizing {model!r}", "compile without --quantize")
+            checked = {k: (None, *v) for k, v in shapes.items()} if mixed else shapes
+            run_passes(quantized, [CheckBiasInputsPass(checked)], f"quantizing {model!r}", "compile without --quantize")
             lost = [v.name for v in quantized.graph.inputs if v.name in defaults and v.const_value is None]
             if lost:
                 raise CompiledModelError(f"quantizing dropped the base values of {lost[:4]}: compile without --quantize")
@@ -158,9 +214,11 @@ def compile(
         if fp16:
             log("converting weights to fp16 (bias inputs stay fp32)")
             to_fp16(tmp / cm.MODEL_FILE)
-            run_passes(ir.load(tmp / cm.MODEL_FILE), [CheckBiasInputsPass(shapes)], f"fp16 conversion of {model!r}",
+            checked = {k: (None, *v) for k, v in shapes.items()} if mixed else shapes
+            run_passes(ir.load(tmp / cm.MODEL_FILE), [CheckBiasInputsPass(checked)], f"fp16 conversion of {model!r}",
                        "compile without --fp16")
             steps += ["convert_float_to_float16(keep_io_types)", "CheckBiasInputsPass"]
+        save_file({k: np.ascontiguousarray(v) for k, v in defaults.items()}, str(tmp / cm.BASE_BIASES_FILE))
         tokenizer.backend_tokenizer.save(str(tmp / cm.TOKENIZER_FILE))
         manifest = cm.CompiledManifest(
             base_model=os.path.abspath(model) if Path(model).is_dir() else str(model),
@@ -177,6 +235,7 @@ def compile(
             model_sha256=sha256_file(tmp / cm.MODEL_FILE),
             passes=steps,
             fused_ops=fused_ops,
+            mixed=mixed,
             precision=QUANTIZE_MODES[quantize] if quantize else "fp16" if fp16 else "fp32",
             tool_version=__version__,
         )

@@ -37,14 +37,15 @@ class BiasDefaultsPass(InPlacePass):
 
 
 class CheckBiasInputsPass(InPlacePass):
-    """Every expected bias is a float32 graph input of its shape that some node consumes.
+    """Every expected bias is a float32 graph input of its shape that some node consumes (None in a shape:
+    a dynamic axis).
 
     This is what catches a graph whose optimiser baked a bias into a fused kernel and left its input
     dead (onnxruntime's transformer optimiser does this to q/k/v when the bias is also an initializer):
     swapping that bias would then silently change nothing.
     """
 
-    def __init__(self, shapes: Mapping[str, tuple[int, ...]]):
+    def __init__(self, shapes: Mapping[str, tuple[int | None, ...]]):
         super().__init__()
         self.shapes = shapes
 
@@ -58,7 +59,7 @@ class CheckBiasInputsPass(InPlacePass):
                 continue
             if v.dtype != ir.DataType.FLOAT:
                 problems.append(f"{name} is {v.dtype}, not float32")
-            if v.shape is None or tuple(v.shape) != tuple(shape):
+            if not _shape_matches(v.shape, shape):
                 problems.append(f"{name} has shape {v.shape}, expected {list(shape)}")
             if not v.uses():
                 problems.append(f"{name} is an input that no node reads (baked into a fused kernel?)")
@@ -68,6 +69,14 @@ class CheckBiasInputsPass(InPlacePass):
                 + ("; ..." if len(problems) > 6 else "")
             )
         return PassResult(model, modified=False)
+
+
+def _shape_matches(actual: ir.Shape | None, expected: tuple[int | None, ...]) -> bool:
+    """None in `expected` stands for a dynamic axis (a mixed graph's table rows)."""
+    if actual is None or len(actual) != len(expected):
+        return False
+    return all(isinstance(a, int) and a == e if e is not None else not isinstance(a, int)
+               for a, e in zip(actual, expected))
 
 
 class CheckTokenInputsPass(InPlacePass):

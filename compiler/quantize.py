@@ -30,9 +30,11 @@ def quantize_int8(src: str | Path, dst: str | Path, *, per_channel: bool = True)
             str(dst),
             weight_type=QuantType.QInt8,
             per_channel=per_channel,
-            # Only ops whose int8 weights are frozen. Left to its defaults, the quantizer also rewrites
-            # EmbedLayerNormalization and swallows its beta, an overridable bias input (bLNe).
+            # Only ops whose int8 weights are frozen, and never a node that reads a bias input: left to its
+            # defaults the quantizer rewrote EmbedLayerNormalization and swallowed its beta (bLNe), and it
+            # would quantize a mixed graph's Gather from a bias table the same way.
             op_types_to_quantize=["MatMul", "Attention", "Gather"],
+            nodes_to_exclude=nodes_reading_defaults(src),
             # Without it, graphs that went through onnxruntime's transformer optimiser fail with
             # "Unable to find data type for weight_name" (shared/ONNX-NOTES).
             extra_options={"DefaultTensorType": TensorProto.FLOAT},
@@ -59,3 +61,12 @@ def to_fp16(path: str | Path) -> None:
     model = OnnxModel(onnx.load(str(path)))
     model.convert_float_to_float16(keep_io_types=True)
     model.save_model_to_file(str(path))
+
+
+def nodes_reading_defaults(path: str | Path) -> list[str]:
+    """Names of nodes fed by a graph input that has a default (an overridable initializer: a bias)."""
+    import onnx_ir as ir
+
+    graph = ir.load(str(path)).graph
+    overridable = {v.name for v in graph.inputs if v.const_value is not None}
+    return [node.name for node in graph if any(i is not None and i.name in overridable for i in node.inputs)]

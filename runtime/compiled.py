@@ -18,6 +18,8 @@ MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 OUTPUT_NAME = "last_hidden_state"
+TASK_IDS = "task_ids"  # mixed graphs: int64 [batch], each row's row in the bias tables
+BASE_BIASES_FILE = "base_biases.safetensors"  # the base model's bias values, by canonical name
 
 
 @dataclass
@@ -38,6 +40,7 @@ class CompiledManifest:
     precision: str = "fp32"
     passes: list[str] = field(default_factory=list)
     fused_ops: dict[str, int] = field(default_factory=dict)  # onnxruntime fused kernels in the graph, by op
+    mixed: bool = False  # biases are [tasks, dim] tables picked per row by task_ids
     tool_version: str = ""
     format: str = FORMAT
     format_version: int = FORMAT_VERSION

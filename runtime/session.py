@@ -58,10 +58,21 @@ class Predictions:
 @dataclass
 class _Task:
     pack: TaskPack
-    values: dict[str, ort.OrtValue]  # bias input name -> OrtValue, built once at registration
+    values: dict[str, ort.OrtValue]  # bias input name -> OrtValue, built once at registration (plain graphs)
     arrays: dict[str, np.ndarray]  # the memory those OrtValues point at: keep it alive
     weight: np.ndarray  # head, transposed for pooled @ weight
     bias: np.ndarray
+
+
+@dataclass(frozen=True)
+class _State:
+    """Everything a call reads, replaced as a whole by register/remove: a call that took it sees one
+    consistent set of tasks (and, on a mixed graph, the bias tables built from exactly those tasks)."""
+
+    tasks: dict[str, _Task]
+    index: dict[str, int]  # mixed graphs: each task's row in the tables
+    tables: dict[str, ort.OrtValue]  # mixed graphs: bias name -> [tasks, dim]
+    arrays: dict[str, np.ndarray]  # the memory behind the tables
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -118,6 +129,8 @@ class TaskSession:
             raise CompiledModelError(f"onnxruntime cannot load {model_path} ({e}): compile again") from e
         inputs = {i.name for i in [*self.session.get_inputs(), *self.session.get_overridable_initializers()]}
         declared = set(self.manifest.token_inputs) | set(self.manifest.bias_specs)
+        if self.manifest.mixed:
+            declared.add(cm.TASK_IDS)
         if inputs != declared:
             raise CompiledModelError(
                 f"{model_path} has inputs that differ from its manifest (only in graph: "
@@ -129,13 +142,32 @@ class TaskSession:
             pad_token_id=self.manifest.pad_token_id,
             token_inputs=self.manifest.token_inputs,
         )
-        self._tasks: dict[str, _Task] = {}
+        self.base_biases = self._read_base_biases()
+        self._state = _State({}, {}, {}, {})
         self._lock = threading.Lock()
+
+    def _read_base_biases(self) -> dict[str, np.ndarray]:
+        path = self.directory / cm.BASE_BIASES_FILE
+        if not path.is_file():
+            if self.manifest.mixed:
+                raise CompiledModelError(f"{self.directory} has no {cm.BASE_BIASES_FILE}: compile it again")
+            return {}
+        try:
+            from safetensors.numpy import load_file
+
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types
+            raise CompiledModelError(f"{path} is unreadable ({e}): compile again") from e
 
     # -- tasks ---------------------------------------------------------------------------------
     @property
     def tasks(self) -> list[str]:
-        return sorted(self._tasks)
+        return sorted(self._state.tasks)
+
+    @property
+    def mixed(self) -> bool:
+        """Whether one batch may hold rows of different tasks in a single pass."""
+        return self.manifest.mixed
 
     def pack(self, task: str) -> TaskPack:
         return self._get(task).pack
@@ -148,7 +180,7 @@ class TaskSession:
         cm.check_pack_fits(self.manifest, pack)
         name = name or pack.name
         arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in pack.biases.items()}
-        values = {k: ort.OrtValue.ortvalue_from_numpy(v, self.device, 0) for k, v in arrays.items()}
+        values = {} if self.mixed else {k: ort.OrtValue.ortvalue_from_numpy(v, self.device, 0) for k, v in arrays.items()}
         task = _Task(
             pack=pack,
             values=values,
@@ -156,22 +188,35 @@ class TaskSession:
             weight=np.ascontiguousarray(pack.tensors[HEAD_WEIGHT].T, dtype=np.float32),
             bias=np.asarray(pack.tensors[HEAD_BIAS], dtype=np.float32),
         )
-        with self._lock:  # swap the whole entry at once: a caller sees the old task or the new one
-            if name in self._tasks and not replace:
+        with self._lock:  # build the new state aside, then swap it in with one assignment
+            if name in self._state.tasks and not replace:
                 raise BitFitError(f"a task named {name!r} is already registered: pass replace=True or another name")
-            self._tasks[name] = task
+            self._state = self._build_state({**self._state.tasks, name: task})
         return name
 
     def remove(self, task: str) -> None:
         with self._lock:
             self._get(task)
-            del self._tasks[task]
+            self._state = self._build_state({k: v for k, v in self._state.tasks.items() if k != task})
 
-    def _get(self, task: str) -> _Task:
+    def _build_state(self, tasks: dict[str, _Task]) -> _State:
+        if not self.mixed or not tasks:
+            return _State(tasks, {}, {}, {})
+        order = sorted(tasks)
+        arrays = {}
+        for spec in self.manifest.bias_inputs:  # a bias a pack did not train is the base model's
+            base = self.base_biases[spec.name]
+            arrays[spec.name] = np.ascontiguousarray(np.stack([tasks[t].arrays.get(spec.name, base) for t in order]),
+                                                     dtype=np.float32)
+        tables = {k: ort.OrtValue.ortvalue_from_numpy(v, self.device, 0) for k, v in arrays.items()}
+        return _State(tasks, {t: i for i, t in enumerate(order)}, tables, arrays)
+
+    def _get(self, task: str, state: _State | None = None) -> _Task:
+        state = state or self._state
         try:
-            return self._tasks[task]
-        except KeyError:
-            known = ", ".join(self.tasks) or "none"
+            return state.tasks[task]
+        except (KeyError, TypeError):
+            known = ", ".join(sorted(state.tasks)) or "none"
             raise UnknownTaskError(f"unknown task {task!r}: registered tasks are {known}") from None
 
     # -- inference -----------------------------------------------------------------------------
@@ -185,29 +230,61 @@ class TaskSession:
     ) -> np.ndarray:
         """The encoder's last hidden state with a task's biases; task=None runs the graph's defaults (the base
         model). `biases` feeds raw arrays by input name on top (used to check that every bias input is live)."""
-        feeds = self._check_inputs(inputs)
+        state = self._state
+        if task is not None:
+            self._get(task, state)
+        return self._hidden(self._check_inputs(inputs), task, state, biases)
+
+    def _hidden(
+        self, feeds: dict[str, np.ndarray], task: str | None, state: _State, biases: dict[str, np.ndarray] | None = None
+    ) -> np.ndarray:
+        if self.mixed:
+            rows = len(next(iter(feeds.values())))
+            if task is None:  # bind no table: the defaults hold one row, the base model's
+                return self._forward(feeds, np.zeros(rows, np.int64), {}, biases)
+            if biases:
+                raise BitFitError("biases= overrides only apply with task=None")
+            self._get(task, state)
+            return self._forward(feeds, np.full(rows, state.index[task], np.int64), state.tables)
+        values = {} if task is None else self._get(task, state).values
+        return self._forward(feeds, None, values, biases)
+
+    def _forward(
+        self,
+        feeds: dict[str, np.ndarray],
+        task_ids: np.ndarray | None,
+        values: dict[str, ort.OrtValue],
+        biases: dict[str, np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """One run: token feeds, task_ids (mixed graphs: row i reads row task_ids[i] of every table), bias
+        OrtValues (a task's vectors, or a mixed graph's tables), and raw `biases` arrays on top."""
         binding = self.session.io_binding()
         for name, array in feeds.items():
             binding.bind_cpu_input(name, array)
-        if task is not None:
-            for name, value in self._get(task).values.items():
-                binding.bind_ortvalue_input(name, value)
+        if task_ids is not None:
+            binding.bind_cpu_input(cm.TASK_IDS, task_ids)
+        for name, value in values.items():
+            binding.bind_ortvalue_input(name, value)
         specs = self.manifest.bias_specs
         for name, array in (biases or {}).items():
             if name not in specs or tuple(np.shape(array)) != specs[name].shape:
                 raise BitFitError(f"no bias input {name} of shape {np.shape(array)} in the graph")
+            array = np.ascontiguousarray(array if task_ids is None else np.asarray(array)[None, :], np.float32)
             # bind_cpu_input only knows required inputs; an OrtValue also binds an overridable initializer
-            value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array, np.float32), self.device, 0)
-            binding.bind_ortvalue_input(name, value)
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, self.device, 0))
         binding.bind_output(self.manifest.output)
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]
 
     def logits(self, task: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        t = self._get(task)
-        hidden = self.hidden_states(inputs, task)
-        pooled = pool(hidden, inputs["attention_mask"], t.pack.manifest.pooling)
-        return pooled @ t.weight + t.bias
+        state = self._state
+        self._get(task, state)  # an unknown task is the first thing to report
+        return self._logits(task, self._check_inputs(inputs), state)
+
+    def _logits(self, task: str, feeds: dict[str, np.ndarray], state: _State) -> np.ndarray:
+        t = self._get(task, state)  # head and biases from the same state: never half of a swapped pack
+        hidden = self._hidden(feeds, task, state)
+        return _head(t, hidden, feeds["attention_mask"])
 
     def run(
         self,
@@ -218,42 +295,70 @@ class TaskSession:
         batch_size: int = 32,
     ) -> Predictions:
         """Tokenize, run in batches of `batch_size`, and apply the task's head."""
-        t = self._get(task)
-        m = t.pack.manifest
-        if m.text_pair and text_pairs is None:
-            raise BitFitError(f"task {task!r} was trained on sentence pairs: pass text_pairs too")
-        if not m.text_pair and text_pairs is not None:
-            raise BitFitError(f"task {task!r} was trained on single sentences: do not pass text_pairs")
+        state = self._state
+        m = self._get(task, state).pack.manifest
+        _check_pairs(task, m, text_pairs is not None)
         chunks = []
         for start in range(0, len(texts), batch_size):
             pairs = None if text_pairs is None else text_pairs[start : start + batch_size]
             inputs = self.encode(texts[start : start + batch_size], pairs, max_length=m.max_length)
-            chunks.append(self.logits(task, inputs))
+            chunks.append(self._logits(task, self._check_inputs(inputs), state))
         if not chunks:
             raise BitFitError("texts is empty: give at least one text")
         return Predictions.from_logits(task, m, np.concatenate(chunks))
 
-    def run_mixed(self, rows: Sequence[tuple[str, str] | tuple[str, str, str | None]]) -> list[dict[str, Any]]:
+    def run_mixed(
+        self, rows: Sequence[tuple[str, str] | tuple[str, str, str | None]], *, batch_size: int = 64
+    ) -> list[dict[str, Any]]:
         """Rows of (task, text) or (task, text, text_pair), any tasks mixed: one record per row, in order,
-        each with task, label, scores and logits (the numbers `run` gives for that row's task)."""
+        each with task, label, scores and logits (the numbers `run` gives for that row's task).
+
+        On a graph compiled with mixed=True the rows run together, `batch_size` at a time, each row with
+        its own task's biases; on other graphs, one pass per task present.
+        """
         if isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence) or not rows:
             raise BitFitError("rows must be a non-empty list of (task, text) or (task, text, text_pair)")
+        state = self._state
         groups: dict[str, list[int]] = {}
         for i, row in enumerate(rows):
             if not isinstance(row, (tuple, list)) or len(row) not in (2, 3):
                 raise BitFitError(f"rows[{i}] must be (task, text) or (task, text, text_pair), got {row!r}")
-            self._get(row[0])
             groups.setdefault(row[0], []).append(i)
-        out: list[dict[str, Any]] = [{} for _ in rows]
-        # One pass per task present. (A graph compiled for mixed batches does it in one pass for all.)
+        pairs = [row[2] if len(row) == 3 else None for row in rows]
         for task, index in groups.items():
-            pairs = [rows[i][2] if len(rows[i]) == 3 else None for i in index]
-            given = [p for p in pairs if p is not None]
-            if given and len(given) != len(pairs):
+            given = sum(pairs[i] is not None for i in index)
+            if given not in (0, len(index)):
                 raise BitFitError(f"rows of task {task!r} mix single texts and pairs: give text_pair for all or none")
-            predictions = self.run(task, [rows[i][1] for i in index], pairs if given else None)
-            for i, record in zip(index, predictions.records()):
-                out[i] = {"task": task, **record}
+            _check_pairs(task, self._get(task, state).pack.manifest, given > 0)
+        logits: list[np.ndarray | None] = [None] * len(rows)
+        if self.mixed:
+            for start in range(0, len(rows), batch_size):
+                chunk = range(start, min(start + batch_size, len(rows)))
+                tasks = [rows[i][0] for i in chunk]
+                feeds = self._check_inputs(self.encoder.encode_rows(
+                    [rows[i][1] for i in chunk], [pairs[i] for i in chunk],
+                    [state.tasks[t].pack.manifest.max_length for t in tasks]))
+                ids = np.array([state.index[t] for t in tasks], np.int64)
+                hidden = self._forward(feeds, ids, state.tables)
+                for task in set(tasks):
+                    local = np.array([j for j, t in enumerate(tasks) if t == task])
+                    out = _head(state.tasks[task], hidden[local], feeds["attention_mask"][local])
+                    for j, row_logits in zip(local, out):
+                        logits[start + j] = row_logits
+        else:
+            for task, index in groups.items():
+                m = state.tasks[task].pack.manifest
+                texts = [rows[i][1] for i in index]
+                task_pairs = [pairs[i] for i in index] if pairs[index[0]] is not None else None
+                for start in range(0, len(index), batch_size):
+                    sl = slice(start, start + batch_size)
+                    inputs = self.encode(texts[sl], None if task_pairs is None else task_pairs[sl], max_length=m.max_length)
+                    for i, row_logits in zip(index[sl], self._logits(task, self._check_inputs(inputs), state)):
+                        logits[i] = row_logits
+        out = []
+        for row, row_logits in zip(rows, logits):
+            m = state.tasks[row[0]].pack.manifest
+            out.append({"task": row[0], **Predictions.from_logits(row[0], m, row_logits[None, :]).records()[0]})
         return out
 
     def _check_inputs(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -289,6 +394,17 @@ def _device(device: str) -> tuple[str, list[str]]:
             )
         return "cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"]
     raise BitFitError(f"unknown device {device!r}: use cpu, cuda or auto")
+
+
+def _head(task: _Task, hidden: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    return pool(hidden, attention_mask, task.pack.manifest.pooling) @ task.weight + task.bias
+
+
+def _check_pairs(task: str, manifest: PackManifest, given: bool) -> None:
+    if manifest.text_pair and not given:
+        raise BitFitError(f"task {task!r} was trained on sentence pairs: pass text_pairs too")
+    if not manifest.text_pair and given:
+        raise BitFitError(f"task {task!r} was trained on single sentences: do not pass text_pairs")
 
 
 def load(compiled_dir: str | os.PathLike, packs: Sequence[str | os.PathLike] = (), **kwargs: Any) -> TaskSession:

@@ -50,6 +50,26 @@ class TextEncoder:
         }
         return {k: arrays[k] for k in self._token_inputs}
 
+    def encode_rows(
+        self, texts: Sequence[str], text_pairs: Sequence[str | None], max_lengths: Sequence[int]
+    ) -> dict[str, np.ndarray]:
+        """Rows truncated each to its own max_length (rows of different tasks), padded to the longest."""
+        check_texts(texts, "texts")
+        groups: dict[tuple[int, bool], list[int]] = {}
+        for i, (length, pair) in enumerate(zip(max_lengths, text_pairs)):
+            groups.setdefault((length, pair is not None), []).append(i)
+        parts = []
+        for (length, has_pair), index in groups.items():
+            pairs = [text_pairs[i] for i in index] if has_pair else None
+            parts.append((index, self([texts[i] for i in index], pairs, max_length=length)))
+        width = max(encoded["input_ids"].shape[1] for _, encoded in parts)
+        out = {k: np.zeros((len(texts), width), np.int64) for k in self._token_inputs}
+        out["input_ids"][:] = self._pad[1]
+        for index, encoded in parts:
+            for k, v in encoded.items():
+                out[k][index, : v.shape[1]] = v
+        return out
+
 
 def check_texts(texts: object, what: str) -> None:
     if isinstance(texts, str) or not isinstance(texts, Sequence):
@@ -59,3 +79,4 @@ def check_texts(texts: object, what: str) -> None:
     bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
     if bad:
         raise BitFitError(f"{what}[{bad[0]}] is {type(texts[bad[0]]).__name__}, not a string")
+

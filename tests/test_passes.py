@@ -183,8 +183,8 @@ def test_compile_refuses_a_graph_with_a_dead_bias_input(bert_model, tmp_path, mo
     """Simulate an export that bakes layer.0.bq: compile must fail, name the input, and leave nothing behind."""
     export = compile_module.export_onnx
 
-    def baking_export(encoder, slots, token_inputs, path, opset):
-        export(encoder, slots, token_inputs, path, opset)
+    def baking_export(encoder, slots, token_inputs, path, opset, **kwargs):
+        export(encoder, slots, token_inputs, path, opset, **kwargs)
         model = ir.load(path)
         bake(model, "layer.0.bq")
         ir.save(model, path)

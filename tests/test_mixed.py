@@ -1,0 +1,149 @@
+"""compile --mixed: rows of different tasks in one forward pass (bias tables [tasks, dim] + task_ids)."""
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from bitfit.verify import verify
+from runtime import BitFitError, TaskPack, TaskSession, load_pack
+from runtime.compiled import MODEL_FILE, TASK_IDS, read_manifest
+
+QUIET = {"log": lambda s: None}
+TEXTS = ["the movie was good", "what an awful boring plot", "who won the prize", "free cash now, reply yes",
+         "i love this film", "not fun at all", "where is the city", "ok"]
+
+
+@pytest.fixture(scope="module")
+def mixed(bert_model, tmp_path_factory):
+    from compiler.compile import compile as compile_model
+
+    out = tmp_path_factory.mktemp("mixed") / "graph"
+    compile_model(bert_model, out, mixed=True, **QUIET)
+    return out
+
+
+@pytest.fixture(scope="module")
+def packs(pack_all, pack_min):
+    """Three tasks: all biases, bq+bm2 only (the rest must come from the base), and a noisy copy."""
+    a, b = load_pack(pack_all), load_pack(pack_min)
+    rng = np.random.default_rng(3)
+    c = TaskPack(a.manifest, {k: (v + rng.normal(0, 0.2, v.shape)).astype(np.float32) for k, v in a.tensors.items()})
+    return {"a": a, "b": b, "c": c}
+
+
+def sessions(mixed, plain, packs):
+    m, p = TaskSession(mixed), TaskSession(plain)
+    for name, pack in packs.items():
+        m.register(pack, name=name)
+        p.register(pack, name=name)
+    return m, p
+
+
+def test_graph_takes_tables_and_task_ids(mixed):
+    m = read_manifest(mixed)
+    assert m.mixed and "export(bias tables + task_ids)" in m.passes
+    graph = ir.load(mixed / MODEL_FILE).graph
+    inputs = {v.name: v for v in graph.inputs}
+    assert inputs[TASK_IDS].dtype == ir.DataType.INT64 and len(inputs[TASK_IDS].shape) == 1
+    for b in m.bias_inputs:
+        v = inputs[b.name]
+        assert len(v.shape) == 2 and not isinstance(v.shape[0], int) and v.shape[1] == b.shape[0]
+        assert v.const_value is not None and v.const_value.shape == (1, b.shape[0])  # base row as default
+        assert v.uses()
+
+
+def test_every_row_equals_its_single_task_result(mixed, bert_compiled, packs):
+    session, plain = sessions(mixed, bert_compiled, packs)
+    tasks = ["a", "b", "c"]
+    rows = [(tasks[i % 3], t) for i, t in enumerate(TEXTS * 2)]
+    records = session.run_mixed(rows)
+    assert [r["task"] for r in records] == [t for t, _ in rows]
+    for task in tasks:
+        index = [i for i, (t, _) in enumerate(rows) if t == task]
+        single = plain.run(task, [rows[i][1] for i in index]).logits
+        got = np.array([records[i]["logits"] for i in index])
+        assert np.abs(got - single).max() <= 1e-5
+        assert [records[i]["label"] for i in index] == plain.run(task, [rows[i][1] for i in index]).labels
+    # and the three tasks really differ, so a misrouted row would show
+    same_text = session.run_mixed([(t, TEXTS[0]) for t in tasks])
+    assert len({tuple(np.round(r["logits"], 4)) for r in same_text}) == 3
+
+
+def test_mixed_graph_matches_pytorch_and_plain_graph_per_task(mixed, bert_compiled, bert_model, packs, token_inputs,
+                                                              torch_logits):
+    session, plain = sessions(mixed, bert_compiled, packs)
+    inputs = token_inputs(session, 4, 23)
+    for name, pack in packs.items():
+        got = session.logits(name, inputs)
+        assert np.abs(got - torch_logits(pack, bert_model, inputs)).max() <= 1e-4
+        assert np.abs(got - plain.logits(name, inputs)).max() <= 1e-5
+    base = session.hidden_states(inputs)
+    assert np.abs(base - plain.hidden_states(inputs)).max() <= 1e-5
+
+
+def test_sentence_pairs_and_single_sentences_in_one_batch(mixed, bert_compiled, pack_all, pack_pairs):
+    packs = {"single": load_pack(pack_all), "pairs": load_pack(pack_pairs)}
+    session, plain = sessions(mixed, bert_compiled, packs)
+    rows = [("single", "the movie was good"), ("pairs", "who won", "the city won the prize"),
+            ("single", "boring plot"), ("pairs", "free cash", "reply stop now")]
+    records = session.run_mixed(rows)
+    single = plain.run("single", ["the movie was good", "boring plot"]).logits
+    pairs = plain.run("pairs", ["who won", "free cash"], ["the city won the prize", "reply stop now"]).logits
+    assert np.abs(np.array([records[0]["logits"], records[2]["logits"]]) - single).max() <= 1e-5
+    assert np.abs(np.array([records[1]["logits"], records[3]["logits"]]) - pairs).max() <= 1e-5
+    with pytest.raises(BitFitError, match="trained on sentence pairs"):
+        session.run_mixed([("pairs", "no pair given")])
+
+
+def test_replacing_a_pack_rebuilds_the_tables(mixed, packs):
+    session = TaskSession(mixed)
+    for name, pack in packs.items():
+        session.register(pack, name=name)
+    before = session.run_mixed([("a", TEXTS[0]), ("b", TEXTS[0])])
+    session.register(packs["c"], name="a", replace=True)
+    after = session.run_mixed([("a", TEXTS[0]), ("b", TEXTS[0])])
+    assert np.allclose(after[0]["logits"], session.run("c", [TEXTS[0]]).logits[0], atol=1e-6)
+    assert not np.allclose(after[0]["logits"], before[0]["logits"], atol=1e-4)
+    assert np.allclose(after[1]["logits"], before[1]["logits"], atol=1e-6)  # task b untouched
+    session.remove("a")
+    assert session.tasks == ["b", "c"]
+    assert np.allclose(session.run_mixed([("b", TEXTS[0])])[0]["logits"], before[1]["logits"], atol=1e-6)
+
+
+def test_plain_graph_runs_mixed_rows_one_pass_per_task(bert_compiled, packs):
+    session = TaskSession(bert_compiled)
+    for name, pack in packs.items():
+        session.register(pack, name=name)
+    rows = [("a", TEXTS[0]), ("c", TEXTS[1]), ("a", TEXTS[2])]
+    records = session.run_mixed(rows)
+    assert np.allclose([records[0]["logits"], records[2]["logits"]],
+                       session.run("a", [TEXTS[0], TEXTS[2]]).logits, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows, match", [
+    ([], "non-empty list"),
+    ([("a",)], r"rows\[0\] must be"),
+    ([("nope", "x")], "unknown task 'nope'"),
+])
+def test_bad_rows(mixed, packs, rows, match):
+    session = TaskSession(mixed)
+    session.register(packs["a"], name="a")
+    with pytest.raises(BitFitError, match=match):
+        session.run_mixed(rows)
+
+
+def test_verify_and_int8_on_mixed_graphs(mixed, bert_model, pack_all, pack_min, tmp_path):
+    from compiler.compile import compile as compile_model
+
+    assert verify(mixed, [pack_all, pack_min], **QUIET).ok
+    int8 = compile_model(bert_model, tmp_path / "int8", mixed=True, quantize="int8", **QUIET)
+    report = verify(int8, [pack_all], **QUIET)
+    assert report.ok and report.mode == "int8", report.table()
+
+
+def test_mixed_and_fuse_are_exclusive(bert_model, tmp_path):
+    from compiler.compile import compile as compile_model
+
+    with pytest.raises(BitFitError, match="--mixed and --fuse do not combine"):
+        compile_model(bert_model, tmp_path / "x", mixed=True, fuse=True, **QUIET)
