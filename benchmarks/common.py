@@ -1,7 +1,6 @@
 """What the benchmark scripts share: the CPU-load guard, interleaved timing, synthetic task packs."""
 from __future__ import annotations
 
-import json
 import os
 import random
 import time
@@ -9,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from compiler.compile import graph_bias_values
-from runtime.compiled import CompiledManifest
+from safetensors.numpy import load_file
+
+from runtime.compiled import BASE_BIASES_FILE, read_manifest
 from runtime.pack import PackManifest, TaskPack, TensorSpec
 
 
@@ -48,20 +48,22 @@ def wait_until_quiet(limit: float, patience: float) -> float | None:
         time.sleep(2)
 
 
-def synthetic_pack(compiled: Path, name: str, rng: np.random.Generator, labels: int = 2,
-                   max_length: int = 128) -> TaskPack:
-    """A task pack whose biases are the base values plus noise: what a trained pack looks like to the graph."""
-    m = CompiledManifest(**{k: v for k, v in json.loads((compiled / "manifest.json").read_text()).items()})
-    base = graph_bias_values(compiled / "model.onnx")
-    tensors = {b.name: (base[b.name] + rng.normal(0, 0.02, b.shape)).astype(np.float32) for b in m.bias_inputs}
-    tensors["head.weight"] = rng.normal(0, 0.02, (labels, m.hidden_size)).astype(np.float32)
-    tensors["head.bias"] = np.zeros(labels, np.float32)
+def synthetic_pack(compiled: Path, name: str, rng: np.random.Generator, labels: int = 2, *, max_length: int = 128,
+                   noise: float = 0.02, head_scale: float = 0.02) -> TaskPack:
+    """A task pack whose biases are the base values plus noise and whose head is random: what a trained pack
+    looks like to the graph, without training one."""
+    m = read_manifest(compiled)
+    base = load_file(str(compiled / BASE_BIASES_FILE))
+    tensors = {b.name: (base[b.name] + rng.normal(0, noise, b.shape)).astype(np.float32) for b in m.bias_inputs}
+    tensors["head.weight"] = rng.normal(0, head_scale, (labels, m.hidden_size)).astype(np.float32)
+    tensors["head.bias"] = rng.normal(0, head_scale, labels).astype(np.float32)
     manifest = PackManifest(
-        task=name, task_kind="classification", labels=[f"label{i}" for i in range(labels)], pooling="mean", max_length=max_length, text_pair=False,
-        base_model=m.base_model, base_model_type=m.base_model_type, base_fingerprint=m.base_fingerprint,
-        hidden_size=m.hidden_size, tokenizer=m.base_model, bias_subset=["all"], biases=list(m.bias_inputs),
-        head=[TensorSpec("head.weight", (labels, m.hidden_size)), TensorSpec("head.bias", (labels,))],
-        trainable_params=sum(t.size for t in tensors.values()), base_params=1,
+        task=name, task_kind="classification", labels=[f"{name}-label{i}" for i in range(labels)], pooling="mean",
+        max_length=max_length, text_pair=False, base_model=m.base_model, base_model_type=m.base_model_type,
+        base_fingerprint=m.base_fingerprint, hidden_size=m.hidden_size, tokenizer=m.base_model, bias_subset=["all"],
+        biases=list(m.bias_inputs), head=[TensorSpec("head.weight", (labels, m.hidden_size)),
+                                          TensorSpec("head.bias", (labels,))],
+        trainable_params=sum(int(t.size) for t in tensors.values()), base_params=1, metrics={"synthetic": True},
     )
     return TaskPack(manifest, tensors)
 

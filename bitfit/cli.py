@@ -75,6 +75,19 @@ def _inspect(a: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(a: argparse.Namespace) -> int:
+    try:
+        from .serve import serve
+    except ModuleNotFoundError as e:
+        if e.name in ("starlette", "uvicorn", "prometheus_client", "anyio"):
+            raise BitFitError(f"needs {e.name}; install the server extra: pip install 'bitfit-deploy[serve]'") from e
+        raise
+    serve(a.compiled, a.packs, host=a.host, port=a.port, threads=a.threads, device=a.device,
+          max_texts=a.max_texts, max_text_chars=a.max_text_chars, max_batch_rows=a.max_batch_rows,
+          max_wait_ms=a.max_wait_ms, batching=not a.no_batching)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bitfit", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"bitfit {__version__}")
@@ -145,6 +158,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp16/int8 modes: %% of rows whose label must match fp32 PyTorch")
     p.add_argument("--report", help="also write the report as JSON here")
     p.set_defaults(run=_verify)
+
+    p = sub.add_parser("serve", help="serve every task pack in a directory over HTTP (no torch)",
+                       description="HTTP server: GET /v1/tasks, POST /v1/predict, GET /healthz, GET /metrics, "
+                                   "POST /v1/admin/reload (admin: rescans --packs; unauthenticated, keep the "
+                                   "default loopback host). Requests of all tasks are batched together.")
+    p.add_argument("--compiled", required=True, help="a directory made by `bitfit compile`")
+    p.add_argument("--packs", required=True,
+                   help="a directory of task packs (one per subdirectory), served under their manifests' task names")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-texts", type=int, default=64, help="texts per request (default 64)")
+    p.add_argument("--max-text-chars", type=int, default=10000, help="characters per text (default 10000)")
+    p.add_argument("--max-batch-rows", type=int, default=32, help="rows per batched session call (default 32)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="how long a queued request waits for others to batch with (default 5)")
+    p.add_argument("--no-batching", action="store_true", help="run every request on its own")
+    p.add_argument("--threads", type=int,
+                   help="onnxruntime intra-op threads (default: all cores but one, which the HTTP loop needs)")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
+                   help="cuda needs onnxruntime-gpu; auto: cuda where present")
+    p.set_defaults(run=_serve)
 
     p = sub.add_parser("inspect", help="summarise a task pack or a compiled directory")
     p.add_argument("path")
