@@ -26,13 +26,28 @@ from .model import BitFitModel, base_fingerprint, count_parameters, load_encoder
 @dataclass
 class TrainResult:
     pack_path: Path | None
-    pack: TaskPack
+    pack: TaskPack | None  # None when `select` chose other than bias parameters (research runs)
     history: list[dict[str, Any]]
     best_epoch: int
     dev: dict[str, float]
     test: dict[str, float] = field(default_factory=dict)
     train: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    trainable_params: int = 0  # encoder parameters trained (masked entries only) + head
+    base_params: int = 0
+    model: BitFitModel | None = None  # the trained model, at its best epoch
+
+
+@dataclass
+class Selection:
+    """What a research method trains: encoder parameters, and optional 0/1 gradient masks for them (by
+    position in `params`) when only some entries of a tensor may change. The head always trains."""
+
+    params: list[torch.nn.Parameter]
+    masks: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def count(self) -> int:
+        return sum(int(self.masks[i].sum()) if i in self.masks else p.numel() for i, p in enumerate(self.params))
 
 
 def seed_everything(seed: int) -> None:
@@ -97,12 +112,18 @@ def train(
     overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = tqdm.write,
+    select: Callable[[BitFitModel], Selection] | None = None,
 ) -> TrainResult:
     """BitFit-train `model` on `data` and save a task pack to `out` (None: keep it in memory only).
 
     data: a CSV/TSV/JSONL file (`text`, `label`, optional `text_pair`), a built-in name (see
     training.data), or a TaskData. The best epoch on the dev split is what the pack keeps.
+
+    select: research use only (experiments/): train other parameters than biases, e.g. full fine-tuning
+    or random masks. Such a run makes no task pack (out must be None); `biases` is then ignored.
     """
+    if select is not None and out is not None:
+        raise BitFitError("a run with select= trains more than biases and makes no task pack: pass out=None")
     started = time.perf_counter()
     if out is not None and Path(out).exists() and not overwrite:
         raise PackError(f"{out} already exists: choose another --out, or pass --overwrite to replace it")
@@ -126,12 +147,25 @@ def train(
     slots = find_biases(encoder, kinds)
     num_outputs = len(task.labels) if task.kind == "classification" else 1
     net = BitFitModel(encoder, num_outputs, pooling)
-    params = mark_trainable(net, slots)
-    n_bias = sum(s.parameter.numel() for s in slots)
+    masks: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+    if select is None:
+        params = mark_trainable(net, slots)
+        n_bias = sum(s.parameter.numel() for s in slots)
+        what = f"bias parameters ({','.join(kinds)}"
+    else:
+        chosen = select(net)
+        for p in net.parameters():
+            p.requires_grad_(False)
+        params = list(dict.fromkeys([*chosen.params, *net.head.parameters()]))
+        for p in params:
+            p.requires_grad_(True)
+        masks = [(chosen.params[i], m.to(chosen.params[i].dtype)) for i, m in chosen.masks.items()]
+        n_bias = chosen.count()
+        what = "selected parameters (research run"
     n_head = sum(p.numel() for p in net.head.parameters())
     n_base = count_parameters(encoder)
     log(
-        f"BitFit on {task.name}: training {n_bias:,} bias parameters ({','.join(kinds)}; {n_bias / n_base:.3%} of "
+        f"BitFit on {task.name}: training {n_bias:,} {what}; {n_bias / n_base:.3%} of "
         f"{n_base:,}) + {n_head:,} head parameters; {len(task.train)} train / {len(task.dev)} dev examples"
     )
 
@@ -162,6 +196,8 @@ def train(
                 raise BitFitError(f"the loss became {loss.item()} at epoch {epoch}: lower the learning rate (now {lr})")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            for p, mask in masks:  # entries outside a mask never move: AdamW steps 0 for a gradient always 0
+                p.grad.mul_(mask)
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
             scheduler.step()
@@ -184,6 +220,9 @@ def train(
     train_sample = task.train[:2000]
     train_metrics = evaluate(task.metric, predict(net, tokenizer, train_sample, max_length), task.targets(train_sample))
 
+    if select is not None:
+        return TrainResult(None, None, history, best[1], dev_metrics, test_metrics, train_metrics,
+                           time.perf_counter() - started, n_bias + n_head, n_base, net)
     tensors = {s.name: s.parameter.detach().float().numpy().copy() for s in slots}
     tensors[HEAD_WEIGHT] = net.head.weight.detach().float().numpy().copy()
     tensors[HEAD_BIAS] = net.head.bias.detach().float().numpy().copy()
@@ -224,4 +263,4 @@ def train(
     if path is not None:
         log(f"saved task pack {manifest.task!r} to {path} ({pack.nbytes / 1024:.1f} KiB of tensors, {MANIFEST_FILE})")
     return TrainResult(path, pack, history, best[1], dev_metrics, test_metrics, train_metrics,
-                       time.perf_counter() - started)
+                       time.perf_counter() - started, n_bias + n_head, n_base, net)

@@ -1,0 +1,92 @@
+"""The methods of the paper's Table 3, as parameter selections for training.train(select=...).
+
+Research only: none of these except the bias subsets makes a task pack, and nothing here is used by
+the deployment path.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from training.biases import find_biases
+from training.model import BitFitModel
+from training.train import Selection
+
+BIAS_METHODS = {"bitfit": "all", "bq,bm2": "bq,bm2", "bm2": "bm2", "bq": "bq"}
+METHODS = ("full", "bitfit", "bq,bm2", "bm2", "bq", "frozen", "rand_uniform", "rand_row_col")
+
+
+def _encoder_weights(net: BitFitModel) -> list[torch.nn.Parameter]:
+    """The encoder's parameters a random method may pick from: all but the biases (and any pooler)."""
+    biases = {id(s.parameter) for s in find_biases(net.encoder, "all")}
+    return [p for n, p in net.encoder.named_parameters() if id(p) not in biases and not n.startswith("pooler.")]
+
+
+def bias_count(net: BitFitModel) -> int:
+    return sum(s.parameter.numel() for s in find_biases(net.encoder, "all"))
+
+
+def rand_uniform(seed: int) -> Callable[[BitFitModel], Selection]:
+    """As many encoder weights as BitFit trains biases, drawn uniformly over all weight entries."""
+
+    def select(net: BitFitModel) -> Selection:
+        params = _encoder_weights(net)
+        sizes = np.array([p.numel() for p in params])
+        picks = np.random.default_rng(seed).choice(sizes.sum(), size=bias_count(net), replace=False)
+        owner = np.searchsorted(np.cumsum(sizes), picks, side="right")
+        offsets = picks - np.concatenate([[0], np.cumsum(sizes)[:-1]])[owner]
+        chosen, masks = [], {}
+        for i in np.unique(owner):
+            mask = torch.zeros(params[i].numel())
+            mask[torch.from_numpy(offsets[owner == i])] = 1.0
+            masks[len(chosen)] = mask.view_as(params[i])
+            chosen.append(params[i])
+        return Selection(chosen, masks)
+
+    return select
+
+
+def rand_row_col(seed: int) -> Callable[[BitFitModel], Selection]:
+    """Whole random rows or columns of weight matrices, until as many entries as BitFit's biases."""
+
+    def select(net: BitFitModel) -> Selection:
+        rng = np.random.default_rng(seed)
+        matrices = [p for p in _encoder_weights(net) if p.dim() == 2 and p.shape[0] < 10_000]  # not embeddings
+        target, total = bias_count(net), 0
+        masks = {i: torch.zeros_like(p, dtype=torch.float32) for i, p in enumerate(matrices)}
+        while total < target:
+            i = int(rng.integers(len(matrices)))
+            axis = int(rng.integers(2))
+            k = int(rng.integers(matrices[i].shape[axis]))
+            line = masks[i][k] if axis == 0 else masks[i][:, k]
+            total += int((line == 0).sum())
+            line.fill_(1.0)
+        used = [i for i in masks if masks[i].any()]
+        return Selection([matrices[i] for i in used], {j: masks[i] for j, i in enumerate(used)})
+
+    return select
+
+
+def full(net: BitFitModel) -> Selection:
+    return Selection([p for n, p in net.encoder.named_parameters() if not n.startswith("pooler.")])
+
+
+def frozen(net: BitFitModel) -> Selection:
+    return Selection([])
+
+
+def train_kwargs(method: str, seed: int) -> dict:
+    """The keyword arguments that make training.train run `method`."""
+    if method in BIAS_METHODS:
+        return {"biases": BIAS_METHODS[method]}
+    if method == "full":
+        return {"select": full}
+    if method == "frozen":
+        return {"select": frozen}
+    if method == "rand_uniform":
+        return {"select": rand_uniform(seed)}
+    if method == "rand_row_col":
+        return {"select": rand_row_col(seed)}
+    raise ValueError(f"unknown method {method!r}: one of {', '.join(METHODS)}")

@@ -1,0 +1,96 @@
+"""experiments/: the paper's methods as parameter selections, and the resumable runner."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import methods  # noqa: E402
+import replicate  # noqa: E402
+
+from runtime import BitFitError  # noqa: E402
+from training.biases import find_biases  # noqa: E402
+from training.model import BitFitModel, load_encoder  # noqa: E402
+from training.train import train  # noqa: E402
+
+
+def _train(model, data, select, seed=0):
+    return train(model, data, None, epochs=1, lr=1e-2, batch_size=16, seed=seed, progress=False,
+                 log=lambda *_: None, select=select)
+
+
+@pytest.mark.parametrize("name", ["rand_uniform", "rand_row_col"])
+def test_random_masks_train_exactly_their_entries(bert_model, data_files, name):
+    base = BitFitModel(load_encoder(bert_model), 2)
+    chosen = getattr(methods, name)(0)(base)
+    target = methods.bias_count(base)
+    assert chosen.count() >= target and (name == "rand_row_col" or chosen.count() == target)
+    if name == "rand_row_col":  # whole rows or columns
+        for mask in chosen.masks.values():
+            rows, cols = mask.all(dim=1), mask.all(dim=0)
+            assert torch.equal(mask.bool(), rows[:, None] | cols[None, :])
+    result = _train(bert_model, data_files["sentiment"], getattr(methods, name)(0))
+    trained = dict(result.model.encoder.named_parameters())
+    fresh = dict(load_encoder(bert_model).named_parameters())
+    masks = {n: chosen.masks[i] for n, p in base.encoder.named_parameters()
+             for i, q in enumerate(chosen.params) if q is p}
+    changed = 0
+    for n, p in fresh.items():
+        moved = (trained[n].detach() != p.detach())
+        if n in masks:
+            assert not (moved & (masks[n] == 0)).any(), f"{n} moved outside its mask"
+            changed += int(moved.sum())
+        else:
+            assert not moved.any(), f"{n} is not selected but moved"
+    # most picked entries move; not all: word-embedding rows of tokens absent from the data get no gradient
+    assert changed > 0.5 * target
+    assert result.pack is None and result.trainable_params == chosen.count() + 2 * 32 + 2
+
+
+def test_full_and_frozen(bert_model, data_files):
+    fresh = {n: p.detach().clone() for n, p in load_encoder(bert_model).named_parameters()}
+    full = _train(bert_model, data_files["sentiment"], methods.full).model.encoder
+    frozen = _train(bert_model, data_files["sentiment"], methods.frozen).model.encoder
+    assert all(torch.equal(p, fresh[n]) for n, p in frozen.named_parameters())
+    moved = [n for n, p in full.named_parameters() if not torch.equal(p, fresh[n])]
+    assert len(moved) > 0.8 * len(fresh)
+
+
+def test_select_runs_make_no_pack(bert_model, data_files, tmp_path):
+    with pytest.raises(BitFitError, match="makes no task pack: pass out=None"):
+        train(bert_model, data_files["sentiment"], tmp_path / "p", select=methods.full, progress=False)
+
+
+def test_bias_methods_record_bias_change(bert_model, data_files):
+    result = train(bert_model, data_files["sentiment"], None, biases="bq,bm2", epochs=1, lr=1e-2, progress=False,
+                   log=lambda *_: None)
+    base = {s.name: s.parameter.detach().numpy().copy() for s in find_biases(load_encoder(bert_model), "all")}
+    change = replicate.bias_change(result.model, base)
+    assert all(change[n] > 0 for n in change if n.endswith((".bq", ".bm2")))
+    assert all(change[n] == 0 for n in change if not n.endswith((".bq", ".bm2")))
+
+
+def test_runner_resumes_and_never_recomputes(tmp_path, monkeypatch):
+    runs = tmp_path / "runs.jsonl"
+    monkeypatch.setattr(replicate, "RUNS", runs)
+    monkeypatch.setattr(replicate, "RESULTS", tmp_path)
+    monkeypatch.setattr(replicate, "model_dir", lambda: None)
+    calls = []
+
+    def fake_run(spec, cache, base):
+        calls.append(spec)
+        return {**spec, "dev_metric": spec["lr"] * 1000, "test_metric": 1.0, "train_metric": 1.0, "seconds": 0.0}
+
+    monkeypatch.setattr(replicate, "run_one", fake_run)
+    monkeypatch.setattr(replicate, "_base_biases", lambda: {})
+    specs = [dict(method="bq", task="trec6", seed=0, lr=lr, epochs=1, train_size=10) for lr in (1e-3, 3e-3)]
+    replicate.execute(specs, None)
+    replicate.execute(specs + [dict(specs[0], seed=1)], None)
+    assert len(calls) == 3
+    rows = [json.loads(line) for line in runs.read_text().splitlines()]
+    assert [r["seed"] for r in rows] == [0, 0, 1]
+    assert replicate.best_lr(rows, "bq", "trec6", 10, 1) is None  # 3e-4 not searched yet
