@@ -57,19 +57,13 @@ class BiasInputWrapper(nn.Module):
                 s.module._parameters["bias"] = p
 
 
-class BiasTableWrapper(nn.Module):
+class BiasTableWrapper(BiasInputWrapper):
     """forward(input_ids, attention_mask, [token_type_ids], task_ids, *tables) -> last_hidden_state.
 
     For mixed-task batches: row i adds tables[k][task_ids[i]] wherever the model adds bias k. Each chosen
     module runs without its bias and a forward hook adds the gathered row, broadcast over the sequence;
     that works the same for Linear and LayerNorm, whose bias is added last in both.
     """
-
-    def __init__(self, encoder: nn.Module, slots: list[BiasSlot], token_inputs: list[str]):
-        super().__init__()
-        self.encoder = encoder
-        self.slots = slots
-        self.token_inputs = token_inputs
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
         n = len(self.token_inputs)

@@ -37,7 +37,7 @@ from torch import nn
 from runtime.errors import BitFitError
 from training.biases import BiasSlot
 
-from .passes import BiasDefaultsPass, CheckBiasInputsPass, CheckTokenInputsPass, run_passes
+from .passes import BiasDefaultsPass, CheckBiasInputsPass, CheckTokenInputsPass, listing, run_passes
 
 # The ops export_fused counts: onnxruntime's fused kernels (com.microsoft contrib ops), and
 # LayerNormalization, which shows a LayerNorm the optimiser left unfused (RoBERTa's embeddings).
@@ -221,9 +221,7 @@ class NoBakedBiasPass(InPlacePass):
                     problems.append(f"{slot} is baked into {where} {list(array.shape)}")
         if problems:
             raise PostconditionError(
-                f"{len(problems)} biases are baked into the fused graph and cannot be fed: " + "; ".join(problems[:6])
-                + ("; ..." if len(problems) > 6 else "")
-            )
+                f"{len(problems)} biases are baked into the fused graph and cannot be fed: {listing(problems)}")
         return PassResult(model, modified=False)
 
 

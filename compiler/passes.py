@@ -64,11 +64,12 @@ class CheckBiasInputsPass(InPlacePass):
             if not v.uses():
                 problems.append(f"{name} is an input that no node reads (baked into a fused kernel?)")
         if problems:
-            raise PostconditionError(
-                f"{len(problems)} bias inputs are not live: " + "; ".join(problems[:6])
-                + ("; ..." if len(problems) > 6 else "")
-            )
+            raise PostconditionError(f"{len(problems)} bias inputs are not live: {listing(problems)}")
         return PassResult(model, modified=False)
+
+
+def listing(problems: list[str], most: int = 6) -> str:
+    return "; ".join(problems[:most]) + ("; ..." if len(problems) > most else "")
 
 
 def _shape_matches(actual: ir.Shape | None, expected: tuple[int | None, ...]) -> bool:
