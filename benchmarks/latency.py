@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shutil
 import subprocess
@@ -39,7 +38,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from common import minilm_dir, synthetic_pack, time_interleaved, wait_until_quiet
+from common import machine, minilm_dir, synthetic_pack, time_interleaved, wait_until_quiet, write_results
 from compiler.compile import compile, export_onnx
 from compiler.quantize import quantize_int8
 from runtime import TaskSession
@@ -322,17 +321,10 @@ def report(rows: list[dict], extras: dict, skipped: list[str], args: argparse.Na
     lines += [f"  {k}: {v}" for k, v in goals.items()]
     for s in skipped:
         lines.append(f"  skipped: {s}")
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, " \
-              f"onnxruntime {ort.__version__}, torch {torch.__version__}"
-    lines.append(f"\nmachine: {machine}; sequence length {SEQ}; medians of interleaved rounds")
-    text = "\n".join(lines)
-    print("\n" + text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "latency.json").write_text(json.dumps({"machine": machine, "platform": platform.platform(), "rows": rows,
-                                                  "extras": extras, "goals": goals, "skipped": skipped}, indent=2) + "\n")
-    (out / "latency.md").write_text("```\n" + text + "\n```\n")
-    print(f"wrote {out / 'latency.json'} and {out / 'latency.md'}")
+    where = f"{machine(args.threads)}, torch {torch.__version__}"
+    lines.append(f"\nmachine: {where}; sequence length {SEQ}; medians of interleaved rounds")
+    write_results(args.out, "latency", "\n".join(lines), {"machine": where, "platform": platform.platform(), "rows": rows,
+                                                        "extras": extras, "goals": goals, "skipped": skipped})
 
 
 if __name__ == "__main__":

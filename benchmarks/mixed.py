@@ -13,17 +13,13 @@ Goal: mixed (8 tasks) >= 0.90 x the single-task throughput.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
-from common import minilm_dir, synthetic_pack, time_interleaved, wait_until_quiet
+from common import machine, minilm_dir, synthetic_pack, time_interleaved, wait_until_quiet, write_results
 from compiler.compile import compile
 from runtime import TaskSession
 
@@ -105,16 +101,9 @@ def main() -> None:
                      f"(goal >= 0.90: {'met' if ratio >= 0.90 else 'NOT met'}); every mixed row within "
                      f"{get['mixed graph, 8 tasks, 1 pass']['max_row_diff']:.1e} of its single-task result")
     lines += [f"skipped: {s}" for s in skipped]
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, " \
-              f"onnxruntime {ort.__version__}; all-MiniLM-L6-v2, fp32, 8 synthetic tasks"
-    lines.append(f"machine: {machine}")
-    text = "\n".join(lines)
-    print("\n" + text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "mixed.json").write_text(json.dumps({"machine": machine, "rows": rows_out, "skipped": skipped}, indent=2) + "\n")
-    (out / "mixed.md").write_text("```\n" + text + "\n```\n")
-    print(f"wrote {out / 'mixed.json'} and {out / 'mixed.md'}")
+    where = f"{machine(args.threads)}; all-MiniLM-L6-v2, fp32, 8 synthetic tasks"
+    lines.append(f"machine: {where}")
+    write_results(args.out, "mixed", "\n".join(lines), {"machine": where, "rows": rows_out, "skipped": skipped})
 
 
 if __name__ == "__main__":
