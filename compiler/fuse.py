@@ -53,7 +53,7 @@ FUSED_OPS = (
 )
 PLACEHOLDER_SEED = 20240917
 SUPPORTED_HINT = (
-    "fusion with live biases is supported for BERT-style models only (BERT, RoBERTa, ELECTRA, DistilBERT); "
+    "fusion with live biases is supported for BERT-style models only (BERT, RoBERTa, XLM-RoBERTa, ELECTRA, DistilBERT); "
     "compile without fusion for this model"
 )
 

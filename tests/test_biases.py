@@ -109,10 +109,11 @@ def test_model_without_biases_is_refused():
 def test_unsupported_model_type_with_biases_is_refused():
     import transformers as T
 
-    config = T.AlbertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                            intermediate_size=37, embedding_size=16)
-    with pytest.raises(BitFitError, match=r"model type 'albert'.*not supported.*supported are .*bert.*distilbert"):
-        find_biases(T.AlbertModel(config), "all")
+    # DeBERTa v1 (fused q/k/v `in_proj`) is not DeBERTa-v2, which is supported
+    config = T.DebertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=37)
+    with pytest.raises(BitFitError, match=r"model type 'deberta'.*not supported.*supported are .*bert.*deberta-v2"):
+        find_biases(T.DebertaModel(config), "all")
 
 
 def test_plain_module_without_config_is_refused():

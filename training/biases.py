@@ -10,6 +10,19 @@ We add bLNe for the embeddings' LayerNorm, which the paper's "all biases" settin
 Modules are looked up by path per architecture and checked to be Linear / LayerNorm with a bias;
 selection never matches parameter-name substrings (MPNet's `relative_attention_bias.weight` is an
 embedding table, not a bias term).
+
+Canonical names count the model's distinct layer modules: `layer.i.<kind>` is the i-th layer that owns
+its own weights. For most encoders that is depth i. ALBERT shares weights across depth: its
+`num_hidden_groups` groups of `inner_group_num` layers (usually 1 x 1) are applied `num_hidden_layers`
+times, so its slots are `layer.0.bq` ... for the shared layers only (group-major), and one such bias is
+one tensor that acts at every depth its layer runs at -- as in the PyTorch model, where BitFit on ALBERT
+trains that one shared tensor. A stock ALBERT therefore has 8 layer slots + bLNe, whatever its depth.
+
+Left frozen, on purpose: biases outside the paper's notation, which a BERT layer has no counterpart
+for -- ALBERT's `encoder.embedding_hidden_mapping_in` and ELECTRA's `embeddings_project` (embedding
+width -> hidden width projections), DeBERTa-v2's relative-position `encoder.LayerNorm` and conv layer.
+So every architecture offers the same kinds and a `--biases` spec means the same thing on each; these
+tensors are part of the base fingerprint instead.
 """
 from __future__ import annotations
 
@@ -27,7 +40,7 @@ PRESETS = {"all": ALL_KINDS, "paper-min": ("bq", "bm2")}
 
 @dataclass(frozen=True)
 class Layout:
-    layers: str  # path of the ModuleList of transformer layers
+    layers: str  # path of the ModuleList of transformer layers; each `*` steps into every item of a ModuleList
     embeddings_norm: str  # path of the embeddings' LayerNorm
     modules: dict[str, str]  # kind -> module path inside one layer
 
@@ -52,6 +65,27 @@ LAYOUTS: dict[str, Layout] = {
     "xlm-roberta": _BERT,
     "camembert": _BERT,
     "electra": _BERT,
+    "deberta-v2": Layout(
+        "encoder.layer",
+        "embeddings.LayerNorm",
+        {**_BERT.modules, "bq": "attention.self.query_proj", "bk": "attention.self.key_proj",
+         "bv": "attention.self.value_proj"},
+    ),
+    # One AlbertLayer per (group, inner layer), shared across depth: see the module docstring.
+    "albert": Layout(
+        "encoder.albert_layer_groups.*.albert_layers",
+        "embeddings.LayerNorm",
+        {
+            "bq": "attention.query",
+            "bk": "attention.key",
+            "bv": "attention.value",
+            "bm1": "attention.dense",
+            "bLN1": "attention.LayerNorm",
+            "bm2": "ffn",
+            "bm3": "ffn_output",
+            "bLN2": "full_layer_layer_norm",
+        },
+    ),
     "distilbert": Layout(
         "transformer.layer",
         "embeddings.LayerNorm",
@@ -122,10 +156,12 @@ def parse_subset(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
 
 def model_layout(model: nn.Module) -> Layout:
     if not any(_has_bias(m) for m in model.modules()):
+        where = getattr(getattr(model, "config", None), "name_or_path", "")
         raise BitFitError(
-            f"{type(model).__name__} has no bias terms (built without biases, like ModernBERT): BitFit trains only "
-            "biases, so it cannot fine-tune this model; pick an encoder with biases (BERT, RoBERTa, DistilBERT, "
-            "MPNet, ELECTRA)"
+            f"{type(model).__name__}{f' ({where})' if where else ''} has no bias terms (built without biases, like "
+            "ModernBERT): BitFit trains only biases, so it cannot fine-tune this model; pick an encoder with biases "
+            "(BERT, RoBERTa, DistilBERT, "
+            "MPNet, ELECTRA, XLM-RoBERTa, ALBERT, DeBERTa-v2)"
         )
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     layout = LAYOUTS.get(model_type or "")
@@ -145,16 +181,36 @@ def find_biases(model: nn.Module, kinds: str | tuple[str, ...] = "all") -> list[
     if EMBEDDING_KIND in kinds:
         module = _module(model, layout.embeddings_norm, EMBEDDING_KIND)
         slots.append(BiasSlot(f"embeddings.{EMBEDDING_KIND}", EMBEDDING_KIND, None, f"{layout.embeddings_norm}.bias", module))
-    layers = model.get_submodule(layout.layers)
-    if not isinstance(layers, nn.ModuleList):
-        raise BitFitError(f"{layout.layers} in {type(model).__name__} is not a list of layers: unsupported layout")
-    for i, layer in enumerate(layers):
+    for i, (prefix, layer) in enumerate(_layers(model, layout.layers)):
         for kind in LAYER_KINDS:
             if kind in kinds:
                 path = layout.modules[kind]
                 module = _module(layer, path, kind)
-                slots.append(BiasSlot(f"layer.{i}.{kind}", kind, i, f"{layout.layers}.{i}.{path}.bias", module))
+                slots.append(BiasSlot(f"layer.{i}.{kind}", kind, i, f"{prefix}.{path}.bias", module))
     return slots
+
+
+def _layers(model: nn.Module, pattern: str) -> list[tuple[str, nn.Module]]:
+    """(path, module) of every distinct layer: the items of the ModuleList at `pattern`, `*` expanded."""
+    found: list[tuple[str, nn.Module]] = [("", model)]
+    for part in [*pattern.split("."), "*"]:
+        step = []
+        for path, module in found:
+            if part != "*":
+                step.append((f"{path}.{part}".lstrip("."), _submodule(module, part, pattern, model)))
+            elif isinstance(module, nn.ModuleList):
+                step.extend((f"{path}.{j}", item) for j, item in enumerate(module))
+            else:
+                raise BitFitError(f"{path} in {type(model).__name__} is not a list of layers: unsupported layout")
+        found = step
+    return found
+
+
+def _submodule(module: nn.Module, name: str, pattern: str, model: nn.Module) -> nn.Module:
+    child = getattr(module, name, None)
+    if not isinstance(child, nn.Module):
+        raise BitFitError(f"{type(model).__name__} has no layers at {pattern!r}: unsupported model variant")
+    return child
 
 
 def all_bias_sources(model: nn.Module) -> set[str]:
