@@ -6,27 +6,40 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from runtime import Predictions, TaskSession
+from runtime import Answers, Predictions, TaskSession, TokenPredictions
 from runtime.errors import BitFitError
 
 
 def predict(
     compiled: str | os.PathLike,
     pack: str | os.PathLike,
-    texts: Sequence[str],
+    texts: Sequence[str] | Sequence[Sequence[str]],
     text_pairs: Sequence[str] | None = None,
     *,
     threads: int | None = None,
     device: str = "cpu",
     batch_size: int = 32,
-) -> Predictions:
+) -> Predictions | TokenPredictions | Answers:
+    """Run the pack's task kind: classification / regression -> Predictions; token-classification ->
+    TokenPredictions (texts: strings, or lists of words); question-answering -> Answers (texts are the
+    questions, text_pairs their contexts)."""
     session = TaskSession(compiled, threads=threads, device=device)
     task = session.register(pack)
+    kind = session.pack(task).manifest.task_kind
+    if kind == "token-classification":
+        if text_pairs is not None:
+            raise BitFitError(f"task {task!r} labels the words of single texts: do not pass text pairs")
+        return session.run_tokens(task, texts, batch_size=batch_size)
+    if kind == "question-answering":
+        if text_pairs is None:
+            raise BitFitError(f"task {task!r} answers questions from contexts: give a context for every question")
+        return session.answer(task, texts, text_pairs, batch_size=batch_size)
     return session.run(task, texts, text_pairs, batch_size=batch_size)
 
 
-def read_texts(path: str | os.PathLike) -> tuple[list[str], list[str] | None]:
-    """One text per line, or JSONL objects with `text` (and `text_pair`)."""
+def read_texts(path: str | os.PathLike) -> tuple[list, list[str] | None]:
+    """One text per line, or JSONL objects with `text` (and `text_pair`), with `tokens` (a list of words, for
+    token classification), or with `question` and `context` (question answering: questions, contexts)."""
     p = Path(path)
     if not p.is_file():
         raise BitFitError(f"no file of texts at {p}")
@@ -37,7 +50,11 @@ def read_texts(path: str | os.PathLike) -> tuple[list[str], list[str] | None]:
         rows = [json.loads(line) for line in lines]
     except json.JSONDecodeError as e:
         raise BitFitError(f"{p} is not valid JSONL ({e})") from e
+    if rows and all(isinstance(r, dict) and "tokens" in r for r in rows):
+        return [r["tokens"] for r in rows], None
+    if rows and all(isinstance(r, dict) and "question" in r and "context" in r for r in rows):
+        return [r["question"] for r in rows], [r["context"] for r in rows]
     if any(not isinstance(r, dict) or "text" not in r for r in rows):
-        raise BitFitError(f"{p}: every JSONL row needs a `text` field")
+        raise BitFitError(f"{p}: every JSONL row needs a `text` field (or `tokens`, or `question` and `context`)")
     pairs = [r.get("text_pair") for r in rows]
     return [r["text"] for r in rows], (pairs if any(x is not None for x in pairs) else None)

@@ -168,6 +168,11 @@ class PackDirectory:
                     continue
                 pack = load_pack(directory)  # strict: checksum, provenance, names, shapes, dtypes, finite
                 check_pack_fits(self.session.manifest, pack, f"task pack {directory.name!r}")
+                if pack.manifest.token_level:
+                    raise BitFitError(
+                        f"task pack {directory.name!r} is a {pack.manifest.task_kind} task: the server serves "
+                        "sequence tasks only for now; use TaskSession.run_tokens / answer or `bitfit predict`"
+                    )
                 if pack.name != name:
                     raise BitFitError(f"{directory} changed while it was read: reload again")
             except Exception as e:  # noqa: BLE001

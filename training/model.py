@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from runtime.errors import BitFitError, IncompatibleError
-from runtime.pack import HEAD_BIAS, HEAD_WEIGHT, TaskPack
+from runtime.pack import HEAD_BIAS, HEAD_POOLER_BIAS, HEAD_POOLER_WEIGHT, HEAD_WEIGHT, POOLINGS, TaskPack
 
 from .biases import all_bias_sources, find_biases
 
@@ -68,7 +68,8 @@ def count_parameters(encoder: nn.Module) -> int:
 
 
 def uses_token_types(encoder: nn.Module) -> bool:
-    """Whether the encoder reads token_type_ids (BERT, ELECTRA; not DistilBERT, MPNet, RoBERTa-style)."""
+    """Whether the encoder reads token_type_ids (BERT, ELECTRA, ALBERT; not DistilBERT, MPNet, RoBERTa-style,
+    DeBERTa-v3, whose type_vocab_size is 0 or 1)."""
     emb = getattr(getattr(encoder, "embeddings", None), "token_type_embeddings", None)
     return emb is not None and emb.num_embeddings > 1
 
@@ -87,30 +88,115 @@ def max_positions(encoder: nn.Module, tokenizer=None) -> int:
     return min(n, int(limit)) if isinstance(limit, int) and limit > 0 else n
 
 
-class BitFitModel(nn.Module):
-    """Encoder -> pooling (mean over the mask, or the first token) -> dropout -> linear head."""
+def load_pooler(model: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
+    """The trained BERT pooler (dense + tanh on the first token) of a checkpoint, as (weight [H, H], bias [H]).
 
-    def __init__(self, encoder: nn.Module, num_outputs: int, pooling: str = "mean", dropout: float | None = None):
+    Only a pooler whose weights the checkpoint holds is returned: a randomly initialised one would make
+    pooling "pooler" a silent random projection.
+    """
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    try:
+        full, info = AutoModel.from_pretrained(str(model), output_loading_info=True)
+    except OSError as e:
+        raise BitFitError(
+            f"cannot load model {model!r} ({e}): give a local directory or an HF id reachable from here"
+        ) from e
+    dense = getattr(getattr(full, "pooler", None), "dense", None)
+    activation = getattr(getattr(full, "pooler", None), "activation", None)
+    if not isinstance(dense, nn.Linear) or not isinstance(activation, nn.Tanh):
+        raise BitFitError(
+            f"{model!r} ({full.config.model_type}) has no BERT-style pooler (dense + tanh): use pooling mean or cls"
+        )
+    missing = [k for k in info.get("missing_keys", []) if k.startswith("pooler.")]
+    if missing:
+        raise BitFitError(
+            f"the checkpoint {model!r} holds no pooler weights (missing {', '.join(sorted(missing))}): pooling "
+            "'pooler' would be a random projection; use pooling mean or cls"
+        )
+    return dense.weight.detach().clone(), dense.bias.detach().clone()
+
+
+class BitFitModel(nn.Module):
+    """Encoder -> pooling -> dropout -> linear head; or, with pooling "none" (token-level tasks), the linear
+    head on every token's hidden state.
+
+    Poolings: mean over the mask, cls (the first token), or pooler: tanh(Linear(H, H)) on the first token,
+    the BERT pooler of HF *ForSequenceClassification models, given as `pooler` = (weight, bias) and frozen
+    (set `model.pooler.requires_grad_(True)` to train it).
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        num_outputs: int,
+        pooling: str = "mean",
+        dropout: float | None = None,
+        pooler: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
         super().__init__()
+        if pooling not in POOLINGS:
+            raise BitFitError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.encoder = encoder
         self.pooling = pooling
         hidden = encoder.config.hidden_size
         p = dropout if dropout is not None else getattr(encoder.config, "hidden_dropout_prob", 0.1)
         self.dropout = nn.Dropout(p)
         self.head = nn.Linear(hidden, num_outputs)
+        self.pooler: nn.Linear | None = None
+        if pooling == "pooler":
+            if pooler is None:
+                raise BitFitError("pooling 'pooler' needs the pooler's weights: pass pooler=(weight, bias)")
+            weight, bias = (torch.as_tensor(np.asarray(t)) if not isinstance(t, torch.Tensor) else t for t in pooler)
+            if tuple(weight.shape) != (hidden, hidden) or tuple(bias.shape) != (hidden,):
+                raise BitFitError(
+                    f"the pooler has shapes {tuple(weight.shape)} and {tuple(bias.shape)}, the encoder's hidden "
+                    f"size {hidden} needs ({hidden}, {hidden}) and ({hidden},)"
+                )
+            self.pooler = nn.Linear(hidden, hidden)
+            with torch.no_grad():
+                self.pooler.weight.copy_(weight)
+                self.pooler.bias.copy_(bias)
+            self.pooler.requires_grad_(False)
         self.token_types = uses_token_types(encoder)
 
     def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        """Logits [B, K] (sequence kinds) or [B, T, K] (pooling "none")."""
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.token_types and token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
         hidden = self.encoder(**kwargs).last_hidden_state
+        return self.head(self.dropout(self.pool(hidden, attention_mask)))
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.pooling == "none":
+            return hidden
         if self.pooling == "cls":
-            pooled = hidden[:, 0]
-        else:
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return self.head(self.dropout(pooled))
+            return hidden[:, 0]
+        if self.pooling == "pooler":
+            return torch.tanh(self.pooler(hidden[:, 0]))
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+    def head_tensors(self) -> dict[str, np.ndarray]:
+        """The head as a pack stores it (float32 numpy), the pooler included when there is one."""
+        out = {HEAD_WEIGHT: self.head.weight, HEAD_BIAS: self.head.bias}
+        if self.pooler is not None:
+            out |= {HEAD_POOLER_WEIGHT: self.pooler.weight, HEAD_POOLER_BIAS: self.pooler.bias}
+        return {k: v.detach().float().cpu().numpy().copy() for k, v in out.items()}
+
+
+def attach_head(encoder: nn.Module, pack: TaskPack) -> BitFitModel:
+    """A BitFitModel of `encoder` (as it is: its biases are not touched) with the pack's head, in eval mode."""
+    m, t = pack.manifest, pack.tensors
+    pooler = (t[HEAD_POOLER_WEIGHT], t[HEAD_POOLER_BIAS]) if m.pooling == "pooler" else None
+    model = BitFitModel(encoder, m.num_outputs, m.pooling, pooler=pooler).eval()
+    with torch.no_grad():
+        model.head.weight.copy_(torch.from_numpy(np.asarray(t[HEAD_WEIGHT])))
+        model.head.bias.copy_(torch.from_numpy(np.asarray(t[HEAD_BIAS])))
+    return model
 
 
 def model_from_pack(pack: TaskPack, base: str | os.PathLike | None = None, encoder: nn.Module | None = None) -> BitFitModel:
@@ -124,7 +210,7 @@ def model_from_pack(pack: TaskPack, base: str | os.PathLike | None = None, encod
             f"task pack {m.task!r} was trained on a base with fingerprint {m.base_fingerprint[:12]} ({m.base_model!r}) "
             f"but {base or m.base_model!r} has {fp[:12]}: load the base model the pack was trained on"
         )
-    model = BitFitModel(encoder, m.num_outputs, m.pooling).eval()
+    model = attach_head(encoder, pack)
     slots = {s.name: s for s in find_biases(encoder, "all")}
     with torch.no_grad():
         for spec in m.biases:
@@ -132,6 +218,4 @@ def model_from_pack(pack: TaskPack, base: str | os.PathLike | None = None, encod
             if slot is None or tuple(slot.parameter.shape) != spec.shape:
                 raise IncompatibleError(f"task pack {m.task!r}: the model has no bias {spec.name} of shape {spec.shape}")
             slot.parameter.copy_(torch.from_numpy(np.asarray(pack.tensors[spec.name])))
-        model.head.weight.copy_(torch.from_numpy(pack.tensors[HEAD_WEIGHT]))
-        model.head.bias.copy_(torch.from_numpy(pack.tensors[HEAD_BIAS]))
     return model

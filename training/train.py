@@ -14,13 +14,15 @@ import torch
 from tqdm.auto import tqdm
 
 from runtime.errors import BitFitError, PackError
-from runtime.pack import HEAD_BIAS, HEAD_WEIGHT, MANIFEST_FILE, PackManifest, TaskPack, TensorSpec, save_pack
+from runtime.pack import MANIFEST_FILE, POOLINGS, TOKEN_KINDS, PackManifest, TaskPack, TensorSpec, save_pack
 
 from runtime.version import __version__
 from .biases import BiasSlot, find_biases, parse_subset
 from .data import Example, TaskData, load_task_data
 from .metrics import evaluate
-from .model import BitFitModel, base_fingerprint, count_parameters, load_encoder, load_tokenizer, max_positions
+from .model import (BitFitModel, base_fingerprint, count_parameters, load_encoder, load_pooler, load_tokenizer,
+                    max_positions)
+from .tokens import IGNORE, encode_train_batch, evaluate_token_task, token_loss
 
 
 @dataclass
@@ -35,7 +37,8 @@ class TrainResult:
     seconds: float = 0.0
     trainable_params: int = 0  # encoder parameters trained (masked entries only) + head
     base_params: int = 0
-    model: BitFitModel | None = None  # the trained model, at its best epoch
+    model: BitFitModel | None = None  # the trained model, at its best epoch (on the CPU)
+    is_main_process: bool = True  # False in the other processes of a multi-process run: they write nothing
 
 
 @dataclass
@@ -80,6 +83,56 @@ def predict(model: BitFitModel, tokenizer, examples: list[Example], max_length: 
     return np.concatenate(outs)
 
 
+class OnDevice(torch.nn.Module):
+    """`net` fed CPU batches and answering on the CPU, as predict() and evaluate_token_task expect, while
+    it lives on a GPU."""
+
+    def __init__(self, net: torch.nn.Module, device: torch.device):
+        super().__init__()
+        self.net, self.device = net, device
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        return self.net(**{k: v.to(self.device) for k, v in inputs.items()}).cpu()
+
+
+def make_accelerator():
+    """This process's accelerate.Accelerator: one of several DDP processes under `accelerate launch` or
+    torchrun, else a lone process. CPU unless CUDA is there: given a GPU-less launch, accelerate would leave
+    each process alone instead of joining them over gloo, and MPS / XPU machines keep the CPU as before."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:  # each would train alone and all would write the pack
+        raise BitFitError(f"launched as {launched} processes but accelerate joined {accelerator.num_processes}: "
+                          "start multi-process runs with `accelerate launch` or torchrun")
+    return accelerator
+
+
+def loss_terms(kind: str, target: torch.Tensor) -> int:
+    """How many terms a batch's mean loss averages: labelled tokens, else rows (QA averages start and end
+    within each row)."""
+    return int((target != IGNORE).sum()) if kind == "token-classification" else len(target)
+
+
+def shard(inputs: dict[str, torch.Tensor], target: torch.Tensor, kind: str, rank: int,
+          world: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, float]:
+    """Process `rank`'s contiguous rows of a global batch, and the weight for its loss (a mean over its own
+    terms) that makes DDP's average of the processes' gradients the gradient of the whole batch's mean loss:
+    world * terms here / terms in the batch, exact for uneven shards and token-level losses. A process left
+    without terms still runs one row, weighted 0 (DDP needs every process in each backward); a batch
+    without any terms weighs NaN, so it stops the run as the NaN mean does in one process."""
+    if world == 1:
+        return inputs, target, 1.0
+    n = len(target)
+    lo, hi = n * rank // world, n * (rank + 1) // world
+    total, here = loss_terms(kind, target), loss_terms(kind, target[lo:hi])
+    if here == 0:
+        lo, hi = 0, 1
+    weight = world * here / total if total else float("nan")
+    return {k: v[lo:hi] for k, v in inputs.items()}, target[lo:hi], weight
+
+
 def mark_trainable(model: BitFitModel, slots: list[BiasSlot]) -> list[torch.nn.Parameter]:
     """Freeze everything, then unfreeze the chosen biases and the head (chosen by module, not by name)."""
     for p in model.parameters():
@@ -103,7 +156,7 @@ def train(
     weight_decay: float = 0.0,
     max_grad_norm: float = 1.0,
     max_length: int = 128,
-    pooling: str = "mean",
+    pooling: str = "auto",
     task_kind: str = "auto",
     task_name: str | None = None,
     dev: str | os.PathLike | None = None,
@@ -113,14 +166,25 @@ def train(
     progress: bool = True,
     log: Callable[[str], None] = tqdm.write,
     select: Callable[[BitFitModel], Selection] | None = None,
+    train_pooler: bool = False,
 ) -> TrainResult:
     """BitFit-train `model` on `data` and save a task pack to `out` (None: keep it in memory only).
 
     data: a CSV/TSV/JSONL file (`text`, `label`, optional `text_pair`), a built-in name (see
-    training.data), or a TaskData. The best epoch on the dev split is what the pack keeps.
+    training.data), or a TaskData; token-level JSONL files (see training.data) are recognised by their
+    keys, or named with task_kind "token-classification" / "question-answering". The best epoch on the
+    dev split is what the pack keeps.
+
+    pooling: "auto" (mean for sequence kinds, "none" for token kinds), "mean", "cls", or "pooler" (the base
+    checkpoint's own BERT pooler, frozen unless train_pooler=True; refused if the checkpoint has none).
 
     select: research use only (experiments/): train other parameters than biases, e.g. full fine-tuning
     or random masks. Such a run makes no task pack (out must be None); `biases` is then ignored.
+
+    Under `accelerate launch` (or torchrun) the processes train one model with DDP: batch_size stays the
+    global batch, every process draws the same order and takes its share of each batch's rows, and the
+    result equals a one-process run up to float rounding (dropout draws differ, so with dropout it matches
+    in distribution). Only the main process logs and writes the pack; all return once it is written.
     """
     if select is not None and out is not None:
         raise BitFitError("a run with select= trains more than biases and makes no task pack: pass out=None")
@@ -129,13 +193,25 @@ def train(
         raise PackError(f"{out} already exists: choose another --out, or pass --overwrite to replace it")
     if epochs < 1 or batch_size < 1 or lr <= 0 or not 0 <= warmup < 1:
         raise BitFitError("need epochs >= 1, batch_size >= 1, lr > 0 and 0 <= warmup < 1")
-    if pooling not in ("mean", "cls"):
-        raise BitFitError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
+    if pooling != "auto" and pooling not in POOLINGS:
+        raise BitFitError(f"pooling must be auto, {', '.join(POOLINGS)}; got {pooling!r}")
     kinds = parse_subset(biases)
     task = data if isinstance(data, TaskData) else load_task_data(data, dev=dev, task_kind=task_kind, train_size=train_size)
     if not task.train or not task.dev:
         raise BitFitError(f"{task.name}: need non-empty train and dev splits")
+    token_level = task.kind in TOKEN_KINDS
+    if pooling == "auto":
+        pooling = "none" if token_level else "mean"
+    if token_level != (pooling == "none"):
+        raise BitFitError(f"a {task.kind} task cannot use pooling {pooling!r}: token-level tasks take pooling 'none' "
+                          "(or auto), sequence tasks mean, cls or pooler")
+    if train_pooler and pooling != "pooler":
+        raise BitFitError(f"train_pooler needs pooling 'pooler', got {pooling!r}")
 
+    accelerator = make_accelerator()
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    if not accelerator.is_main_process:
+        log, progress = (lambda _: None), False
     seed_everything(seed)
     tokenizer = load_tokenizer(model)
     encoder = load_encoder(model)
@@ -145,8 +221,8 @@ def train(
         log(f"max_length {max_length} is more than {model} takes: using {limit}")
         max_length = limit
     slots = find_biases(encoder, kinds)
-    num_outputs = len(task.labels) if task.kind == "classification" else 1
-    net = BitFitModel(encoder, num_outputs, pooling)
+    num_outputs = 1 if task.kind == "regression" else len(task.labels)
+    net = BitFitModel(encoder, num_outputs, pooling, pooler=load_pooler(model) if pooling == "pooler" else None)
     masks: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
     if select is None:
         params = mark_trainable(net, slots)
@@ -162,7 +238,12 @@ def train(
         masks = [(chosen.params[i], m.to(chosen.params[i].dtype)) for i, m in chosen.masks.items()]
         n_bias = chosen.count()
         what = "selected parameters (research run"
+    if train_pooler:
+        net.pooler.requires_grad_(True)
+        params = [*params, *net.pooler.parameters()]
     n_head = sum(p.numel() for p in net.head.parameters())
+    if train_pooler:
+        n_head += sum(p.numel() for p in net.pooler.parameters())
     n_base = count_parameters(encoder)
     log(
         f"BitFit on {task.name}: training {n_bias:,} {what}; {n_bias / n_base:.3%} of "
@@ -171,11 +252,33 @@ def train(
 
     from transformers import get_linear_schedule_with_warmup
 
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    net.to(device)  # before the optimizer and masks are made; prepare() would move it too
+    masks = [(p, m.to(device)) for p, m in masks]
+    # DDP syncs only the parameters that require grad; all of them take part in every forward
+    ddp, optimizer = accelerator.prepare(net, torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay))
     steps = epochs * ((len(task.train) + batch_size - 1) // batch_size)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(warmup * steps), steps)
-    y_train = task.targets(task.train)
+    # not prepared: accelerate would step it once per process, but `steps` counts global batches
+    scheduler = get_linear_schedule_with_warmup(optimizer.optimizer, int(warmup * steps), steps)
     loss_fn = torch.nn.MSELoss() if task.kind == "regression" else torch.nn.CrossEntropyLoss()
+
+    def encode_train(batch: list) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        if token_level:
+            return encode_train_batch(task, tokenizer, batch, max_length)
+        return encode_batch(tokenizer, batch, max_length), torch.from_numpy(task.targets(batch))
+
+    def compute_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if token_level:
+            return token_loss(task.kind, output, target)
+        return loss_fn(output[:, 0], target) if task.kind == "regression" else loss_fn(output, target)
+
+    scorer = net if device.type == "cpu" else OnDevice(net, device)
+
+    def score(examples: list) -> dict[str, float]:
+        # every process scores the whole split alike, so all agree on the best epoch
+        if token_level:
+            return evaluate_token_task(scorer, tokenizer, task, examples, max_length)
+        return evaluate(task.metric, predict(scorer, tokenizer, examples, max_length), task.targets(examples))
+
     generator = torch.Generator().manual_seed(seed)
 
     history: list[dict[str, Any]] = []
@@ -187,23 +290,28 @@ def train(
         losses = []
         bar = tqdm(batches(task.train, batch_size, order), desc=f"{task.name} epoch {epoch}/{epochs}",
                    disable=not progress, leave=False)
-        for s, batch in zip(range(0, len(order), batch_size), bar):
-            inputs = encode_batch(tokenizer, batch, max_length)
-            target = torch.from_numpy(y_train[order[s : s + batch_size]])
-            output = net(**inputs)
-            loss = loss_fn(output[:, 0], target) if task.kind == "regression" else loss_fn(output, target)
-            if not torch.isfinite(loss):
-                raise BitFitError(f"the loss became {loss.item()} at epoch {epoch}: lower the learning rate (now {lr})")
+        for batch in bar:
+            # the whole global batch is encoded, so the shards keep its padding, as one process would
+            inputs, target, weight = shard(*encode_train(batch), task.kind, rank, world)
+            output = ddp(**{k: v.to(device) for k, v in inputs.items()})
+            if weight == 0:  # a stand-in row: it joins the gradient exchange and adds nothing
+                loss = output.sum() * 0.0
+            else:
+                loss = compute_loss(output, target.to(device)) * weight
+            batch_loss = accelerator.reduce(loss.detach(), "mean")  # the global batch's mean loss, everywhere
+            if not torch.isfinite(batch_loss):  # all processes stop alike
+                raise BitFitError(f"the loss became {batch_loss.item()} at epoch {epoch}: lower the learning "
+                                  f"rate (now {lr})")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            accelerator.backward(loss)
             for p, mask in masks:  # entries outside a mask never move: AdamW steps 0 for a gradient always 0
                 p.grad.mul_(mask)
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            accelerator.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
             scheduler.step()
-            losses.append(loss.item())
+            losses.append(batch_loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-        dev_metrics = evaluate(task.metric, predict(net, tokenizer, task.dev, max_length), task.targets(task.dev))
+        dev_metrics = score(task.dev)
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), **{f"dev_{k}": v for k, v in dev_metrics.items()}})
         log(f"  epoch {epoch}: loss {np.mean(losses):.4f}, dev {task.metric} {dev_metrics[task.metric]:.2f}")
         if best is None or dev_metrics[task.metric] > best[0]:
@@ -213,19 +321,17 @@ def train(
     with torch.no_grad():  # restore the best epoch
         for p, saved in zip(params, best_tensors):
             p.copy_(saved)
-    dev_metrics = evaluate(task.metric, predict(net, tokenizer, task.dev, max_length), task.targets(task.dev))
-    test_metrics = (
-        evaluate(task.metric, predict(net, tokenizer, task.test, max_length), task.targets(task.test)) if task.test else {}
-    )
-    train_sample = task.train[:2000]
-    train_metrics = evaluate(task.metric, predict(net, tokenizer, train_sample, max_length), task.targets(train_sample))
+    dev_metrics = score(task.dev)
+    test_metrics = score(task.test) if task.test else {}
+    train_metrics = score(task.train[:2000])
+    net.to("cpu")
 
     if select is not None:
         return TrainResult(None, None, history, best[1], dev_metrics, test_metrics, train_metrics,
-                           time.perf_counter() - started, n_bias + n_head, n_base, net)
+                           time.perf_counter() - started, n_bias + n_head, n_base, net, accelerator.is_main_process)
     tensors = {s.name: s.parameter.detach().float().numpy().copy() for s in slots}
-    tensors[HEAD_WEIGHT] = net.head.weight.detach().float().numpy().copy()
-    tensors[HEAD_BIAS] = net.head.bias.detach().float().numpy().copy()
+    head = net.head_tensors()
+    tensors.update(head)
     base_id = os.path.abspath(model) if Path(model).is_dir() else str(model)
     manifest = PackManifest(
         task=task_name or task.name,
@@ -241,7 +347,7 @@ def train(
         tokenizer=base_id,
         bias_subset=list(kinds),
         biases=[TensorSpec(s.name, tuple(s.parameter.shape), "float32", s.kind, s.layer, s.source) for s in slots],
-        head=[TensorSpec(k, tensors[k].shape) for k in (HEAD_WEIGHT, HEAD_BIAS)],
+        head=[TensorSpec(k, v.shape) for k, v in head.items()],
         trainable_params=n_bias + n_head,
         base_params=n_base,
         metrics={
@@ -254,13 +360,15 @@ def train(
             "data": task.source,
             "train_examples": len(task.train),
             "hyperparameters": {"lr": lr, "epochs": epochs, "batch_size": batch_size, "warmup": warmup,
-                                "weight_decay": weight_decay, "seed": seed, "max_grad_norm": max_grad_norm},
+                                "weight_decay": weight_decay, "seed": seed, "max_grad_norm": max_grad_norm,
+                                **({"train_pooler": True} if train_pooler else {})},
         },
         tool_version=__version__,
     )
     pack = TaskPack(manifest, tensors)
-    path = save_pack(pack, out, overwrite=overwrite) if out is not None else None
+    path = save_pack(pack, out, overwrite=overwrite) if out is not None and accelerator.is_main_process else None
     if path is not None:
         log(f"saved task pack {manifest.task!r} to {path} ({pack.nbytes / 1024:.1f} KiB of tensors, {MANIFEST_FILE})")
+    accelerator.wait_for_everyone()  # so that on every process, a returned train() means the pack is on disk
     return TrainResult(path, pack, history, best[1], dev_metrics, test_metrics, train_metrics,
-                       time.perf_counter() - started, n_bias + n_head, n_base, net)
+                       time.perf_counter() - started, n_bias + n_head, n_base, net, accelerator.is_main_process)

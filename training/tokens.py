@@ -1,0 +1,175 @@
+"""Token-level tasks on the torch side: batches with per-token targets, losses, and evaluation.
+
+Token classification trains on each word's first sub-token (the others are -100, ignored by the loss).
+QA encodes (question, context) as a text pair truncated only in the context, and targets the tokens
+holding the answer's first and last characters; an answer cut off by truncation targets token 0 (CLS),
+as in the HF examples. Evaluation decodes with runtime.heads, the runtime's own functions.
+"""
+from __future__ import annotations
+
+import collections
+import re
+import string
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from runtime.errors import BitFitError
+from runtime.heads import DEFAULT_MAX_ANSWER_TOKENS, best_span, first_subtokens, word_logits
+
+from .data import QAExample, TaskData, TokenExample, is_bio
+
+IGNORE = -100  # torch's cross-entropy ignore_index: tokens that carry no target
+
+
+def _tokenize(tokenizer, *args, **kwargs):
+    try:
+        return tokenizer(*args, padding=True, return_tensors="pt", return_token_type_ids=True, **kwargs)
+    except Exception as e:  # noqa: BLE001 - tokenizers raise plain Exceptions / ValueErrors
+        text = str(e)
+        if "truncat" in text.lower():
+            raise BitFitError(f"a question leaves no room for its context within max_length ({e}): raise "
+                              "--max-length or shorten the questions") from e
+        if "add_prefix_space" in text:
+            raise BitFitError(f"this tokenizer cannot take pre-split words as it is configured ({e}): "
+                              "token classification needs a tokenizer that accepts words (e.g. BERT's)") from e
+        raise BitFitError(f"cannot tokenize the batch ({e})") from e
+
+
+def _inputs(enc) -> dict[str, torch.Tensor]:
+    return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+
+
+def encode_tokens(tokenizer, batch: list[TokenExample], labels: list[str], max_length: int):
+    """(inputs, targets [B, T], encoding): targets hold the tag index at each word's first sub-token."""
+    enc = _tokenize(tokenizer, [list(e.tokens) for e in batch], is_split_into_words=True, truncation=True,
+                    max_length=max_length)
+    index = {name: i for i, name in enumerate(labels)}
+    targets = torch.full(enc["input_ids"].shape, IGNORE, dtype=torch.long)
+    for i, e in enumerate(batch):
+        first = first_subtokens(enc.word_ids(i), len(e.tokens))
+        for w, position in enumerate(first):
+            if position >= 0:
+                targets[i, position] = index[e.tags[w]]
+    return _inputs(enc), targets, enc
+
+
+def encode_qa(tokenizer, batch: list[QAExample], max_length: int):
+    """(inputs, targets [B, 2] of start and end token, encoding)."""
+    enc = _tokenize(tokenizer, [e.question for e in batch], [e.context for e in batch], truncation="only_second",
+                    max_length=max_length, return_offsets_mapping=True)
+    targets = torch.zeros((len(batch), 2), dtype=torch.long)
+    for i, e in enumerate(batch):
+        a, b = e.starts[0], e.starts[0] + len(e.answers[0])
+        offsets = enc["offset_mapping"][i].tolist()
+        context = [t for t, s in enumerate(enc.sequence_ids(i)) if s == 1]
+        if not context or offsets[context[0]][0] > a or offsets[context[-1]][1] < b:
+            continue  # the answer was truncated away: target CLS (0, 0)
+        start = max(t for t in context if offsets[t][0] <= a)
+        end = min(t for t in context if offsets[t][1] >= b)
+        targets[i] = torch.tensor([start, max(start, end)])
+    return _inputs(enc), targets, enc
+
+
+def encode_train_batch(task: TaskData, tokenizer, batch: list, max_length: int):
+    """(inputs, targets) for one training batch of a token-level task."""
+    if task.kind == "token-classification":
+        inputs, targets, _ = encode_tokens(tokenizer, batch, task.labels, max_length)
+    else:
+        inputs, targets, _ = encode_qa(tokenizer, batch, max_length)
+    return inputs, targets
+
+
+def token_loss(kind: str, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Token classification: cross-entropy over labelled tokens. QA: mean of start and end cross-entropy
+    over the sequence positions."""
+    if kind == "token-classification":
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)
+    return (F.cross_entropy(logits[..., 0], targets[:, 0]) + F.cross_entropy(logits[..., 1], targets[:, 1])) / 2
+
+
+# -- evaluation --------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_token_task(model, tokenizer, task: TaskData, examples: list, max_length: int,
+                        batch_size: int = 64) -> dict[str, float]:
+    """Metrics in percent: token classification accuracy (+ entity_f1 for BIO tags); QA exact_match and f1."""
+    was_training = model.training
+    model.eval()
+    gold, pred = [], []
+    for s in range(0, len(examples), batch_size):
+        batch = examples[s : s + batch_size]
+        if task.kind == "token-classification":
+            inputs, _, enc = encode_tokens(tokenizer, batch, task.labels, max_length)
+            logits = model(**inputs).float().numpy()
+            for i, e in enumerate(batch):
+                wl = word_logits(logits[i], enc.word_ids(i), len(e.tokens))
+                pred.append([None if np.isnan(row[0]) else task.labels[int(row.argmax())] for row in wl])
+                gold.append(list(e.tags))
+        else:
+            inputs, _, enc = encode_qa(tokenizer, batch, max_length)
+            logits = model(**inputs).float().numpy()
+            mask = inputs["attention_mask"].numpy() == 1
+            for i, e in enumerate(batch):
+                allowed = np.array([s == 1 for s in enc.sequence_ids(i)]) & mask[i]
+                start, end, _ = best_span(logits[i, :, 0], logits[i, :, 1], allowed, DEFAULT_MAX_ANSWER_TOKENS)
+                offsets = enc["offset_mapping"][i].tolist()
+                pred.append(e.context[offsets[start][0] : offsets[end][1]] if allowed.any() else "")
+                gold.append(list(e.answers))
+    model.train(was_training)
+    if task.kind == "token-classification":
+        out = {"accuracy": word_accuracy(pred, gold)}
+        if is_bio(task.labels):
+            out["entity_f1"] = entity_f1(pred, gold)
+        return out
+    return squad_metrics(pred, gold)
+
+
+def word_accuracy(pred: list[list[str | None]], gold: list[list[str]]) -> float:
+    pairs = [(p, g) for ps, gs in zip(pred, gold) for p, g in zip(ps, gs)]
+    return 100.0 * sum(p == g for p, g in pairs) / max(len(pairs), 1)
+
+
+def entities(tags: list[str | None]) -> set[tuple[str, int, int]]:
+    """(type, first word, last word) of each entity in a BIO sequence, conlleval-style: an I-X that does
+    not continue an X entity starts one. A word without a prediction counts as O."""
+    found, current = set(), None
+    for i, tag in enumerate([t or "O" for t in tags] + ["O"]):
+        kind = tag[2:] if tag[:2] in ("B-", "I-") else None
+        if current is not None and (kind != current[0] or tag.startswith("B-")):
+            found.add((current[0], current[1], i - 1))
+            current = None
+        if kind is not None and current is None:
+            current = (kind, i)
+    return found
+
+
+def entity_f1(pred: list[list[str | None]], gold: list[list[str]]) -> float:
+    tp = n_pred = n_gold = 0
+    for p, g in zip(pred, gold):
+        ep, eg = entities(p), entities(g)
+        tp, n_pred, n_gold = tp + len(ep & eg), n_pred + len(ep), n_gold + len(eg)
+    return 0.0 if tp == 0 else 100.0 * 2 * tp / (n_pred + n_gold)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD v1.1's normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def _f1(prediction: str, truth: str) -> float:
+    p, t = normalize_answer(prediction).split(), normalize_answer(truth).split()
+    common = sum((collections.Counter(p) & collections.Counter(t)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(t)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_metrics(pred: list[str], gold: list[list[str]]) -> dict[str, float]:
+    """Exact match and token F1 in percent, each the best over an example's gold answers (SQuAD v1.1)."""
+    em = [max(float(normalize_answer(p) == normalize_answer(g)) for g in gs) for p, gs in zip(pred, gold)]
+    f1 = [max(_f1(p, g) for g in gs) for p, gs in zip(pred, gold)]
+    return {"exact_match": 100.0 * float(np.mean(em)), "f1": 100.0 * float(np.mean(f1))}
