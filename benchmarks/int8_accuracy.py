@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compiler import compile
+from compiler.compile import compile
 from runtime import TaskSession
 from runtime.pack import sha256_file
 from training.data import load_builtin

@@ -28,6 +28,7 @@ from training.biases import BiasSlot, find_biases, parse_subset
 from training.model import base_fingerprint, load_encoder, load_tokenizer, max_positions, uses_token_types
 
 from .fuse import FUSE_STEPS, export_fused
+from .head import HEAD_INPUT_NAMES, AddHeadPass
 from .passes import BiasDefaultsPass, CheckBiasInputsPass, CheckTokenInputsPass, run_passes
 from .quantize import QUANTIZE_MODES, quantize_int8, to_fp16
 
@@ -75,13 +76,33 @@ class BiasTableWrapper(BiasInputWrapper):
             for s, table in zip(self.slots, tables):
                 s.module._parameters["bias"] = None
                 rows = table[task_ids].unsqueeze(1)  # [batch, 1, dim]
-                hooks.append(s.module.register_forward_hook(lambda _m, _i, out, rows=rows: out + rows))
+                hooks.append(s.module.register_forward_hook(_add_rows(s, rows)))
             return self.encoder(**tokens).last_hidden_state
         finally:
             for h in hooks:
                 h.remove()
             for s, p in zip(self.slots, saved):
                 s.module._parameters["bias"] = p
+
+
+def _add_rows(slot: BiasSlot, rows: torch.Tensor) -> Callable:
+    """The forward hook that adds each row's bias, for a module that only ever sees [batch, sequence, dim].
+
+    DeBERTa-v2 also runs its query and key projections on the relative-position embeddings, one tensor shared
+    by every row; a per-row bias cannot go there, and broadcasting it would silently compute something else.
+    """
+
+    def hook(_module: nn.Module, _inputs: tuple, out: torch.Tensor) -> torch.Tensor:
+        if out.dim() != 3 or out.shape[0] != rows.shape[0]:
+            raise BitFitError(
+                f"--mixed cannot compile the bias {slot.name}: the model also applies {slot.source} to a tensor "
+                f"of shape {tuple(int(d) for d in out.shape)} shared by all rows of a batch (as DeBERTa-v2 does "
+                f"to its relative positions), which a per-row bias table cannot express; compile without --mixed, "
+                f"or with --biases leaving out {slot.kind}"
+            )
+        return out + rows
+
+    return hook
 
 
 def export_onnx(
@@ -112,6 +133,8 @@ def export_onnx(
         # are checked by a pass and by parity tests on other shapes instead.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=".*aten::index.*")
+        # DeBERTa-v2's attention scale is torch.tensor(size): traced to a constant, as it should be
+        warnings.filterwarnings("ignore", message="To copy construct from a tensor")
         torch.onnx.export(
             wrapper,
             args,
@@ -212,6 +235,15 @@ def compile(
             run_passes(ir.load(tmp / cm.MODEL_FILE), [CheckBiasInputsPass(checked)], f"fp16 conversion of {model!r}",
                        "compile without --fp16")
             steps += ["convert_float_to_float16(keep_io_types)", "CheckBiasInputsPass"]
+        head_inputs: list[TensorSpec] = []
+        outputs = [cm.OUTPUT_NAME]
+        if not mixed:  # last, so the head is never fused, quantized or cast: fp32 in every variant
+            graph = ir.load(tmp / cm.MODEL_FILE)
+            head = AddHeadPass(int(config.hidden_size))
+            run_passes(graph, [head], f"adding the task head to {model!r}")
+            ir.save(graph, tmp / cm.MODEL_FILE)
+            head_inputs, outputs = head.specs, [cm.OUTPUT_NAME, cm.LOGITS, cm.TOKEN_LOGITS]
+            steps.append("AddHeadPass")
         save_file({k: np.ascontiguousarray(v) for k, v in defaults.items()}, str(tmp / cm.BASE_BIASES_FILE))
         tokenizer.backend_tokenizer.save(str(tmp / cm.TOKENIZER_FILE))
         manifest = cm.CompiledManifest(
@@ -230,6 +262,8 @@ def compile(
             passes=steps,
             fused_ops=fused_ops,
             mixed=mixed,
+            head_inputs=head_inputs,
+            outputs=outputs,
             precision=QUANTIZE_MODES[quantize] if quantize else "fp16" if fp16 else "fp32",
             tool_version=__version__,
         )
@@ -247,4 +281,5 @@ def compile(
 def graph_bias_values(model_path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The default (base) value of each bias input of a compiled graph."""
     graph = ir.load(model_path).graph
-    return {v.name: v.const_value.numpy() for v in graph.inputs if v.const_value is not None}
+    return {v.name: v.const_value.numpy() for v in graph.inputs
+            if v.const_value is not None and v.name not in HEAD_INPUT_NAMES}

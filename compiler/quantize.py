@@ -64,9 +64,27 @@ def to_fp16(path: str | Path) -> None:
 
 
 def nodes_reading_defaults(path: str | Path) -> list[str]:
-    """Names of nodes fed by a graph input that has a default (an overridable initializer: a bias)."""
+    """Names of nodes fed by a graph input that has a default (an overridable initializer: a bias or a head
+    input), or by a value computed from head inputs and constants alone.
+
+    The second kind is for the in-graph head: its MatMul reads Transpose(head.weight), which a quantizer
+    that folds constants would take for a frozen weight and bake. (Compile adds the head after quantizing;
+    this keeps a head graph that is quantized again live.) Values computed from bias inputs alone are not
+    followed: fused Attention reads Concat(bq, bk, bv) and its int8 weights are what --quantize is for.
+    """
     import onnx_ir as ir
+
+    from .head import HEAD_INPUT_NAMES
 
     graph = ir.load(str(path)).graph
     overridable = {v.name for v in graph.inputs if v.const_value is not None}
-    return [node.name for node in graph if any(i is not None and i.name in overridable for i in node.inputs)]
+    derived = overridable & set(HEAD_INPUT_NAMES)
+    constant = set(graph.initializers) - overridable
+    out = []
+    for node in graph:  # topological order: a derived value is known before its readers
+        names = [i.name for i in node.inputs if i is not None]
+        if any(n in overridable or n in derived for n in names):
+            out.append(node.name)
+            if any(n in derived for n in names) and all(n in derived or n in constant for n in names):
+                derived.update(o.name for o in node.outputs)
+    return out

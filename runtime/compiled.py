@@ -9,8 +9,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .errors import CompiledModelError, IncompatibleError
-from .pack import HEAD_WEIGHT, PackManifest, TaskPack, TensorSpec, _version
+from .pack import (
+    HEAD_BIAS, HEAD_POOLER_BIAS, HEAD_POOLER_WEIGHT, HEAD_WEIGHT, PackManifest, TaskPack, TensorSpec, _version,
+)
 
 FORMAT = "bitfit-compiled"
 FORMAT_VERSION = 1
@@ -20,6 +24,11 @@ TOKENIZER_FILE = "tokenizer.json"
 OUTPUT_NAME = "last_hidden_state"
 TASK_IDS = "task_ids"  # mixed graphs: int64 [batch], each row's row in the bias tables
 BASE_BIASES_FILE = "base_biases.safetensors"  # the base model's bias values, by canonical name
+# The in-graph head (plain graphs): optional inputs, so a run that feeds none of them is the base model.
+HEAD_POOLING = "head.pooling"  # float [3]: weights of the (mean, cls, pooler) poolings; one-hot for a pack
+POOLING_COLUMNS = ("mean", "cls", "pooler")
+LOGITS = "logits"  # [batch, labels] = pooled @ head.weight^T + head.bias
+TOKEN_LOGITS = "token_logits"  # [batch, sequence, labels] = hidden @ head.weight^T + head.bias
 
 
 @dataclass
@@ -41,12 +50,17 @@ class CompiledManifest:
     passes: list[str] = field(default_factory=list)
     fused_ops: dict[str, int] = field(default_factory=dict)  # onnxruntime fused kernels in the graph, by op
     mixed: bool = False  # biases are [tasks, dim] tables picked per row by task_ids
+    # Optional inputs of the in-graph head (-1 in a shape: any size, the number of labels); empty for graphs
+    # compiled before the head existed and for mixed graphs. outputs: every graph output, `output` first.
+    head_inputs: list[TensorSpec] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=lambda: [OUTPUT_NAME])
     tool_version: str = ""
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
         self.bias_inputs = [b if isinstance(b, TensorSpec) else TensorSpec.from_json(b) for b in self.bias_inputs]
+        self.head_inputs = [h if isinstance(h, TensorSpec) else TensorSpec.from_json(h) for h in self.head_inputs]
 
     @property
     def bias_specs(self) -> dict[str, TensorSpec]:
@@ -55,6 +69,7 @@ class CompiledManifest:
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["bias_inputs"] = [b.to_json() for b in self.bias_inputs]
+        out["head_inputs"] = [h.to_json() for h in self.head_inputs]
         return out
 
 
@@ -118,3 +133,28 @@ def check_pack_fits(compiled: CompiledManifest, pack: TaskPack | PackManifest, w
         problems.append(f"max_length {m.max_length} exceeds the model's {compiled.max_positions} positions")
     if problems:
         raise IncompatibleError(f"{label} does not fit the compiled graph: " + "; ".join(problems))
+
+
+def pooling_weights(pooling: str) -> np.ndarray:
+    """The head.pooling feed for a pack's pooling: one-hot over POOLING_COLUMNS; zeros for "none" (token
+    kinds read token_logits, whose head does not pool)."""
+    out = np.zeros(len(POOLING_COLUMNS), np.float32)
+    if pooling != "none":
+        if pooling not in POOLING_COLUMNS:
+            raise IncompatibleError(f"the in-graph head has no {pooling!r} pooling: it pools by {POOLING_COLUMNS}")
+        out[POOLING_COLUMNS.index(pooling)] = 1.0
+    return out
+
+
+def head_feeds(pack: TaskPack) -> dict[str, np.ndarray]:
+    """A pack's values for the in-graph head's inputs, by input name: with them (and the pack's biases) a plain
+    onnxruntime run gives the pack's logits (sequence kinds) or token_logits (token kinds)."""
+    feeds = {
+        HEAD_WEIGHT: pack.tensors[HEAD_WEIGHT],
+        HEAD_BIAS: pack.tensors[HEAD_BIAS],
+        HEAD_POOLING: pooling_weights(pack.manifest.pooling),
+    }
+    for name in (HEAD_POOLER_WEIGHT, HEAD_POOLER_BIAS):
+        if name in pack.tensors:
+            feeds[name] = pack.tensors[name]
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in feeds.items()}

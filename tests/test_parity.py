@@ -104,7 +104,8 @@ def test_graph_inputs_match_the_manifest(arch):
     required = {i.name: i for i in session.session.get_inputs()}
     overridable = {i.name: i for i in session.session.get_overridable_initializers()}
     assert set(required) == set(expected_tokens)  # biases are not required: they have defaults
-    assert set(overridable) == {b.name for b in m.bias_inputs}
+    head = {h.name for h in m.head_inputs}  # the in-graph head's optional inputs (tests/test_head.py)
+    assert set(overridable) == {b.name for b in m.bias_inputs} | head
     for name, i in required.items():
         assert i.type == "tensor(int64)"
         assert len(i.shape) == 2 and all(isinstance(d, str) for d in i.shape), f"{name} has fixed axes {i.shape}"
@@ -114,7 +115,7 @@ def test_graph_inputs_match_the_manifest(arch):
 
     # each default is the base model's bias value
     graph = ir.load(compiled / MODEL_FILE).graph
-    defaults = {v.name: v.const_value.numpy() for v in graph.inputs if v.const_value is not None}
+    defaults = {v.name: v.const_value.numpy() for v in graph.inputs if v.const_value is not None and v.name not in head}
     assert set(defaults) == {s.name for s in slots}
     for s in slots:
         assert np.array_equal(defaults[s.name], s.parameter.detach().numpy()), s.name

@@ -54,7 +54,7 @@ def test_compiled_graph_passes_every_check(bert_compiled):
     CheckBiasInputsPass(shapes)(model)
     CheckTokenInputsPass(read_manifest(bert_compiled).token_inputs)(model)
     assert read_manifest(bert_compiled).passes == [
-        "export(bias inputs)", "BiasDefaultsPass", "CheckBiasInputsPass", "CheckTokenInputsPass"]
+        "export(bias inputs)", "BiasDefaultsPass", "CheckBiasInputsPass", "CheckTokenInputsPass", "AddHeadPass"]
 
 
 # -- the trap ---------------------------------------------------------------------------------------
