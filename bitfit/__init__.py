@@ -40,4 +40,35 @@ def inspect(*args: Any, **kwargs: Any):
     return _inspect(*args, **kwargs)
 
 
-__all__ = ["__version__", "compile", "inspect", "predict", "train", "verify"]
+def extract(*args: Any, **kwargs: Any):
+    from training.extract import extract as _extract
+
+    return _extract(*args, **kwargs)
+
+
+def import_peft(*args: Any, **kwargs: Any):
+    from training.peft_import import import_peft as _import_peft
+
+    return _import_peft(*args, **kwargs)
+
+
+def export_adapter(*args: Any, **kwargs: Any):
+    from .adapter import export_adapter as _export_adapter
+
+    return _export_adapter(*args, **kwargs)
+
+
+def export_bank(*args: Any, **kwargs: Any):
+    from runtime.bank import export_bank as _export_bank
+
+    return _export_bank(*args, **kwargs)
+
+
+def export_triton(*args: Any, **kwargs: Any):
+    from .triton import export_triton as _export_triton
+
+    return _export_triton(*args, **kwargs)
+
+
+__all__ = ["__version__", "compile", "export_adapter", "export_bank", "export_triton", "extract", "import_peft",
+           "inspect", "predict", "train", "verify"]

@@ -20,7 +20,10 @@ def _train(a: argparse.Namespace) -> int:
         a.model, a.data, a.out, biases=a.biases, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size,
         warmup=a.warmup, max_length=a.max_length, pooling=a.pooling, task_kind=a.task_kind, task_name=a.name,
         dev=a.dev, train_size=a.train_size, seed=a.seed, overwrite=a.overwrite, progress=not a.quiet,
+        train_pooler=a.train_pooler,
     )
+    if not result.is_main_process:  # under `accelerate launch`: the main process reports
+        return 0
     m = result.pack.manifest
     metric = m.metrics["metric"]
     test = f", test {result.test[metric]:.2f}" if result.test else ""
@@ -40,7 +43,13 @@ def _compile(a: argparse.Namespace) -> int:
 def _predict(a: argparse.Namespace) -> int:
     from .predict import predict, read_texts
 
+    from runtime import Answers, TokenPredictions
+
     texts, pairs = list(a.text or []), list(a.text_pair) if a.text_pair else None
+    if a.question or a.context:  # question answering: questions are the texts, contexts their pairs
+        if len(a.question or []) != len(a.context or []):
+            raise BitFitError("give one --context for every --question")
+        texts, pairs = texts + a.question, (pairs or []) + a.context
     if a.file:
         more, more_pairs = read_texts(a.file)
         texts += more
@@ -51,6 +60,10 @@ def _predict(a: argparse.Namespace) -> int:
     for text, record in zip(texts, out.records()):
         if a.json:
             print(json.dumps(record))
+        elif isinstance(out, TokenPredictions):
+            print(" ".join(f"{w}/{label}" for w, label in zip(record["tokens"], record["labels"])))
+        elif isinstance(out, Answers):
+            print(f"{record['answer']}\t{record['score']:.3f}\t{text}")
         elif out.task_kind == "classification":
             print(f"{record['label']}\t{max(record['scores'].values()):.3f}\t{text}")
         else:
@@ -88,6 +101,57 @@ def _serve(a: argparse.Namespace) -> int:
     return 0
 
 
+def _extract(a: argparse.Namespace) -> int:
+    from training.extract import extract
+
+    r = extract(a.base, a.finetuned, a.out, task=a.task, biases=a.biases, atol=a.atol, max_length=a.max_length,
+                overwrite=a.overwrite)
+    m = r.pack.manifest
+    print(f"{m.task}: {m.task_kind}, pooling {m.pooling}, biases {','.join(m.bias_subset) or 'none'} "
+          f"(changed: {','.join(r.changed_kinds) or 'none'}), frozen weights equal the base"
+          f"{f' within {a.atol}' if r.max_weight_diff else ''} -> {r.path}")
+    return 0
+
+
+def _import_peft(a: argparse.Namespace) -> int:
+    from training.peft_import import import_peft
+
+    labels = [s.strip() for s in a.labels.split(",")] if a.labels else None
+    r = import_peft(a.base, a.adapter, a.out, task=a.task, labels=labels, biases=a.biases, max_length=a.max_length,
+                    overwrite=a.overwrite)
+    m = r.pack.manifest
+    print(f"{m.task}: {m.task_kind}, pooling {m.pooling}, biases {','.join(m.bias_subset) or 'none'} -> {r.path}")
+    return 0
+
+
+def _export_bank(a: argparse.Namespace) -> int:
+    from runtime.bank import export_bank
+
+    bank = export_bank(a.compiled, a.packs, a.out, block_align=a.block_align, overwrite=a.overwrite)
+    print(f"{len(bank.tasks)} tasks x {bank.block_bytes} bytes per block ({len(bank.biases)} biases), "
+          f"{bank.layout['total_bytes']} bytes -> {bank.directory} (bank.bin, bank.json, bank.h)")
+    return 0
+
+
+def _export_adapter(a: argparse.Namespace) -> int:
+    from .adapter import export_adapter
+
+    out = export_adapter(a.compiled, a.pack, a.out, overwrite=a.overwrite)
+    print(f"wrote {out} and {out.with_suffix('.json')}: activate ONE adapter per run "
+          "(RunOptions.add_active_adapter); it wins over explicit feeds of the same names")
+    return 0
+
+
+def _export_triton(a: argparse.Namespace) -> int:
+    from .triton import export_triton
+
+    target = export_triton(a.compiled, a.packs, a.out, name=a.name, max_batch_size=a.max_batch_size,
+                           instance_kind=a.instance_kind, instances=a.instances, overwrite=a.overwrite)
+    print(f"wrote Triton model {target} ({len(a.packs)} tasks; ids in {target / 'tasks.json'}): "
+          f"tritonserver --model-repository {a.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bitfit", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"bitfit {__version__}")
@@ -97,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="HF model id or local directory of the pre-trained encoder")
     p.add_argument("--data", required=True,
                    help="CSV/TSV/JSONL with text, label (and text_pair) columns, or a built-in data set: "
-                        "movie-sentiment, movie-score, trec6, sms-spam")
+                        "movie-sentiment, movie-score, trec6, sms-spam; token-level tasks: JSONL with tokens and "
+                        "tags, or SQuAD-style question, context and answers")
     p.add_argument("--out", required=True, help="directory to write the task pack to")
     p.add_argument("--dev", help="a dev file (default: 10%% of --data, seeded)")
     p.add_argument("--biases", default="all", help="'all', or bias kinds: bq,bk,bv,bm1,bLN1,bm2,bm3,bLN2,bLNe "
@@ -107,8 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--warmup", type=float, default=0.1, help="share of steps with linear warm-up")
     p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--pooling", choices=["mean", "cls"], default="mean")
-    p.add_argument("--task-kind", choices=["auto", "classification", "regression"], default="auto")
+    p.add_argument("--pooling", choices=["auto", "mean", "cls", "pooler", "none"], default="auto",
+                   help="auto: mean for sequence tasks, none for token-level ones; pooler: the checkpoint's own "
+                        "BERT pooler (tanh dense on the first token, as HF *ForSequenceClassification), frozen")
+    p.add_argument("--train-pooler", action="store_true", help="with --pooling pooler: train the pooler too")
+    p.add_argument("--task-kind", default="auto",
+                   choices=["auto", "classification", "regression", "token-classification", "question-answering"],
+                   help="auto: from the data (JSONL with tokens/tags: token-classification; with "
+                        "question/context/answers: question-answering)")
     p.add_argument("--name", help="task name (default: the data set's name)")
     p.add_argument("--train-size", type=int, help="use only the first N training examples")
     p.add_argument("--seed", type=int, default=0)
@@ -140,7 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pack", required=True, help="a task pack made by `bitfit train`")
     p.add_argument("--text", action="append", help="a text (repeatable)")
     p.add_argument("--text-pair", action="append", help="second texts for sentence-pair tasks (repeatable)")
-    p.add_argument("--file", help="texts, one per line, or JSONL with text (and text_pair)")
+    p.add_argument("--file", help="texts, one per line, or JSONL with text (and text_pair), with tokens (token "
+                                  "classification), or with question and context (question answering)")
+    p.add_argument("--question", action="append", help="question answering: a question (repeatable)")
+    p.add_argument("--context", action="append", help="question answering: the context of each --question")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
                    help="cuda needs onnxruntime-gpu; auto: cuda where present")
@@ -184,6 +258,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=_inspect)
+    p = sub.add_parser("extract", help="turn a full BitFit fine-tuned HF checkpoint into a task pack (proven exact)",
+                       description="Proves every frozen weight of --finetuned equals --base's, then packs the "
+                                   "changed biases and the head (BERT pooler / RoBERTa dense+tanh heads, token "
+                                   "classification, question answering).")
+    p.add_argument("--base", required=True, help="the pre-trained encoder the checkpoint was fine-tuned from")
+    p.add_argument("--finetuned", required=True, help="a saved *ForSequenceClassification / *ForTokenClassification "
+                                                      "/ *ForQuestionAnswering checkpoint")
+    p.add_argument("--out", required=True, help="directory to write the task pack to")
+    p.add_argument("--task", help="task name (default: the checkpoint directory's name)")
+    p.add_argument("--biases", default="changed",
+                   help="'changed' (default: the bias kinds that differ from the base), 'all', or kinds")
+    p.add_argument("--atol", type=float, default=0.0,
+                   help="allowed difference on frozen weights (default 0: bit-equal, as BitFit leaves them)")
+    p.add_argument("--max-length", type=int, help="default: the model's positions")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing pack at --out")
+    p.set_defaults(run=_extract)
+
+    p = sub.add_parser("import-peft", help="turn a bias-only PEFT adapter (BEFT, LoRA bias=all) into a task pack")
+    p.add_argument("--base", required=True, help="the base model the adapter was trained on")
+    p.add_argument("--adapter", required=True, help="a directory written by PeftModel.save_pretrained")
+    p.add_argument("--out", required=True, help="directory to write the task pack to")
+    p.add_argument("--task", help="task name (default: the adapter directory's name)")
+    p.add_argument("--labels", help="comma-separated label names (default: a config.json beside the adapter)")
+    p.add_argument("--biases", default="changed", help="'changed' (default), 'all', or kinds")
+    p.add_argument("--max-length", type=int, help="default: the model's positions")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing pack at --out")
+    p.set_defaults(run=_import_peft)
+
+    p = sub.add_parser("export-bank", help="all tasks' biases in one aligned binary for fixed-weight hardware",
+                       description="Writes bank.bin (one equal-layout float32 block per task), bank.json (its "
+                                   "memory map) and bank.h (the same map for C).")
+    p.add_argument("--compiled", required=True, help="the compiled directory whose bias inputs define a block")
+    p.add_argument("packs", nargs="+", help="task packs; task ids follow this order")
+    p.add_argument("--out", required=True, help="directory for bank.bin, bank.json, bank.h")
+    p.add_argument("--block-align", type=int, default=4096,
+                   help="bytes each task block is aligned (and padded) to (default 4096: one page)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bank at --out")
+    p.set_defaults(run=_export_bank)
+    p = sub.add_parser("export-adapter",
+                       help="write a task pack as an onnxruntime adapter file (any onnxruntime binding, no bitfit)")
+    p.add_argument("--compiled", required=True, help="a plain compiled directory (not --mixed)")
+    p.add_argument("pack", help="a task pack")
+    p.add_argument("--out", required=True, help="the adapter file, e.g. task.onnx_adapter (sidecar: task.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing adapter file and sidecar")
+    p.set_defaults(run=_export_adapter)
+
+    p = sub.add_parser("export-triton", help="write an NVIDIA Triton model repository serving task packs")
+    p.add_argument("--compiled", required=True, help="a directory made by `bitfit compile --mixed`")
+    p.add_argument("packs", nargs="+", help="task packs; task ids follow this order (append new ones last)")
+    p.add_argument("--out", required=True, help="the model repository (other models in it are left alone)")
+    p.add_argument("--name", default="bitfit", help="the model's name in the repository (default bitfit)")
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--instance-kind", choices=["auto", "cpu", "gpu"], default="auto")
+    p.add_argument("--instances", type=int, default=1, help="model instances (default 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace this model in the repository")
+    p.set_defaults(run=_export_triton)
     return parser
 
 
@@ -195,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bitfit {args.command}: error: {e}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:
-        if e.name in ("torch", "transformers", "onnx", "onnx_ir"):
+        if e.name in ("torch", "transformers", "onnx", "onnx_ir", "accelerate"):
             print(f"bitfit {args.command}: error: needs {e.name}; install the training extra: "
                   "pip install 'bitfit-deploy[train]'", file=sys.stderr)
             return 2

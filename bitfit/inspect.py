@@ -52,7 +52,7 @@ def _pack(path: Path, as_json: bool) -> str:
         f"fingerprint    {m.base_fingerprint}",
         f"biases         {','.join(m.bias_subset)}: {len(m.biases)} tensors, "
         f"{sum(int(np.prod(b.shape)) for b in m.biases):,} parameters",
-        f"head           {m.pooling} pooling -> linear {m.hidden_size} x {m.num_outputs}",
+        f"head           {_head(m)}",
         f"trainable      {m.trainable_params:,} of {m.base_params:,} ({m.trainable_params / m.base_params:.3%})",
         f"max length     {m.max_length} tokens",
         f"size           {_size(on_disk)} on disk vs {_size(full)} for the full model in fp32 "
@@ -62,6 +62,14 @@ def _pack(path: Path, as_json: bool) -> str:
         f"tool version   {m.tool_version}, format {m.format_version}",
     ]
     return "\n".join(lines)
+
+
+def _head(m) -> str:
+    linear = f"linear {m.hidden_size} x {m.num_outputs}"
+    if m.token_level:
+        return f"per token: {linear}" + (" (start, end)" if m.task_kind == "question-answering" else "")
+    pooling = "BERT pooler (tanh dense on the first token)" if m.pooling == "pooler" else f"{m.pooling} pooling"
+    return f"{pooling} -> {linear}"
 
 
 def _compiled(path: Path, as_json: bool) -> str:
@@ -78,7 +86,9 @@ def _compiled(path: Path, as_json: bool) -> str:
         f"token inputs   {', '.join(m.token_inputs)} (int64 [batch, sequence], up to {m.max_positions} tokens)",
         f"bias inputs    {len(m.bias_inputs)} ({','.join(k or '?' for k in kinds)}), "
         f"{sum(int(np.prod(b.shape)) for b in m.bias_inputs):,} values, base values as defaults",
-        f"output         {m.output} [batch, sequence, {m.hidden_size}]",
+        f"outputs        {m.output} [batch, sequence, {m.hidden_size}]"
+        + (f", {cm.LOGITS} [batch, labels], {cm.TOKEN_LOGITS} [batch, sequence, labels]" if m.head_inputs else ""),
+        f"head inputs    {', '.join(h.name for h in m.head_inputs) + ' (optional: a pack or adapter feeds them)' if m.head_inputs else 'none (the runtime applies the head)'}",
         f"passes         {', '.join(m.passes)}",
         f"fused kernels  {', '.join(f'{k} x{v}' for k, v in m.fused_ops.items()) or 'none'}",
     ]

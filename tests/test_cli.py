@@ -148,6 +148,11 @@ def test_inspect_pack_and_compiled(cli_pack, cli_compiled, capsys):
     assert "task           cli-task (classification)" in out
     assert pack.manifest.base_fingerprint in out
     assert "bq,bm2: 4 tensors" in out
+    assert f"mean pooling -> linear {pack.manifest.hidden_size} x 2" in out
+    code, out, err = run(capsys, "inspect", cli_compiled)
+    assert code == 0, err
+    assert "logits [batch, labels], token_logits [batch, sequence, labels]" in out
+    assert "head.weight" in out
     code, out, err = run(capsys, "inspect", cli_pack, "--json")
     assert code == 0
     data = json.loads(out)
