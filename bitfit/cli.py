@@ -275,7 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing pack at --out")
     p.set_defaults(run=_extract)
 
-    p = sub.add_parser("import-peft", help="turn a bias-only PEFT adapter (BEFT, LoRA bias=all) into a task pack")
+    p = sub.add_parser("import-peft", help="turn a bias-only PEFT adapter (BEFT, LoRA bias=all) into a task pack",
+                       description="Maps BEFT bias deltas, LoRA bias='all'/'lora_only' biases (only with every lora_B "
+                                   "zero) and modules_to_save heads, then proves the merged model differs from --base "
+                                   "in biases and head only, as extract does. The adapter does not name its base: "
+                                   "give the right --base.")
     p.add_argument("--base", required=True, help="the base model the adapter was trained on")
     p.add_argument("--adapter", required=True, help="a directory written by PeftModel.save_pretrained")
     p.add_argument("--out", required=True, help="directory to write the task pack to")
@@ -296,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bytes each task block is aligned (and padded) to (default 4096: one page)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bank at --out")
     p.set_defaults(run=_export_bank)
+
     p = sub.add_parser("export-adapter",
                        help="write a task pack as an onnxruntime adapter file (any onnxruntime binding, no bitfit)")
     p.add_argument("--compiled", required=True, help="a plain compiled directory (not --mixed)")
@@ -309,8 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("packs", nargs="+", help="task packs; task ids follow this order (append new ones last)")
     p.add_argument("--out", required=True, help="the model repository (other models in it are left alone)")
     p.add_argument("--name", default="bitfit", help="the model's name in the repository (default bitfit)")
-    p.add_argument("--max-batch-size", type=int, default=32)
-    p.add_argument("--instance-kind", choices=["auto", "cpu", "gpu"], default="auto")
+    p.add_argument("--max-batch-size", type=int, default=32, help="Triton's max_batch_size (default 32)")
+    p.add_argument("--instance-kind", choices=["auto", "cpu", "gpu"], default="auto",
+                   help="instance_group kind (default auto: Triton places it)")
     p.add_argument("--instances", type=int, default=1, help="model instances (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace this model in the repository")
     p.set_defaults(run=_export_triton)
