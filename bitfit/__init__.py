@@ -23,19 +23,19 @@ def compile(*args: Any, **kwargs: Any):  # noqa: A001 - the stage is called comp
 
 
 def verify(*args: Any, **kwargs: Any):
-    from .verify import verify as _verify
+    from .verification import verify as _verify
 
     return _verify(*args, **kwargs)
 
 
 def predict(*args: Any, **kwargs: Any):
-    from .predict import predict as _predict
+    from .prediction import predict as _predict
 
     return _predict(*args, **kwargs)
 
 
 def inspect(*args: Any, **kwargs: Any):
-    from .inspect import inspect as _inspect
+    from .inspection import inspect as _inspect
 
     return _inspect(*args, **kwargs)
 

@@ -41,7 +41,7 @@ def _compile(a: argparse.Namespace) -> int:
 
 
 def _predict(a: argparse.Namespace) -> int:
-    from .predict import predict, read_texts
+    from .prediction import predict, read_texts
 
     from runtime import Answers, TokenPredictions
 
@@ -72,7 +72,7 @@ def _predict(a: argparse.Namespace) -> int:
 
 
 def _verify(a: argparse.Namespace) -> int:
-    from .verify import verify, write_report
+    from .verification import verify, write_report
 
     report = verify(a.compiled, a.pack, model=a.model, atol=a.atol, mode=a.mode, min_agreement=a.min_agreement)
     print(report.table())
@@ -82,7 +82,7 @@ def _verify(a: argparse.Namespace) -> int:
 
 
 def _inspect(a: argparse.Namespace) -> int:
-    from .inspect import inspect
+    from .inspection import inspect
 
     print(inspect(a.path, as_json=a.json))
     return 0

@@ -27,7 +27,7 @@ import numpy as np
 
 from runtime import compiled as cm
 from runtime.errors import BitFitError, CompiledModelError, IncompatibleError
-from runtime.pack import HEAD_BIAS, HEAD_POOLER_BIAS, HEAD_POOLER_WEIGHT, HEAD_WEIGHT, TaskPack, load_pack, sha256_file
+from runtime.pack import HEAD_BIAS, HEAD_POOLER_BIAS, HEAD_POOLER_WEIGHT, HEAD_WEIGHT, TaskPack, load_pack, replace_dir, sha256_file
 from runtime.version import __version__
 
 TASKS_FILE = "tasks.json"
@@ -175,14 +175,8 @@ def export_triton(
             "tool_version": __version__,
         }
         (tmp / TASKS_FILE).write_text(json.dumps(tasks, indent=2) + "\n")
-        if target.exists():
-            old = out.parent / f".{out.name}-{name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        # the old version waits outside the repository, where Triton never mistakes it for a model
+        replace_dir(tmp, target, out.parent / f".{out.name}-{name}.old")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

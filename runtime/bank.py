@@ -39,7 +39,7 @@ import numpy as np
 
 from . import compiled as cm
 from .errors import BitFitError, CompiledModelError, IncompatibleError, PackError, UnknownTaskError
-from .pack import HEAD_BIAS, HEAD_POOLER_BIAS, HEAD_POOLER_WEIGHT, HEAD_WEIGHT, PackManifest, TaskPack, load_pack, sha256_file
+from .pack import HEAD_BIAS, HEAD_POOLER_BIAS, HEAD_POOLER_WEIGHT, HEAD_WEIGHT, PackManifest, TaskPack, load_pack, replace_dir, sha256_file
 from .version import __version__
 
 FORMAT = "bitfit-bias-bank"
@@ -211,14 +211,7 @@ def write_bank(
         }
         (tmp / MAP_FILE).write_text(json.dumps(layout, indent=2) + "\n")
         (tmp / HEADER_FILE).write_text(c_header(layout))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -246,17 +246,24 @@ def save_pack(pack: TaskPack, path: str | os.PathLike, *, overwrite: bool = Fals
         m.tensors_sha256 = sha256_file(tmp / TENSORS_FILE)
         m.metrics = _jsonable(m.metrics)
         (tmp / MANIFEST_FILE).write_text(json.dumps(m.to_json(), indent=2) + "\n")
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def replace_dir(tmp: Path, target: Path, old: Path | None = None) -> None:
+    """Put the finished directory `tmp` at `target`, replacing what is there (the caller has checked
+    --overwrite): the old one is renamed aside first, so a crash leaves one complete version, never a mix.
+    `old` is where it waits (default: a hidden sibling of target)."""
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    old = old if old is not None else target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_manifest(path: str | os.PathLike) -> PackManifest:

@@ -259,3 +259,13 @@ def torch_hidden():
             return encoder(**{k: torch.from_numpy(v) for k, v in inputs.items()}).last_hidden_state.numpy()
 
     return run
+
+
+def perturbed(pack, scale: float, seed: int = 0):
+    """The pack with noise on every tensor: a short training run leaves biases close to the base, so noise
+    makes a parity check sensitive to biases that are not actually applied."""
+    from runtime import TaskPack
+
+    rng = np.random.default_rng(seed)
+    return TaskPack(pack.manifest, {k: (v + rng.normal(0, scale, v.shape)).astype(np.float32)
+                                    for k, v in pack.tensors.items()})

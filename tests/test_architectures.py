@@ -9,10 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from bitfit.verify import verify
-from conftest import ATOL, QUIET
+from bitfit.verification import verify
+from conftest import ATOL, QUIET, perturbed
 from runtime import BitFitError, TaskPack, TaskSession, load_pack
-from runtime.compiled import MODEL_FILE
 from tiny import make_tiny
 from training.biases import LAYER_KINDS, find_biases
 from training.model import load_encoder, model_from_pack
@@ -22,13 +21,6 @@ TOKEN_TYPES = {"electra": True, "xlm-roberta": False, "albert": True, "deberta-v
 # ALBERT's two depths share one layer's weights, so it has one layer of slots; the others have two.
 DISTINCT_LAYERS = {"electra": 2, "xlm-roberta": 2, "albert": 1, "deberta-v2": 2}
 SHAPES = ((1, 5), (4, 23), (2, 64))
-
-
-def perturbed(pack: TaskPack, scale: float, seed: int = 0) -> TaskPack:
-    """Noise on every tensor: a short training run leaves biases near the base, which hides dead inputs."""
-    rng = np.random.default_rng(seed)
-    return TaskPack(pack.manifest, {k: (v + rng.normal(0, scale, v.shape)).astype(np.float32)
-                                    for k, v in pack.tensors.items()})
 
 
 @pytest.fixture(scope="module", params=KINDS)

@@ -235,3 +235,19 @@ def test_usage_errors_exit_2(capsys):
         main(["--version"])
     assert info.value.code == 0
     assert capsys.readouterr().out.startswith("bitfit 0.")
+
+
+def test_every_stage_function_stays_callable(cli_pack):
+    """`bitfit.inspect(...)` twice: importing a submodule binds its name on the package, so a stage function
+    living in a module of the same name would be replaced by that module after its first call."""
+    import importlib
+
+    import bitfit
+
+    for name in bitfit.__all__[1:]:
+        assert callable(getattr(bitfit, name)), name
+    for module in ("verification", "prediction", "inspection", "adapter", "triton", "cli"):
+        importlib.import_module(f"bitfit.{module}")
+    assert bitfit.inspect(cli_pack) == bitfit.inspect(cli_pack)
+    for name in bitfit.__all__[1:]:
+        assert callable(getattr(bitfit, name)), f"bitfit.{name} is {getattr(bitfit, name)!r}"

@@ -5,7 +5,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from bitfit.verify import TOLERANCES, verify
+from bitfit.verification import TOLERANCES, verify
 from compiler.passes import bias_inputs_live
 from runtime import BitFitError, TaskPack, TaskSession, load_pack
 from runtime.compiled import MODEL_FILE, read_manifest

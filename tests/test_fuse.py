@@ -290,7 +290,7 @@ def test_no_baked_bias_pass_names_a_placeholder_it_finds():
 @pytest.mark.parametrize("quantize", [None, "int8"])
 def test_cli_compile_fuse_then_verify(bert_model, pack_all, tmp_path, capsys, quantize):
     from bitfit.cli import main
-    from bitfit.verify import verify
+    from bitfit.verification import verify
     from runtime.compiled import read_manifest
 
     out = tmp_path / "fused"

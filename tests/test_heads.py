@@ -457,7 +457,7 @@ def test_pooler_pack_without_pooler_tensors_is_refused(hf_classifier, tmp_path):
 
 # -- verify, CLI, serve ------------------------------------------------------------------------------
 def test_verify_passes_token_and_pooler_packs(bert_compiled, token_pack, qa_pack, hf_classifier):
-    from bitfit.verify import verify
+    from bitfit.verification import verify
 
     report = verify(bert_compiled, [token_pack, qa_pack, pooler_pack(hf_classifier)], grid=((2, 9), (3, 30)),
                     log=lambda s: None)
@@ -471,7 +471,7 @@ def test_verify_passes_token_and_pooler_packs(bert_compiled, token_pack, qa_pack
 
 def test_verify_fails_a_token_pack_whose_head_is_off(bert_compiled, token_pack, monkeypatch):
     """The token-level comparison can fail: a runtime head that drops the bias is caught."""
-    from bitfit.verify import verify
+    from bitfit.verification import verify
     from runtime.heads import Head
 
     original = Head.__call__

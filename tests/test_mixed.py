@@ -5,7 +5,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from bitfit.verify import verify
+from bitfit.verification import verify
 from runtime import BitFitError, TaskPack, TaskSession, load_pack
 from runtime.compiled import MODEL_FILE, TASK_IDS, read_manifest
 

@@ -7,22 +7,14 @@ import onnx_ir as ir
 import pytest
 import torch
 
-from conftest import ATOL
-from runtime import TaskPack, TaskSession, load_pack
+from conftest import ATOL, perturbed
+from runtime import TaskSession, load_pack
 from runtime.compiled import MODEL_FILE
 from training.biases import find_biases
 from training.model import load_encoder, load_tokenizer, model_from_pack
 
 KINDS = ("bert", "roberta", "distilbert", "mpnet", "electra")
 SHAPES = ((1, 5), (2, 7), (4, 23), (3, 60), (2, 64))
-
-
-def perturbed(pack: TaskPack, scale: float, seed: int = 0) -> TaskPack:
-    """The pack with noise on every tensor: trained-for-2-epochs biases are close to the base, so noise
-    makes a parity check sensitive to biases that are not actually applied."""
-    rng = np.random.default_rng(seed)
-    return TaskPack(pack.manifest, {k: (v + rng.normal(0, scale, v.shape)).astype(np.float32)
-                                    for k, v in pack.tensors.items()})
 
 
 @pytest.fixture(scope="module", params=KINDS)

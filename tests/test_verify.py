@@ -1,4 +1,4 @@
-"""bitfit.verify: parity of a compiled graph and its packs against PyTorch, as a report."""
+"""bitfit.verify (bitfit/verification.py): parity of a compiled graph and its packs against PyTorch, as a report."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ import math
 import onnx_ir as ir
 import pytest
 
-from bitfit.verify import verify, write_report
+from bitfit.verification import verify, write_report
 from runtime import IncompatibleError, TaskSession
 from runtime.compiled import MANIFEST_FILE, MODEL_FILE
 from runtime.pack import sha256_file

@@ -302,18 +302,23 @@ def is_bio(tags: list[str]) -> bool:
     return all(t == "O" or t[:2] in ("B-", "I-") for t in tags)
 
 
+def _train_dev(train: list, data: object, dev: str | os.PathLike | None, reader: Callable[[Path], list],
+               dev_fraction: float, seed: int) -> tuple[list, list]:
+    """(train, dev): the given dev file, or a seeded share of the training rows split off."""
+    if dev is not None:
+        return train, reader(Path(dev))
+    shuffled = _shuffled(train, seed)
+    n_dev = max(1, int(round(len(shuffled) * dev_fraction)))
+    if len(shuffled) - n_dev < 2:
+        raise BitFitError(f"{data} has {len(train)} rows: too few to split off a dev set; pass --dev FILE")
+    return shuffled[n_dev:], shuffled[:n_dev]
+
+
 def _load_token_task(data: Path, dev: str | os.PathLike | None, kind: str, train_size: int | None,
                      dev_fraction: float, seed: int) -> TaskData:
     reader = read_token_examples if kind == "token-classification" else read_qa_examples
     train = reader(data)
-    if dev is not None:
-        dev_examples = reader(dev)
-    else:
-        shuffled = _shuffled(train, seed)
-        n_dev = max(1, int(round(len(shuffled) * dev_fraction)))
-        if len(shuffled) - n_dev < 2:
-            raise BitFitError(f"{data} has {len(train)} rows: too few to split off a dev set; pass --dev FILE")
-        dev_examples, train = shuffled[:n_dev], shuffled[n_dev:]
+    train, dev_examples = _train_dev(train, data, dev, reader, dev_fraction, seed)
     if train_size is not None:
         train = train[:train_size]
     if kind == "question-answering":
@@ -366,14 +371,7 @@ def load_task_data(
     if token_kind in ("token-classification", "question-answering"):
         return _load_token_task(Path(data), dev, token_kind, train_size, dev_fraction, seed)
     train = read_examples(data)
-    if dev is not None:
-        dev_examples = read_examples(dev)
-    else:
-        shuffled = _shuffled(train, seed)
-        n_dev = max(1, int(round(len(shuffled) * dev_fraction)))
-        if len(shuffled) - n_dev < 2:
-            raise BitFitError(f"{data} has {len(train)} rows: too few to split off a dev set; pass --dev FILE")
-        dev_examples, train = shuffled[:n_dev], shuffled[n_dev:]
+    train, dev_examples = _train_dev(train, data, dev, read_examples, dev_fraction, seed)
     if train_size is not None:
         train = train[:train_size]
     kind = infer_kind(train + dev_examples) if task_kind == "auto" else task_kind
