@@ -94,3 +94,24 @@ def test_runner_resumes_and_never_recomputes(tmp_path, monkeypatch):
     rows = [json.loads(line) for line in runs.read_text().splitlines()]
     assert [r["seed"] for r in rows] == [0, 0, 1]
     assert replicate.best_lr(rows, "bq", "trec6", 10, 1) is None  # 3e-4 not searched yet
+
+
+def test_table_averages_only_tasks_every_method_has():
+    import report
+
+    runs = []
+    for m in report.METHODS:
+        for t, seeds in (("trec6", (0, 1, 2)), ("sms-spam", (0,))):
+            if t == "sms-spam" and m == "frozen":
+                continue  # one method still missing a task: no average may include that task
+            lrs = replicate.LRS.get(m, replicate.DEFAULT_LRS)
+            for lr in lrs:  # dev_metric = -lr: the smallest LR wins the search and gets the seeds
+                for s in seeds if lr == min(lrs) else (0,):
+                    score = 80.0 + s + (t == "sms-spam") * 10
+                    runs.append(dict(method=m, task=t, seed=s, lr=lr, epochs=4, train_size=1000, dev_metric=-lr,
+                                     test_metric=score, trainable_share=0.001))
+    rows = {line.split(" | ")[0].strip("| "): line for line in report.table(runs, 1000, 4).splitlines()}
+    bitfit = rows[report.LABEL["bitfit"]]
+    assert "81.0 ± 1.0 (n=3" in bitfit  # trec6: seeds 80, 81, 82, sample std
+    assert "90.0 (n=1" in bitfit and "90.0 ±" not in bitfit  # one seed: no spread shown
+    assert "(81.0, 1 tasks)" in bitfit  # sms-spam left out: frozen lacks it
