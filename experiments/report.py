@@ -34,7 +34,7 @@ def table(runs: list[dict], train_size: int, epochs: int) -> str:
     # An average over different task sets would compare methods on different things: while the grid is
     # partial, every method is averaged over the tasks that all methods have.
     common = [t for t in TASKS if all(final.get((m, t)) for m in METHODS)]
-    head = "| method | params | " + " | ".join(TASKS) + " | avg | paper avg (GLUE, BERT-base) |"
+    head = "| method | params (movie-sentiment) | " + " | ".join(TASKS) + " | avg | paper avg (GLUE, BERT-base) |"
     lines = [head, "|" + "---|" * (len(TASKS) + 4)]
     for m in METHODS:
         cells, share = [], None
@@ -44,7 +44,8 @@ def table(runs: list[dict], train_size: int, epochs: int) -> str:
                 cells.append("-")
                 continue
             vals = np.array([r["test_metric"] for r in rs])
-            share = rs[0]["trainable_share"]
+            # the head grows with the labels: the share shown is the first task's (binary movie sentiment)
+            share = rs[0]["trainable_share"] if share is None else share
             spread = f" ± {vals.std(ddof=1):.1f}" if len(vals) > 1 else ""  # sample std over seeds
             cells.append(f"{vals.mean():.1f}{spread} (n={len(vals)}, lr {rs[0]['lr']:g})")
         means = [np.mean([r["test_metric"] for r in final[(m, t)]]) for t in common]
@@ -93,16 +94,24 @@ def write_report(runs: list[dict], out: Path, train_size: int, epochs: int) -> N
         plt.close(fig)
         text += ["", "![bias change](bias_change.png)"]
 
-    # Figure 2: data size curve on movie-sentiment
+    # Figure 2: data size curve on movie-sentiment, at the LR `sizes` trained with (the best dev LR at the
+    # main train size): the other LRs of the search are not points of the curve
     curve = defaultdict(dict)
-    for r in runs:
-        if r["task"] == "movie-sentiment" and r["seed"] == 0 and r["method"] in ("bitfit", "full"):
-            curve[r["method"]].setdefault(r["train_size"], []).append(r["test_metric"])
+    for m in ("bitfit", "full"):
+        lr = best_lr(runs, m, "movie-sentiment", train_size, epochs)
+        for r in runs:
+            if (r["task"], r["method"], r["seed"], r["lr"], r["epochs"]) == ("movie-sentiment", m, 0, lr, epochs):
+                curve[m][r["train_size"]] = r["test_metric"]
     if any(len(v) > 1 for v in curve.values()):
+        sizes = sorted({n for points in curve.values() for n in points})
+        text += ["", "Data size (movie-sentiment, seed 0, test accuracy):", "",
+                 "| method | " + " | ".join(str(n) for n in sizes) + " |", "|" + "---|" * (len(sizes) + 1)]
+        text += [f"| {LABEL[m]} | " + " | ".join(f"{points[n]:.1f}" if n in points else "-" for n in sizes) + " |"
+                 for m, points in curve.items()]
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for m, points in curve.items():
             xs = sorted(points)
-            ax.plot(xs, [max(points[x]) for x in xs], marker="o", label=LABEL[m])
+            ax.plot(xs, [points[x] for x in xs], marker="o", label=LABEL[m])
         ax.set_xscale("log")
         ax.set_xlabel("training examples")
         ax.set_ylabel("test accuracy (%)")

@@ -115,3 +115,23 @@ def test_table_averages_only_tasks_every_method_has():
     assert "81.0 ± 1.0 (n=3" in bitfit  # trec6: seeds 80, 81, 82, sample std
     assert "90.0 (n=1" in bitfit and "90.0 ±" not in bitfit  # one seed: no spread shown
     assert "(81.0, 1 tasks)" in bitfit  # sms-spam left out: frozen lacks it
+
+
+def test_data_size_curve_uses_the_searched_lr_only(tmp_path):
+    import report
+
+    runs = []
+    for m, lrs in (("bitfit", replicate.DEFAULT_LRS), ("full", replicate.LRS["full"])):
+        for lr in lrs:  # the search at 1,000: the best dev LR has the LOWEST test score of the three
+            best = lr == lrs[1]
+            runs.append(dict(method=m, task="movie-sentiment", seed=0, lr=lr, epochs=4, train_size=1000,
+                             dev_metric=90.0 if best else 80.0, test_metric=70.0 if best else 99.0,
+                             train_metric=100.0, trainable_share=0.001))
+        runs.append(dict(runs[-2], train_size=250, test_metric=60.0))  # sizes ran at the best LR
+        runs.append(dict(runs[-3], lr=lrs[0], train_size=500, test_metric=55.0))  # not the best LR: no point
+    report.write_report(runs, tmp_path, 1000, 4)
+    text = (tmp_path / "table.md").read_text()
+    assert "| method | 250 | 1000 |" in text  # the 500 runs used another LR: not on the curve
+    assert "| BitFit (all biases) | 60.0 | 70.0 |" in text
+    assert "| Full fine-tuning | 60.0 | 70.0 |" in text
+    assert (tmp_path / "data_size.png").stat().st_size > 0
