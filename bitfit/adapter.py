@@ -82,7 +82,8 @@ def export_adapter(
         raise CompiledModelError(f"{compiled_dir} is a --mixed graph (bias tables + task_ids): adapters feed one "
                                  "task's vectors; compile without --mixed")
     if not manifest.head_inputs:
-        raise CompiledModelError(f"{compiled_dir} has no in-graph head (compiled by an older bitfit): compile again")
+        raise CompiledModelError(f"{compiled_dir} has no in-graph head (compiled with --no-head or by an older "
+                                 "bitfit): compile again without --no-head")
     if not isinstance(pack, TaskPack):
         pack = load_pack(pack)
     pack.validate(f"task pack {pack.name!r}")

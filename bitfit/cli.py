@@ -36,7 +36,7 @@ def _compile(a: argparse.Namespace) -> int:
     from compiler.compile import compile
 
     compile(a.model, a.out, biases=a.biases, opset=a.opset, quantize=a.quantize, fp16=a.fp16, fuse=a.fuse, mixed=a.mixed,
-            overwrite=a.overwrite)
+            head=not a.no_head, overwrite=a.overwrite)
     return 0
 
 
@@ -203,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixed", action="store_true",
                    help="mixed-task batches: each bias a [tasks, dim] table, a task_ids input picks every row's "
                         "task, so one pass serves rows of many tasks (not with --fuse)")
+    p.add_argument("--no-head", action="store_true",
+                   help="leave the task head out of the graph: onnxruntime runs it on every call (0.3-2%% of a "
+                        "MiniLM call); our runtime does not need it, adapter files and other bindings do")
     p.add_argument("--overwrite", action="store_true", help="replace an existing compiled directory")
     p.set_defaults(run=_compile)
 

@@ -158,6 +158,7 @@ def compile(
     fp16: bool = False,
     fuse: bool = False,
     mixed: bool = False,
+    head: bool = True,
     overwrite: bool = False,
     log: Callable[[str], None] = print,
 ) -> Path:
@@ -168,6 +169,10 @@ def compile(
     BiasGelu, EmbedLayerNormalization) with every bias still a live input; BERT-style models only.
     mixed: each bias is a [tasks, dim] table and a task_ids [batch] input picks every row's task, so one
     batch can hold rows of different tasks (fused kernels take 1-D biases only: not with fuse).
+    head: add the task head as optional inputs with logits / token_logits outputs (compiler/head.py), which
+    adapter files and other bindings need; onnxruntime runs it on every call, whichever outputs are bound
+    (0.3-2% of a MiniLM call, benchmarks/head_cost.py), so head=False drops it where only our runtime,
+    which applies the head in numpy, serves. Mixed graphs never have one.
     """
     if mixed and fuse:
         raise BitFitError("--mixed and --fuse do not combine: fused kernels take one bias per batch; choose one")
@@ -237,12 +242,12 @@ def compile(
             steps += ["convert_float_to_float16(keep_io_types)", "CheckBiasInputsPass"]
         head_inputs: list[TensorSpec] = []
         outputs = [cm.OUTPUT_NAME]
-        if not mixed:  # last, so the head is never fused, quantized or cast: fp32 in every variant
+        if head and not mixed:  # last, so the head is never fused, quantized or cast: fp32 in every variant
             graph = ir.load(tmp / cm.MODEL_FILE)
-            head = AddHeadPass(int(config.hidden_size))
-            run_passes(graph, [head], f"adding the task head to {model!r}")
+            head_pass = AddHeadPass(int(config.hidden_size))
+            run_passes(graph, [head_pass], f"adding the task head to {model!r}")
             ir.save(graph, tmp / cm.MODEL_FILE)
-            head_inputs, outputs = head.specs, [cm.OUTPUT_NAME, cm.LOGITS, cm.TOKEN_LOGITS]
+            head_inputs, outputs = head_pass.specs, [cm.OUTPUT_NAME, cm.LOGITS, cm.TOKEN_LOGITS]
             steps.append("AddHeadPass")
         save_file({k: np.ascontiguousarray(v) for k, v in defaults.items()}, str(tmp / cm.BASE_BIASES_FILE))
         tokenizer.backend_tokenizer.save(str(tmp / cm.TOKENIZER_FILE))

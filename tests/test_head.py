@@ -155,3 +155,24 @@ def test_manifests_without_head_fields_still_load(bert_compiled, copy_dir):
     (d / MANIFEST_FILE).write_text(json.dumps(data))
     m = read_manifest(d)
     assert m.head_inputs == [] and m.outputs == [OUTPUT_NAME]
+
+
+def test_no_head_leaves_it_out_and_serves_the_same_logits(bert_model, bert_compiled, pack_all, token_inputs, tmp_path):
+    from bitfit.adapter import export_adapter
+    from bitfit.cli import main
+    from runtime.errors import CompiledModelError
+
+    out = tmp_path / "nohead"
+    assert main(["compile", "--model", str(bert_model), "--out", str(out), "--no-head"]) == 0
+    m = read_manifest(out)
+    assert m.head_inputs == [] and m.outputs == [OUTPUT_NAME] and "AddHeadPass" not in m.passes
+    graph = ort_session(out / MODEL_FILE)
+    assert [o.name for o in graph.get_outputs()] == [OUTPUT_NAME]
+    assert not {i.name for i in graph.get_inputs()} & set(HEAD_INPUT_NAMES)
+    with_head, without = TaskSession(bert_compiled), TaskSession(out)
+    x = token_inputs(with_head, 3, 9)
+    a, b = with_head.register(load_pack(pack_all)), without.register(load_pack(pack_all))
+    np.testing.assert_allclose(without.logits(b, x), with_head.logits(a, x), rtol=0, atol=ATOL)
+    with pytest.raises(CompiledModelError, match="--no-head"):
+        export_adapter(out, pack_all, tmp_path / "a.onnx_adapter")
+    assert not (tmp_path / "a.onnx_adapter").exists()
