@@ -237,9 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_verify)
 
     p = sub.add_parser("serve", help="serve every task pack in a directory over HTTP (no torch)",
-                       description="HTTP server: GET /v1/tasks, POST /v1/predict, GET /healthz, GET /metrics, "
-                                   "POST /v1/admin/reload (admin: rescans --packs; unauthenticated, keep the "
-                                   "default loopback host). Requests of all tasks are batched together.")
+                       description="HTTP server: GET /v1/tasks, POST /v1/predict (classification, regression), "
+                                   "POST /v1/tokens (token classification), POST /v1/answer (extractive QA), "
+                                   "GET /healthz, GET /metrics, POST /v1/admin/reload (admin: rescans --packs; "
+                                   "unauthenticated, keep the default loopback host). /v1/predict requests of "
+                                   "all tasks are batched together.")
     p.add_argument("--compiled", required=True, help="a directory made by `bitfit compile`")
     p.add_argument("--packs", required=True,
                    help="a directory of task packs (one per subdirectory), served under their manifests' task names")

@@ -6,6 +6,12 @@ Endpoints (JSON in and out; errors are 4xx {"error": message}, never a crash):
     POST /v1/predict        {"task": NAME, "texts": [...], "text_pairs": [...]?}
                             -> {"predictions": [{"label", "scores", "logits"}, ...]}
                                (the numbers `bitfit predict --json` prints for that pack)
+    POST /v1/tokens         token classification: {"task": NAME, "texts": [...]}
+                            -> {"predictions": [{"tokens", "labels", "scores", "offsets", "truncated"}, ...]}
+                               (TaskSession.run_tokens: a label per word, words with character offsets)
+    POST /v1/answer         extractive QA: {"task": NAME, "questions": [...], "contexts": [...]}
+                            -> {"answers": [{"answer", "start", "end", "score", "truncated"}, ...]}
+                               (TaskSession.answer: the best span of each context)
     GET  /healthz           {"status": "ok", "tasks": N}  (503 while no task is registered)
     GET  /metrics           Prometheus text: requests by endpoint and status, request latency, rows per
                             batch, tasks per batch, batch latency, registered tasks
@@ -24,8 +30,10 @@ directory keep serving too (listed as "missing"); restart to drop them. Only saf
 The reload endpoint is an admin endpoint on the same port, without authentication: bind to loopback
 (the default, 127.0.0.1) or put the server behind a proxy that blocks /v1/admin/.
 
-Requests are batched dynamically across tasks (bitfit/batcher.py): rows of concurrent requests, of any
-tasks, go through one `TaskSession.run_mixed` call. Needs the runtime plus starlette, uvicorn and
+Sequence requests are batched dynamically across tasks (bitfit/batcher.py): rows of concurrent requests,
+of any tasks, go through one `TaskSession.run_mixed` call. Token and QA requests are not batched across
+requests (their rows have other shapes and decoders): each runs as one call on the same inference thread,
+between batches, so they never race a pack swap. Needs the runtime plus starlette, uvicorn and
 prometheus_client (`pip install 'bitfit-deploy[serve]'`); no torch.
 """
 from __future__ import annotations
@@ -39,7 +47,7 @@ import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.applications import Starlette
@@ -51,13 +59,18 @@ from starlette.routing import Route
 
 from runtime.compiled import check_pack_fits
 from runtime.errors import BitFitError, UnknownTaskError
-from runtime.pack import MANIFEST_FILE, TENSORS_FILE, TaskPack, load_pack, read_manifest, sha256_file
+from runtime.pack import MANIFEST_FILE, TENSORS_FILE, PackManifest, TaskPack, load_pack, read_manifest, sha256_file
 from runtime.session import TaskSession
 
 from .batcher import BatchError, Batcher, BatchRecord
 
-ENDPOINTS = ("/v1/tasks", "/v1/predict", "/healthz", "/metrics", "/v1/admin/reload")
+ENDPOINTS = ("/v1/tasks", "/v1/predict", "/v1/tokens", "/v1/answer", "/healthz", "/metrics", "/v1/admin/reload")
 PREDICT_KEYS = ("task", "texts", "text_pairs")
+TOKENS_KEYS = ("task", "texts")
+ANSWER_KEYS = ("task", "questions", "contexts")
+# The endpoint that serves each task kind: a request to another one is told where to go.
+KIND_ENDPOINTS = {"classification": "/v1/predict", "regression": "/v1/predict", "token-classification": "/v1/tokens",
+                  "question-answering": "/v1/answer"}
 
 
 @dataclass
@@ -168,11 +181,6 @@ class PackDirectory:
                     continue
                 pack = load_pack(directory)  # strict: checksum, provenance, names, shapes, dtypes, finite
                 check_pack_fits(self.session.manifest, pack, f"task pack {directory.name!r}")
-                if pack.manifest.token_level:
-                    raise BitFitError(
-                        f"task pack {directory.name!r} is a {pack.manifest.task_kind} task: the server serves "
-                        "sequence tasks only for now; use TaskSession.run_tokens / answer or `bitfit predict`"
-                    )
                 if pack.name != name:
                     raise BitFitError(f"{directory} changed while it was read: reload again")
             except Exception as e:  # noqa: BLE001
@@ -316,25 +324,41 @@ def _strings(body: dict, key: str, config: ServeConfig) -> list[str]:
     return value
 
 
-def parse_predict(body: Any, session: TaskSession, config: ServeConfig) -> tuple[str, list[str], list[str] | None]:
-    """Check a /v1/predict body against the limits and the task: (task, texts, text_pairs) or RequestError."""
+def _fields(body: Any, keys: tuple[str, ...], required: tuple[str, ...]) -> str:
+    """Check the body's fields; returns its task name."""
+    takes = ", ".join(keys[:-1]) + " and " + keys[-1]
     if not isinstance(body, dict):
-        raise RequestError(422, f"the body must be a JSON object with task and texts, got {type(body).__name__}")
-    unknown = sorted(set(body) - set(PREDICT_KEYS))
+        raise RequestError(422, f"the body must be a JSON object with {takes}, got {type(body).__name__}")
+    unknown = sorted(set(body) - set(keys))
     if unknown:
-        raise RequestError(422, f"unknown fields {unknown}: the body takes task, texts and text_pairs")
-    for key in ("task", "texts"):
+        raise RequestError(422, f"unknown fields {unknown}: the body takes {takes}")
+    for key in required:
         if key not in body:
-            raise RequestError(422, f"missing field {key!r}: the body takes task, texts and text_pairs")
+            raise RequestError(422, f"missing field {key!r}: the body takes {takes}")
     task = body["task"]
     if not isinstance(task, str) or not task:
         raise RequestError(422, f"task must be a non-empty string, got {task!r}"[:300])
-    texts = _strings(body, "texts", config)
-    pairs = None if body.get("text_pairs") is None else _strings(body, "text_pairs", config)
+    return task
+
+
+def _manifest(session: TaskSession, task: str, endpoint: str) -> PackManifest:
+    """The task's manifest, or 404 for an unknown task and 422 naming the right endpoint for another kind."""
     try:
         manifest = session.pack(task).manifest
     except UnknownTaskError as e:
         raise RequestError(404, str(e)) from None
+    right = KIND_ENDPOINTS[manifest.task_kind]
+    if right != endpoint:
+        raise RequestError(422, f"task {task!r} is a {manifest.task_kind} task: POST it to {right}, not {endpoint}")
+    return manifest
+
+
+def parse_predict(body: Any, session: TaskSession, config: ServeConfig) -> tuple[str, list[str], list[str] | None]:
+    """Check a /v1/predict body against the limits and the task: (task, texts, text_pairs) or RequestError."""
+    task = _fields(body, PREDICT_KEYS, ("task", "texts"))
+    texts = _strings(body, "texts", config)
+    pairs = None if body.get("text_pairs") is None else _strings(body, "text_pairs", config)
+    manifest = _manifest(session, task, "/v1/predict")
     if pairs is not None and len(pairs) != len(texts):
         raise RequestError(422, f"text_pairs has {len(pairs)} items but texts has {len(texts)}: give one pair per text")
     if manifest.text_pair and pairs is None:
@@ -342,6 +366,26 @@ def parse_predict(body: Any, session: TaskSession, config: ServeConfig) -> tuple
     if not manifest.text_pair and pairs is not None:
         raise RequestError(422, f"task {task!r} takes single sentences: do not give text_pairs")
     return task, texts, pairs
+
+
+def parse_tokens(body: Any, session: TaskSession, config: ServeConfig) -> tuple[str, list[str]]:
+    """Check a /v1/tokens body: (task, texts) or RequestError."""
+    task = _fields(body, TOKENS_KEYS, TOKENS_KEYS)
+    texts = _strings(body, "texts", config)
+    _manifest(session, task, "/v1/tokens")
+    return task, texts
+
+
+def parse_answer(body: Any, session: TaskSession, config: ServeConfig) -> tuple[str, list[str], list[str]]:
+    """Check a /v1/answer body: (task, questions, contexts) or RequestError."""
+    task = _fields(body, ANSWER_KEYS, ANSWER_KEYS)
+    questions = _strings(body, "questions", config)
+    contexts = _strings(body, "contexts", config)
+    if len(questions) != len(contexts):
+        raise RequestError(422, f"questions has {len(questions)} items but contexts has {len(contexts)}: "
+                                "give one context per question")
+    _manifest(session, task, "/v1/answer")
+    return task, questions, contexts
 
 
 def create_app(
@@ -383,6 +427,24 @@ def create_app(
             return _error(404 if isinstance(e, UnknownTaskError) else 422, str(e))
         predictions = [{"label": r["label"], "scores": r["scores"], "logits": r["logits"]} for r in records]
         return _json({"predictions": predictions})
+
+    async def unbatched(request: Request, parse: Callable, run: Callable, key: str) -> Response:
+        """A token or QA request: one call on the inference thread, between batches (see the module doc)."""
+        try:
+            body = await _read_json(request, int(config.max_body_bytes or 0))
+            args = parse(body, session, config)
+            result = await batcher.call(run, *args)
+        except RequestError as e:
+            return _error(e.status, e.message)
+        except BitFitError as e:  # e.g. the task was swapped for another kind between parse and run
+            return _error(404 if isinstance(e, UnknownTaskError) else 422, str(e))
+        return _json({key: result.records()})
+
+    async def tokens(request: Request) -> Response:
+        return await unbatched(request, parse_tokens, session.run_tokens, "predictions")
+
+    async def answer(request: Request) -> Response:
+        return await unbatched(request, parse_answer, session.answer, "answers")
 
     async def healthz(request: Request) -> Response:
         n = len(session.tasks)
@@ -430,6 +492,8 @@ def create_app(
         routes=[
             Route("/v1/tasks", tasks, methods=["GET"]),
             Route("/v1/predict", predict, methods=["POST"]),
+            Route("/v1/tokens", tokens, methods=["POST"]),
+            Route("/v1/answer", answer, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
             Route("/v1/admin/reload", reload, methods=["POST"]),

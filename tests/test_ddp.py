@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from conftest import QUIET, write_scores, write_sentiment
+from head_data import write_qa_data, write_token_data
 from runtime import load_pack
-from test_heads import write_qa_data, write_token_data
 from tiny import make_tiny
 from training.biases import find_biases
 from training.model import load_encoder

@@ -1,63 +1,21 @@
 """Token classification, extractive QA and the BERT pooler: train -> pack -> compile -> runtime -> verify.
 
-The data is synthetic: a word's tag is a function of the word (made-up words split into several
-sub-tokens, so the first-sub-token rule matters), and a QA answer is the word after the marker "answer".
+The data is synthetic (tests/head_data.py).
 """
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import ATOL, QUIET
+from head_data import write_qa_data, write_token_data
 from runtime import Answers, TaskPack, TaskSession, TokenPredictions, load_pack
 from runtime.errors import BitFitError, PackError
 from runtime.heads import best_span, first_subtokens
 from runtime.pack import HEAD_POOLER_BIAS, HEAD_POOLER_WEIGHT, PackManifest
-from tiny import WORDS
-
-ENTITY_X = ("movie", "film", "plot", "actor")
-ENTITY_Y = ("city", "name", "year", "day", "night")
-MADE_UP = ("zorbex", "quaffle", "blimpton", "skrull")  # not in the tiny vocabulary: several sub-tokens each
-FILLER = [w for w in WORDS if w not in ENTITY_X + ENTITY_Y + ("answer",)]
-
-
-def tag_of(word: str) -> str:
-    if word in ENTITY_X:
-        return "B-X"
-    if word in ENTITY_Y:
-        return "B-Y"
-    return "B-Z" if word in MADE_UP else "O"
-
-
-def write_token_data(path: Path, n: int = 80, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    vocab = FILLER + list(ENTITY_X + ENTITY_Y + MADE_UP)
-    with open(path, "w") as fh:
-        for _ in range(n):
-            words = [rng.choice(vocab) for _ in range(rng.randint(3, 10))]
-            fh.write(json.dumps({"tokens": words, "tags": [tag_of(w) for w in words]}) + "\n")
-    return path
-
-
-def write_qa_data(path: Path, n: int = 80, seed: int = 0) -> Path:
-    """The answer is the word after the marker word "answer" in a context of random words."""
-    rng = random.Random(seed)
-    with open(path, "w") as fh:
-        for _ in range(n):
-            before = " ".join(rng.choice(FILLER) for _ in range(rng.randint(1, 8)))
-            target = rng.choice(ENTITY_X + ENTITY_Y)
-            after = " ".join(rng.choice(FILLER) for _ in range(rng.randint(1, 6)))
-            context = f"{before} answer {target} {after}"
-            start = len(before) + len(" answer ")
-            assert context[start : start + len(target)] == target
-            question = f"what is the answer {rng.choice(FILLER)} ?"
-            fh.write(json.dumps({"question": question, "context": context,
-                                 "answers": {"text": [target], "answer_start": [start]}}) + "\n")
-    return path
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -514,20 +472,6 @@ def test_cli_trains_and_predicts_token_tasks(bert_model, bert_compiled, head_dat
     assert answer in "the answer film now" and question == "what?"
     assert main(["predict", "--compiled", str(bert_compiled), "--pack", str(tmp_path / "qa"), "--text", "q"]) == 2
     assert "give a context for every question" in capsys.readouterr().err
-
-
-def test_serve_refuses_token_packs_at_registration(bert_compiled, token_pack, pack_all, tmp_path):
-    pytest.importorskip("starlette")
-    import shutil
-
-    from bitfit.serve import PackDirectory
-
-    shutil.copytree(token_pack, tmp_path / "tags")
-    shutil.copytree(pack_all, tmp_path / "sentiment")
-    session = TaskSession(bert_compiled)
-    result = PackDirectory(tmp_path, session).reload()
-    assert session.tasks == [load_pack(pack_all).name]
-    assert "serves sequence tasks only" in result.refused["tags"]
 
 
 def test_token_tasks_run_without_torch(bert_compiled, token_pack, qa_pack):

@@ -487,3 +487,75 @@ def test_server_imports_no_torch():
     """)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+# -- token classification and QA --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def head_packs(bert_model, tmp_path_factory) -> dict[str, Path]:
+    from head_data import write_qa_data, write_token_data
+    from training.train import train
+
+    root = tmp_path_factory.mktemp("serve-heads")
+    tags = train(bert_model, write_token_data(root / "tags.jsonl"), root / "tags", epochs=2, lr=5e-3, batch_size=8,
+                 task_name="tags", log=lambda *_: None, progress=False).pack_path
+    qa = train(bert_model, write_qa_data(root / "qa.jsonl"), root / "qa", epochs=2, lr=5e-3, batch_size=8,
+               task_kind="question-answering", task_name="qa", log=lambda *_: None, progress=False).pack_path
+    return {"tags": Path(tags), "qa": Path(qa)}
+
+
+@pytest.mark.parametrize("graph", ["plain", "mixed"])
+def test_token_and_qa_tasks_are_served_as_the_session_runs_them(graphs, graph, packs_dir, head_packs):
+    for key, path in head_packs.items():
+        shutil.copytree(path, packs_dir / key)
+    session = TaskSession(graphs[graph], threads=1)
+    for path in head_packs.values():
+        session.register(path)
+    texts = ["the movie in the city", "zorbex love plot"]
+    questions, contexts = ["what is the answer ?"] * 2, ["good fun answer movie plot", "city answer year day"]
+    with TestClient(make_app(graphs[graph], packs_dir)) as c:
+        kinds = {t["name"]: t["task_kind"] for t in c.get("/v1/tasks").json()["tasks"]}
+        assert kinds["tags"] == "token-classification" and kinds["qa"] == "question-answering"
+        assert not c.app.state.initial_load.refused
+
+        r = c.post("/v1/tokens", json={"task": "tags", "texts": texts})
+        assert r.status_code == 200, r.text
+        got, want = r.json()["predictions"], session.run_tokens("tags", texts).records()
+        assert [g["tokens"] for g in got] == [w["tokens"] for w in want] == [t.split() for t in texts]
+        assert [g["labels"] for g in got] == [w["labels"] for w in want]
+        assert [g["offsets"] for g in got] == [w["offsets"] for w in want]
+        np.testing.assert_allclose([s for g in got for s in g["scores"]], [s for w in want for s in w["scores"]],
+                                   rtol=0, atol=ATOL)
+
+        r = c.post("/v1/answer", json={"task": "qa", "questions": questions, "contexts": contexts})
+        assert r.status_code == 200, r.text
+        got, want = r.json()["answers"], session.answer("qa", questions, contexts).records()
+        assert [(g["answer"], g["start"], g["end"]) for g in got] == [(w["answer"], w["start"], w["end"]) for w in want]
+        assert all(ctx[g["start"]:g["end"]] == g["answer"] for g, ctx in zip(got, contexts))
+        np.testing.assert_allclose([g["score"] for g in got], [w["score"] for w in want], rtol=0, atol=ATOL)
+
+        # each kind has its endpoint, and a request to another one is told which
+        for path, body, right in (
+            ("/v1/predict", {"task": "tags", "texts": texts}, "/v1/tokens"),
+            ("/v1/predict", {"task": "qa", "texts": texts}, "/v1/answer"),
+            ("/v1/tokens", {"task": "qa", "texts": texts}, "/v1/answer"),
+            ("/v1/answer", {"task": "tags", "questions": texts, "contexts": texts}, "/v1/tokens"),
+        ):
+            r = c.post(path, json=body)
+            assert r.status_code == 422 and f"POST it to {right}" in r.json()["error"], (path, r.text)
+        for path, body, status, message in (
+            ("/v1/tokens", {"task": "nope", "texts": texts}, 404, "nope"),
+            ("/v1/tokens", {"task": "tags", "texts": []}, 422, "texts is empty"),
+            ("/v1/tokens", {"task": "tags", "texts": texts, "text_pairs": texts}, 422, "unknown fields"),
+            ("/v1/answer", {"task": "qa", "questions": questions}, 422, "missing field 'contexts'"),
+            ("/v1/answer", {"task": "qa", "questions": questions, "contexts": contexts[:1]}, 422,
+             "one context per question"),
+            ("/v1/answer", {"task": "qa", "questions": questions, "contexts": ["x", ""]}, 422, "contexts[1] is empty"),
+        ):
+            r = c.post(path, json=body)
+            assert r.status_code == status and message in r.json()["error"], (path, body, r.text)
+        # sequence requests still batch beside them
+        r = c.post("/v1/predict", json={"task": read_pack_manifest(packs_dir / "single").task, "texts": texts})
+        assert r.status_code == 200 and len(r.json()["predictions"]) == 2
+        metrics = c.get("/metrics").text
+        assert 'bitfit_requests_total{endpoint="/v1/tokens",status="200"} 1.0' in metrics
+        assert 'bitfit_requests_total{endpoint="/v1/answer",status="200"} 1.0' in metrics
