@@ -140,8 +140,9 @@ class Answers:
     starts: list[int]
     ends: list[int]
     scores: list[float]
-    truncated: list[bool]  # the context was cut at max_length: the answer may lie beyond what was read
+    truncated: list[bool]  # the context was cut at max_length (windows=False): the answer may lie beyond it
 
     def records(self) -> list[dict[str, Any]]:
-        return [{"answer": a, "start": s, "end": e, "score": score, "truncated": t}
+        # score -inf: the context has no token (e.g. only characters the tokenizer drops), so no span
+        return [{"answer": a, "start": s, "end": e, "score": score if np.isfinite(score) else None, "truncated": t}
                 for a, s, e, score, t in zip(self.answers, self.starts, self.ends, self.scores, self.truncated)]

@@ -408,10 +408,16 @@ class TaskSession:
         *,
         max_answer_tokens: int = DEFAULT_MAX_ANSWER_TOKENS,
         batch_size: int = 32,
+        windows: bool = True,
+        stride: int | None = None,
     ) -> Answers:
         """Extractive QA: for each (question, context), the best span of the context (start <= end, at most
-        `max_answer_tokens` tokens) as text with its character offsets. Contexts longer than the pack's
-        max_length are truncated (the question never is), as in training."""
+        `max_answer_tokens` tokens) as text with its character offsets.
+
+        A context longer than the pack's max_length is read in overlapping windows (the question whole in
+        each, `stride` context tokens shared by neighbours, default a quarter of max_length) and the span
+        with the best score over all windows wins, as in Hugging Face's QA pipeline; `batch_size` counts
+        windows. windows=False truncates the context instead, as training did (`truncated` says so)."""
         state = self._state
         m = self._get(task, state).pack.manifest
         _check_kind(task, m, "answer")
@@ -424,21 +430,29 @@ class TaskSession:
             raise BitFitError(f"contexts[{empty[0]}] is empty: every question needs a context to answer from")
         if max_answer_tokens < 1:
             raise BitFitError(f"max_answer_tokens must be >= 1, got {max_answer_tokens}")
-        answers, starts, ends, scores, truncated = [], [], [], [], []
-        for start in range(0, len(questions), batch_size):
-            batch = list(zip(questions[start : start + batch_size], contexts[start : start + batch_size]))
-            inputs, encodings = self.encoder.encodings(batch, max_length=m.max_length, strategy="only_second")
-            logits = self._logits(task, self._check_inputs(inputs), state)
-            for row, (_, context), enc in zip(logits, batch, encodings):
+        stride = m.max_length // 4 if stride is None else stride
+        if not isinstance(stride, int) or stride < 0:
+            raise BitFitError(f"stride must be a whole number of tokens >= 0, got {stride!r}")
+        pairs = list(zip(questions, contexts))
+        if windows:
+            inputs, encodings, owner = self.encoder.windows(pairs, max_length=m.max_length, stride=stride)
+        else:
+            inputs, encodings = self.encoder.encodings(pairs, max_length=m.max_length, strategy="only_second")
+            owner = list(range(len(pairs)))
+        best: list[tuple[float, int, int]] = [(float("-inf"), 0, 0)] * len(pairs)
+        for start in range(0, len(encodings), batch_size):
+            rows = slice(start, start + batch_size)
+            logits = self._logits(task, self._check_inputs({k: v[rows] for k, v in inputs.items()}), state)
+            for row, enc, i in zip(logits, encodings[rows], owner[rows]):
                 allowed = np.array([s == 1 for s in enc.sequence_ids]) & (np.asarray(enc.attention_mask) == 1)
+                if not allowed.any():
+                    continue
                 s, e, score = best_span(row[:, 0], row[:, 1], allowed, max_answer_tokens)
-                a, b = (enc.offsets[s][0], enc.offsets[e][1]) if allowed.any() else (0, 0)
-                answers.append(context[a:b])
-                starts.append(int(a))
-                ends.append(int(b))
-                scores.append(score)
-                truncated.append(bool(enc.overflowing))
-        return Answers(task, answers, starts, ends, scores, truncated)
+                if score > best[i][0]:
+                    best[i] = (score, enc.offsets[s][0], enc.offsets[e][1])
+        truncated = [False] * len(pairs) if windows else [bool(enc.overflowing) for enc in encodings]
+        return Answers(task, [c[a:b] for c, (_, a, b) in zip(contexts, best)], [int(a) for _, a, _ in best],
+                       [int(b) for _, _, b in best], [float(score) for score, _, _ in best], truncated)
 
     def _check_inputs(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         wanted = self.manifest.token_inputs

@@ -17,19 +17,71 @@ class TextEncoder:
         self._json = Tokenizer.from_file(str(tokenizer_file)).to_str()
         self._pad = (pad_token, pad_token_id)
         self._token_inputs = tuple(token_inputs)
-        self._by_length: dict[tuple[int, str], Tokenizer] = {}
+        self._by_length: dict[tuple[int, str, int], Tokenizer] = {}
         self._lock = threading.Lock()
+        self._plain = Tokenizer.from_str(self._json)  # no truncation, no padding: for counting tokens
+        self._plain.no_truncation()
+        self._plain.no_padding()
 
-    def _tokenizer(self, max_length: int, strategy: str = "longest_first") -> Tokenizer:
-        # Truncation is tokenizer state: one configured copy per max_length keeps concurrent callers apart.
+    def _tokenizer(self, max_length: int, strategy: str = "longest_first", stride: int = 0) -> Tokenizer:
+        # Truncation is tokenizer state: one configured copy per setting keeps concurrent callers apart.
         with self._lock:
-            tok = self._by_length.get((max_length, strategy))
+            tok = self._by_length.get((max_length, strategy, stride))
             if tok is None:
                 tok = Tokenizer.from_str(self._json)
-                tok.enable_truncation(max_length, strategy=strategy)
+                tok.enable_truncation(max_length, strategy=strategy, stride=stride)
                 tok.enable_padding(pad_id=self._pad[1], pad_token=self._pad[0])
-                self._by_length[max_length, strategy] = tok
+                self._by_length[max_length, strategy, stride] = tok
             return tok
+
+    def windows(
+        self, pairs: Sequence[tuple[str, str]], *, max_length: int, stride: int
+    ) -> tuple[dict[str, np.ndarray], list[Encoding], list[int]]:
+        """Extractive QA over long contexts: each (question, context) as overlapping windows of at most
+        `max_length` tokens, the whole question in every window and `stride` context tokens shared by
+        neighbouring windows (fewer where a long question leaves less room: at most half of it). Returns
+        the token inputs of all windows (padded to the longest), their encodings (offsets index the
+        context) and, per window, the index of its pair."""
+        specials = self._plain.num_special_tokens_to_add(True)
+        strides = []
+        for i, (question, _) in enumerate(pairs):
+            room = max_length - specials - len(self._plain.encode(question, add_special_tokens=False).ids)
+            if room < 1:
+                raise BitFitError(f"questions[{i}] leaves no room for its context within max_length {max_length}: "
+                                  "shorten the question")
+            # tokenizers panics (an uncatchable Rust error) when the stride is not below the room left
+            strides.append(min(stride, (room - 1) // 2))
+        windows: list[tuple[int, Encoding]] = []
+        for s in sorted(set(strides)):
+            index = [i for i, t in enumerate(strides) if t == s]
+            encoded = self._encode([pairs[i] for i in index], max_length, "only_second", s)
+            for i, e in zip(index, encoded):
+                windows += [(i, w) for w in (e, *e.overflowing)]
+        windows.sort(key=lambda item: item[0])  # stable: a pair's windows stay in context order
+        width = max(len(w.ids) for _, w in windows)
+
+        def padded(rows: list[list[int]], value: int) -> np.ndarray:
+            return np.array([r + [value] * (width - len(r)) for r in rows], dtype=np.int64)
+
+        encodings = [w for _, w in windows]
+        arrays = {
+            "input_ids": padded([w.ids for w in encodings], self._pad[1]),
+            "attention_mask": padded([w.attention_mask for w in encodings], 0),
+            "token_type_ids": padded([w.type_ids for w in encodings], 0),
+        }
+        return {k: arrays[k] for k in self._token_inputs}, encodings, [i for i, _ in windows]
+
+    def _encode(self, batch: list, max_length: int, strategy: str, stride: int = 0,
+                pretokenized: bool = False) -> list[Encoding]:
+        try:
+            return self._tokenizer(max_length, strategy, stride).encode_batch(batch, is_pretokenized=pretokenized)
+        except Exception as e:  # tokenizers raises plain Exceptions
+            if "truncat" in str(e).lower():
+                raise BitFitError(
+                    f"cannot fit a row into max_length {max_length} by truncating only the second text ({e}): "
+                    "shorten the question (the first text)"
+                ) from e
+            raise BitFitError(f"cannot tokenize the input ({e})") from e
 
     def encodings(
         self,
@@ -42,15 +94,7 @@ class TextEncoder:
         """Token inputs plus each row's `tokenizers.Encoding` (word_ids, offsets, sequence_ids), which token
         tasks need to map tokens back to words and characters. Rows: texts, (text, pair) tuples, or with
         pretokenized=True lists of words. strategy="only_second" truncates only the pair (QA contexts)."""
-        try:
-            encodings = self._tokenizer(max_length, strategy).encode_batch(list(batch), is_pretokenized=pretokenized)
-        except Exception as e:  # tokenizers raises plain Exceptions
-            if "truncat" in str(e).lower():
-                raise BitFitError(
-                    f"cannot fit a row into max_length {max_length} by truncating only the second text ({e}): "
-                    "shorten the question (the first text)"
-                ) from e
-            raise BitFitError(f"cannot tokenize the input ({e})") from e
+        encodings = self._encode(list(batch), max_length, strategy, pretokenized=pretokenized)
         arrays = {
             "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
             "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),

@@ -5,6 +5,7 @@ The data is synthetic (tests/head_data.py).
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import numpy as np
@@ -254,6 +255,54 @@ def test_answers_are_the_best_spans_of_their_contexts(session, qa_pack, bert_mod
         assert (a, b) == (offsets[s][0], offsets[e][1])
         assert out.scores[i] == pytest.approx(ref[i, s, 0] + ref[i, e, 1], abs=2 * ATOL)
     assert set(out.records()[0]) == {"answer", "start", "end", "score", "truncated"}
+
+
+def test_long_contexts_are_read_in_overlapping_windows(session, qa_pack, bert_model, torch_logits):
+    """The best span over all windows equals a brute-force search over PyTorch logits of the windows that
+    transformers' tokenizer makes with the same stride (its QA pipeline's chunking)."""
+    from training.model import load_tokenizer
+
+    rng = random.Random(3)
+    filler = "good bad great awful movie plot hate fun boring who the".split()  # the tiny model likes "love"
+    contexts = [" ".join(rng.choice(filler) for _ in range(n)) + f" answer {w} love " +
+                " ".join(rng.choice(filler) for _ in range(9)) for n, w in ((90, "city"), (150, "year"), (3, "film"))]
+    questions = ["what is the answer ?"] * 3
+    stride = 64 // 4  # the default: a quarter of the pack's max_length
+    out = session.answer("qa", questions, contexts, max_answer_tokens=3, batch_size=3)
+    enc = load_tokenizer(bert_model)(questions, contexts, truncation="only_second", max_length=64, stride=stride,
+                                     return_overflowing_tokens=True, return_offsets_mapping=True, padding=True,
+                                     return_tensors="np", return_token_type_ids=True)
+    assert np.bincount(enc["overflow_to_sample_mapping"]).tolist()[:2] >= [2, 3]  # long ones need windows
+    ref = torch_logits(load_pack(qa_pack), bert_model, {k: enc[k].astype(np.int64) for k in session.manifest.token_inputs})
+    for i, context in enumerate(contexts):
+        candidates = []
+        for w in np.flatnonzero(enc["overflow_to_sample_mapping"] == i):
+            ctx = [t for t, sid in enumerate(enc.sequence_ids(int(w))) if sid == 1]
+            for a in ctx:
+                for b in ctx:
+                    if 0 <= b - a < 3:
+                        offsets = enc["offset_mapping"][w]
+                        candidates.append((ref[w, a, 0] + ref[w, b, 1], int(offsets[a][0]), int(offsets[b][1])))
+        score, a, b = max(candidates)
+        assert (out.starts[i], out.ends[i]) == (a, b) and out.answers[i] == context[a:b]
+        assert out.scores[i] == pytest.approx(score, abs=2 * ATOL)
+    assert out.truncated == [False] * 3
+    cut = session.answer("qa", questions, contexts, max_answer_tokens=3, windows=False)
+    assert cut.truncated == [True, True, False] and cut.answers[2] == out.answers[2]
+    # some best span lies beyond the first window, where the truncating read cannot reach
+    first_end = [max(b for (_, b), sid in zip(e.offsets, e.sequence_ids) if sid == 1)
+                 for e in session.encoder.encodings(list(zip(questions, contexts)), max_length=64,
+                                                    strategy="only_second")[1]]
+    assert any(out.starts[i] >= first_end[i] for i in (0, 1))
+    # neighbouring windows share `stride` context tokens
+    _, windows, owner = session.encoder.windows(list(zip(questions, contexts))[:1], max_length=64, stride=stride)
+    spans = [[o for o, sid in zip(w.offsets, w.sequence_ids) if sid == 1] for w in windows]
+    assert owner == [0] * len(windows) and all(x[-stride:] == y[:stride] for x, y in zip(spans, spans[1:]))
+    # a long question leaves less room: the stride shrinks instead of tokenizers panicking
+    long_q = " ".join(["what"] * 50)
+    assert session.answer("qa", [long_q], [contexts[0]], stride=40).answers[0] in contexts[0]
+    with pytest.raises(BitFitError, match="stride must be"):
+        session.answer("qa", questions, contexts, stride=-1)
 
 
 def test_token_tasks_have_their_own_calls(session, bert_compiled, pack_all):
