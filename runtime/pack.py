@@ -81,6 +81,8 @@ class PackManifest:
     trainable_params: int
     base_params: int
     metrics: dict[str, Any] = field(default_factory=dict)
+    # question answering trained with unanswerable questions (SQuAD 2.0): "" wins when CLS beats every span
+    no_answer: bool = False
     tool_version: str = ""
     tensors_sha256: str = ""
     format: str = FORMAT
@@ -105,6 +107,8 @@ class PackManifest:
             raise PackError(f"a {self.task_kind} task needs at least 2 labels, got {self.labels!r}")
         if self.task_kind == "question-answering" and list(self.labels) != QA_LABELS:
             raise PackError(f"a question-answering task has the labels {QA_LABELS} (start, end), got {self.labels!r}")
+        if self.no_answer and self.task_kind != "question-answering":
+            raise PackError(f"no_answer is for question-answering tasks only, not {self.task_kind}")
         self.biases = [b if isinstance(b, TensorSpec) else TensorSpec.from_json(b) for b in self.biases]
         self.head = [h if isinstance(h, TensorSpec) else TensorSpec.from_json(h) for h in self.head]
 

@@ -410,6 +410,8 @@ class TaskSession:
         batch_size: int = 32,
         windows: bool = True,
         stride: int | None = None,
+        no_answer: bool | None = None,
+        null_threshold: float = 0.0,
     ) -> Answers:
         """Extractive QA: for each (question, context), the best span of the context (start <= end, at most
         `max_answer_tokens` tokens) as text with its character offsets.
@@ -417,7 +419,12 @@ class TaskSession:
         A context longer than the pack's max_length is read in overlapping windows (the question whole in
         each, `stride` context tokens shared by neighbours, default a quarter of max_length) and the span
         with the best score over all windows wins, as in Hugging Face's QA pipeline; `batch_size` counts
-        windows. windows=False truncates the context instead, as training did (`truncated` says so)."""
+        windows. windows=False truncates the context instead, as training did (`truncated` says so).
+
+        no_answer (default: the pack's own `no_answer`, True when it was trained with unanswerable questions,
+        SQuAD 2.0): the answer is "" (start = end = 0) when the "no answer" score, CLS start + end logit
+        (the lowest over windows), beats the best span's score by more than `null_threshold`; `score` is
+        then that null score."""
         state = self._state
         m = self._get(task, state).pack.manifest
         _check_kind(task, m, "answer")
@@ -440,6 +447,7 @@ class TaskSession:
             inputs, encodings = self.encoder.encodings(pairs, max_length=m.max_length, strategy="only_second")
             owner = list(range(len(pairs)))
         best: list[tuple[float, int, int]] = [(float("-inf"), 0, 0)] * len(pairs)
+        null = [float("inf")] * len(pairs)
         for start in range(0, len(encodings), batch_size):
             rows = slice(start, start + batch_size)
             logits = self._logits(task, self._check_inputs({k: v[rows] for k, v in inputs.items()}), state)
@@ -450,6 +458,10 @@ class TaskSession:
                 s, e, score = best_span(row[:, 0], row[:, 1], allowed, max_answer_tokens)
                 if score > best[i][0]:
                     best[i] = (score, enc.offsets[s][0], enc.offsets[e][1])
+                null[i] = min(null[i], float(row[0, 0] + row[0, 1]))
+        use_null = m.no_answer if no_answer is None else no_answer
+        if use_null:
+            best = [(n, 0, 0) if n > b[0] + null_threshold else b for b, n in zip(best, null)]
         truncated = [False] * len(pairs) if windows else [bool(enc.overflowing) for enc in encodings]
         return Answers(task, [c[a:b] for c, (_, a, b) in zip(contexts, best)], [int(a) for _, a, _ in best],
                        [int(b) for _, _, b in best], [float(score) for score, _, _ in best], truncated)

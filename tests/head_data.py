@@ -33,18 +33,23 @@ def write_token_data(path: Path, n: int = 80, seed: int = 0) -> Path:
     return path
 
 
-def write_qa_data(path: Path, n: int = 80, seed: int = 0) -> Path:
-    """The answer is the word after the marker word "answer" in a context of random words."""
+def write_qa_data(path: Path, n: int = 80, seed: int = 0, unanswerable: float = 0.0) -> Path:
+    """The answer is the word after the marker word "answer" in a context of random words. A share
+    `unanswerable` of the rows have no marker and no answer (SQuAD 2.0)."""
     rng = random.Random(seed)
     with open(path, "w") as fh:
         for _ in range(n):
             before = " ".join(rng.choice(FILLER) for _ in range(rng.randint(1, 8)))
             target = rng.choice(ENTITY_X + ENTITY_Y)
             after = " ".join(rng.choice(FILLER) for _ in range(rng.randint(1, 6)))
+            question = f"what is the answer {rng.choice(FILLER)} ?"
+            if unanswerable and rng.random() < unanswerable:
+                fh.write(json.dumps({"question": question, "context": f"{before} {target} {after}",
+                                     "answers": {"text": [], "answer_start": []}}) + "\n")
+                continue
             context = f"{before} answer {target} {after}"
             start = len(before) + len(" answer ")
             assert context[start : start + len(target)] == target
-            question = f"what is the answer {rng.choice(FILLER)} ?"
             fh.write(json.dumps({"question": question, "context": context,
                                  "answers": {"text": [target], "answer_start": [start]}}) + "\n")
     return path

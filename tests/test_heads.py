@@ -83,6 +83,11 @@ def test_qa_answer_must_be_in_the_context_at_its_offset(tmp_path):
         read_qa_examples(write_rows(tmp_path / "absent.jsonl", [absent]))
     with pytest.raises(BitFitError, match=r"row 1 lacks \['answers'\]"):
         read_qa_examples(write_rows(tmp_path / "lacks.jsonl", [{"question": "q", "context": "c"}]))
+    none = {**row, "answers": {"text": [], "answer_start": []}}  # SQuAD 2.0: the context does not answer
+    assert read_qa_examples(write_rows(tmp_path / "none.jsonl", [none]))[0].answers == ()
+    half = {**row, "answers": {"text": ["actor"], "answer_start": []}}
+    with pytest.raises(BitFitError, match=r"1 answer texts and 0 answer_start offsets: give each answer its start"):
+        read_qa_examples(write_rows(tmp_path / "half.jsonl", [half]))
 
 
 def manifest_json(pack_dir: Path) -> dict:
@@ -155,6 +160,9 @@ def test_metrics_follow_squad_and_conlleval():
     assert got["exact_match"] == 50.0
     # "a movie plot" -> "movie plot": vs "plot" precision 1/2, recall 1, F1 2/3 ("the movie" -> "movie": the same)
     assert got["f1"] == pytest.approx(100 * (1 + 2 / 3) / 2)
+    # SQuAD 2.0: a question without gold answers is right only for an empty prediction, in EM and F1 alike
+    v2 = squad_metrics(["", "film", "", "film"], [[], [], ["film"], ["film"]])
+    assert v2 == {"exact_match": 50.0, "f1": 50.0}
 
 
 def test_best_span_is_the_brute_force_best():
@@ -303,6 +311,44 @@ def test_long_contexts_are_read_in_overlapping_windows(session, qa_pack, bert_mo
     assert session.answer("qa", [long_q], [contexts[0]], stride=40).answers[0] in contexts[0]
     with pytest.raises(BitFitError, match="stride must be"):
         session.answer("qa", questions, contexts, stride=-1)
+
+
+def test_unanswerable_questions_squad2(bert_model, bert_compiled, torch_logits, tmp_path):
+    """Rows with empty answers train CLS; the pack says so, and the runtime then answers "" exactly where
+    CLS start + end beats every span in PyTorch's logits."""
+    from training.data import read_qa_examples
+    from training.model import load_tokenizer
+    from training.train import train
+
+    data = write_qa_data(tmp_path / "qa2.jsonl", n=120, seed=5, unanswerable=0.4)
+    rows = read_jsonl(data)
+    assert sum(not r["answers"]["text"] for r in rows) > 20 and not read_qa_examples(data)[
+        next(i for i, r in enumerate(rows) if not r["answers"]["text"])].answers
+    result = train(bert_model, data, tmp_path / "qa2", epochs=4, lr=5e-3, batch_size=8,
+                   task_kind="question-answering", task_name="qa2", **QUIET)
+    pack = load_pack(result.pack_path)
+    assert pack.manifest.no_answer and {"exact_match", "f1"} <= set(pack.manifest.metrics["dev"])
+    session = TaskSession(bert_compiled)
+    session.register(pack)
+    questions, contexts = [r["question"] for r in rows[:24]], [r["context"] for r in rows[:24]]
+    out = session.answer("qa2", questions, contexts, max_answer_tokens=3)
+    enc = load_tokenizer(bert_model)(questions, contexts, truncation="only_second", max_length=64, padding=True,
+                                     return_offsets_mapping=True, return_tensors="np", return_token_type_ids=True)
+    ref = torch_logits(pack, bert_model, {k: enc[k].astype(np.int64) for k in session.manifest.token_inputs})
+    for i in range(len(rows[:24])):
+        ctx = [t for t, sid in enumerate(enc.sequence_ids(i)) if sid == 1]
+        best = max(ref[i, a, 0] + ref[i, b, 1] for a in ctx for b in ctx if 0 <= b - a < 3)
+        null = ref[i, 0, 0] + ref[i, 0, 1]
+        assert (out.answers[i] == "") == bool(null > best), i
+        assert out.scores[i] == pytest.approx(max(null, best), abs=2 * ATOL)
+    assert 0 < sum(a == "" for a in out.answers) < len(out.answers)  # both outcomes occur
+    spans = session.answer("qa2", questions, contexts, max_answer_tokens=3, no_answer=False)
+    assert all(a for a in spans.answers)  # the override gives a span for every question
+    strict = session.answer("qa2", questions, contexts, max_answer_tokens=3, null_threshold=1e9)
+    assert strict.answers == spans.answers
+    with pytest.raises(PackError, match="no_answer is for question-answering"):
+        PackManifest.from_json({**pack.manifest.to_json(), "task_kind": "classification", "pooling": "mean",
+                                "labels": ["a", "b"]})
 
 
 def test_token_tasks_have_their_own_calls(session, bert_compiled, pack_all):

@@ -19,7 +19,9 @@ Token-level tasks read JSONL files (no built-in data set):
   B-/I- tags, exact type and boundaries) when every tag is O, B-X or I-X, which then picks the best epoch.
 - question-answering rows in SQuAD style {"question", "context", "answers": {"text": [...],
   "answer_start": [...]}} (char offsets; several gold answers allowed, training uses the first); metric:
-  SQuAD exact match and F1 on the answer text, the best over gold answers.
+  SQuAD exact match and F1 on the answer text, the best over gold answers. Empty lists mark a question
+  the context does not answer (SQuAD 2.0): trained to point at CLS, and then evaluated as SQuAD 2.0 is
+  (an empty prediction is right exactly for those).
 """
 from __future__ import annotations
 
@@ -56,7 +58,8 @@ class TokenExample:
 
 @dataclass(frozen=True)
 class QAExample:
-    """Extractive QA: gold answers as texts with their char offsets in the context."""
+    """Extractive QA: gold answers as texts with their char offsets in the context; none when the context
+    does not answer the question (SQuAD 2.0)."""
 
     question: str
     context: str
@@ -272,9 +275,9 @@ def read_qa_examples(path: str | os.PathLike) -> list[QAExample]:
         starts = answers["answer_start"]
         if not isinstance(starts, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in starts):
             raise BitFitError(f"{where}: answers.answer_start must be a list of integers (char offsets)")
-        if not texts or len(texts) != len(starts):
+        if len(texts) != len(starts):
             raise BitFitError(f"{where} has {len(texts)} answer texts and {len(starts)} answer_start offsets: "
-                              "give at least one answer, each with its start")
+                              "give each answer its start (or both lists empty: the context does not answer)")
         for text, start in zip(texts, starts):
             if not text or context[start : start + len(text)] != text or start < 0:
                 found = context.find(text) if text else -1

@@ -61,6 +61,8 @@ def encode_qa(tokenizer, batch: list[QAExample], max_length: int):
                     max_length=max_length, return_offsets_mapping=True)
     targets = torch.zeros((len(batch), 2), dtype=torch.long)
     for i, e in enumerate(batch):
+        if not e.answers:
+            continue  # the context does not answer (SQuAD 2.0): target CLS (0, 0)
         a, b = e.starts[0], e.starts[0] + len(e.answers[0])
         offsets = enc["offset_mapping"][i].tolist()
         context = [t for t, s in enumerate(enc.sequence_ids(i)) if s == 1]
@@ -90,6 +92,12 @@ def token_loss(kind: str, logits: torch.Tensor, targets: torch.Tensor) -> torch.
 
 
 # -- evaluation --------------------------------------------------------------------------------------
+def trains_no_answer(task: TaskData) -> bool:
+    """SQuAD 2.0: some training question has no answer, so the model learns to point at CLS for those, and
+    a span must beat CLS (the "no answer" score) to be given."""
+    return task.kind == "question-answering" and any(not e.answers for e in task.train)
+
+
 @torch.no_grad()
 def evaluate_token_task(model, tokenizer, task: TaskData, examples: list, max_length: int,
                         batch_size: int = 64) -> dict[str, float]:
@@ -97,6 +105,7 @@ def evaluate_token_task(model, tokenizer, task: TaskData, examples: list, max_le
     was_training = model.training
     model.eval()
     gold, pred = [], []
+    no_answer = trains_no_answer(task)
     for s in range(0, len(examples), batch_size):
         batch = examples[s : s + batch_size]
         if task.kind == "token-classification":
@@ -112,9 +121,11 @@ def evaluate_token_task(model, tokenizer, task: TaskData, examples: list, max_le
             mask = inputs["attention_mask"].numpy() == 1
             for i, e in enumerate(batch):
                 allowed = np.array([s == 1 for s in enc.sequence_ids(i)]) & mask[i]
-                start, end, _ = best_span(logits[i, :, 0], logits[i, :, 1], allowed, DEFAULT_MAX_ANSWER_TOKENS)
+                start, end, score = best_span(logits[i, :, 0], logits[i, :, 1], allowed, DEFAULT_MAX_ANSWER_TOKENS)
                 offsets = enc["offset_mapping"][i].tolist()
-                pred.append(e.context[offsets[start][0] : offsets[end][1]] if allowed.any() else "")
+                null = float(logits[i, 0, 0] + logits[i, 0, 1])
+                answered = allowed.any() and not (no_answer and null > score)
+                pred.append(e.context[offsets[start][0] : offsets[end][1]] if answered else "")
                 gold.append(list(e.answers))
     model.train(was_training)
     if task.kind == "token-classification":
@@ -161,6 +172,8 @@ def normalize_answer(text: str) -> str:
 
 def _f1(prediction: str, truth: str) -> float:
     p, t = normalize_answer(prediction).split(), normalize_answer(truth).split()
+    if not p or not t:  # SQuAD 2.0: "no answer" scores 1 against "no answer" only
+        return float(p == t)
     common = sum((collections.Counter(p) & collections.Counter(t)).values())
     if common == 0:
         return 0.0
@@ -169,7 +182,9 @@ def _f1(prediction: str, truth: str) -> float:
 
 
 def squad_metrics(pred: list[str], gold: list[list[str]]) -> dict[str, float]:
-    """Exact match and token F1 in percent, each the best over an example's gold answers (SQuAD v1.1)."""
+    """Exact match and token F1 in percent, each the best over an example's gold answers (SQuAD v1.1); an
+    example without gold answers is right only for an empty prediction (SQuAD 2.0)."""
+    gold = [list(gs) or [""] for gs in gold]
     em = [max(float(normalize_answer(p) == normalize_answer(g)) for g in gs) for p, gs in zip(pred, gold)]
     f1 = [max(_f1(p, g) for g in gs) for p, gs in zip(pred, gold)]
     return {"exact_match": 100.0 * float(np.mean(em)), "f1": 100.0 * float(np.mean(f1))}

@@ -22,7 +22,7 @@ from .data import Example, TaskData, load_task_data
 from .metrics import evaluate
 from .model import (BitFitModel, base_fingerprint, count_parameters, load_encoder, load_pooler, load_tokenizer,
                     max_positions)
-from .tokens import IGNORE, encode_train_batch, evaluate_token_task, token_loss
+from .tokens import IGNORE, encode_train_batch, evaluate_token_task, token_loss, trains_no_answer
 
 
 @dataclass
@@ -348,6 +348,7 @@ def train(
         bias_subset=list(kinds),
         biases=[TensorSpec(s.name, tuple(s.parameter.shape), "float32", s.kind, s.layer, s.source) for s in slots],
         head=[TensorSpec(k, v.shape) for k, v in head.items()],
+        no_answer=trains_no_answer(task),
         trainable_params=n_bias + n_head,
         base_params=n_base,
         metrics={
