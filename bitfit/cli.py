@@ -204,8 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixed-task batches: each bias a [tasks, dim] table, a task_ids input picks every row's "
                         "task, so one pass serves rows of many tasks (not with --fuse)")
     p.add_argument("--no-head", action="store_true",
-                   help="leave the task head out of the graph: onnxruntime runs it on every call (0.3-2%% of a "
-                        "MiniLM call); our runtime does not need it, adapter files and other bindings do")
+                   help="leave the task head out of the graph: onnxruntime runs it on every call (1-3%% of a "
+                        "MiniLM call at batch 1); our runtime does not need it, adapter files and other bindings do")
     p.add_argument("--overwrite", action="store_true", help="replace an existing compiled directory")
     p.set_defaults(run=_compile)
 

@@ -170,9 +170,9 @@ def compile(
     mixed: each bias is a [tasks, dim] table and a task_ids [batch] input picks every row's task, so one
     batch can hold rows of different tasks (fused kernels take 1-D biases only: not with fuse).
     head: add the task head as optional inputs with logits / token_logits outputs (compiler/head.py), which
-    adapter files and other bindings need; onnxruntime runs it on every call, whichever outputs are bound
-    (0.3-2% of a MiniLM call, benchmarks/head_cost.py), so head=False drops it where only our runtime,
-    which applies the head in numpy, serves. Mixed graphs never have one.
+    adapter files and other bindings need. onnxruntime runs it on every call, whichever outputs are bound
+    (1-3% of a MiniLM call at batch 1, under 1% at 8: benchmarks/head_cost.py), so head=False drops it
+    where only our runtime, which applies the head in numpy, serves. Mixed graphs never have one.
     """
     if mixed and fuse:
         raise BitFitError("--mixed and --fuse do not combine: fused kernels take one bias per batch; choose one")
