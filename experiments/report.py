@@ -56,7 +56,22 @@ def table(runs: list[dict], train_size: int, epochs: int) -> str:
     return "\n".join(lines)
 
 
-def write_report(runs: list[dict], out: Path, train_size: int, epochs: int) -> None:
+def edge_table(runs: list[dict], edge_runs: list[dict], train_size: int, epochs: int) -> str:
+    """Seed-0 dev metric at the grid's best LR against one step past the grid's top."""
+    lines = ["| method | task | grid best dev (lr) | dev one step past the grid (lr) | test there |", "|---|---|---|---|---|"]
+    for e in sorted(edge_runs, key=lambda r: (r["method"], TASKS.index(r["task"]))):
+        if (e["train_size"], e["epochs"]) != (train_size, epochs):
+            continue
+        lr = best_lr(runs, e["method"], e["task"], train_size, epochs)
+        grid = [r for r in runs if (r["method"], r["task"], r["seed"], r["lr"], r["train_size"], r["epochs"])
+                == (e["method"], e["task"], 0, lr, train_size, epochs)]
+        cell = f"{grid[0]['dev_metric']:.1f} ({lr:g})" if grid else "-"
+        lines.append(f"| {LABEL[e['method']]} | {e['task']} | {cell} | {e['dev_metric']:.1f} ({e['lr']:g}) | "
+                     f"{e['test_metric']:.1f} |")
+    return "\n".join(lines)
+
+
+def write_report(runs: list[dict], out: Path, train_size: int, epochs: int, edge_runs: list[dict] = ()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,6 +151,9 @@ def write_report(runs: list[dict], out: Path, train_size: int, epochs: int) -> N
         fig.savefig(out / "train_dev_gap.png", dpi=120)
         plt.close(fig)
         text += ["", "![train-dev gap](train_dev_gap.png)"]
+    if edge_runs:
+        text += ["", "LR edge check (`replicate.py edge`, seed 0, edge.jsonl; not part of the table above):", "",
+                 edge_table(runs, list(edge_runs), train_size, epochs)]
     (out / "table.md").write_text("\n".join(text) + "\n")
     print("\n".join(text))
     print(f"wrote {out / 'table.md'}")

@@ -135,3 +135,30 @@ def test_data_size_curve_uses_the_searched_lr_only(tmp_path):
     assert "| BitFit (all biases) | 60.0 | 70.0 |" in text
     assert "| Full fine-tuning | 60.0 | 70.0 |" in text
     assert (tmp_path / "data_size.png").stat().st_size > 0
+
+
+def test_edge_runs_stay_out_of_the_grid(tmp_path, monkeypatch):
+    import argparse
+
+    import report
+
+    monkeypatch.setattr(replicate, "RUNS", tmp_path / "runs.jsonl")
+    monkeypatch.setattr(replicate, "EDGE", tmp_path / "edge.jsonl")
+    monkeypatch.setattr(replicate, "RESULTS", tmp_path)
+    monkeypatch.setattr(replicate, "_base_biases", lambda: {})
+    monkeypatch.setattr(replicate, "run_one", lambda spec, cache, base: {
+        **spec, "dev_metric": 95.0, "test_metric": 94.0, "train_metric": 99.0, "seconds": 0.0})
+    grid = [dict(method="bitfit", task="trec6", seed=0, lr=lr, epochs=4, train_size=1000, dev_metric=80.0 + i,
+                 test_metric=70.0, train_metric=90.0, trainable_share=0.001)
+            for i, lr in enumerate(replicate.DEFAULT_LRS)]
+    replicate.RUNS.write_text("".join(json.dumps(r) + "\n" for r in grid))
+    args = argparse.Namespace(tasks=["trec6"], epochs=4, train_size=1000, max_minutes=None)
+    replicate.edge(args)
+    replicate.edge(args)  # resumes: nothing recomputed
+    edge = replicate.read_runs(replicate.EDGE)
+    assert sorted((r["method"], r["lr"]) for r in edge) == [("bitfit", 1e-2), ("full", 1e-4)]
+    assert len(replicate.read_runs()) == 3  # runs.jsonl untouched
+    assert replicate.best_lr(replicate.read_runs(), "bitfit", "trec6", 1000, 4) == 3e-3  # the edge does not win it
+    text = report.edge_table(replicate.read_runs(), edge, 1000, 4)
+    assert "| BitFit (all biases) | trec6 | 82.0 (0.003) | 95.0 (0.01) | 94.0 |" in text
+    assert "| Full fine-tuning | trec6 | - | 95.0 (0.0001) | 94.0 |" in text
