@@ -150,7 +150,8 @@ def write_report(runs: list[dict], out: Path, train_size: int, epochs: int, edge
         fig.tight_layout()
         fig.savefig(out / "train_dev_gap.png", dpi=120)
         plt.close(fig)
-        text += ["", "![train-dev gap](train_dev_gap.png)"]
+        text += ["", "Train minus dev metric (points, mean over the table's runs): "
+                 + ", ".join(f"{LABEL[m]} {g:.1f}" for m, g in gaps.items()), "", "![train-dev gap](train_dev_gap.png)"]
     if edge_runs:
         text += ["", "LR edge check (`replicate.py edge`, seed 0, edge.jsonl; not part of the table above):", "",
                  edge_table(runs, list(edge_runs), train_size, epochs)]
