@@ -70,6 +70,35 @@ def synthetic_pack(compiled: Path, name: str, rng: np.random.Generator, labels: 
     return TaskPack(manifest, tensors)
 
 
+def ort_session(path: Path, threads: int, profile_prefix: str | None = None):
+    """An onnxruntime CPU session as every benchmark times it: all optimisations, `threads` intra-op threads,
+    spinning off (on 2 cores idle spinning threads slowed the next variant's run by up to 40%)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def hidden_runner(session):
+    """feed -> last_hidden_state through io binding, the one output our runtime reads."""
+    def run(feed: dict[str, np.ndarray]) -> np.ndarray:
+        binding = session.io_binding()
+        for k, v in feed.items():
+            binding.bind_cpu_input(k, v)
+        binding.bind_output("last_hidden_state")
+        session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+    return run
+
+
 def time_interleaved(runners: dict, feed: dict, rounds: int, warmup: int = 2, seed: int = 0) -> dict[str, list[float]]:
     """One call of each variant per round, in a new random order each round: whatever a call leaves behind
     (warm caches, another runtime's worker threads still busy) is spread evenly over the variants."""

@@ -22,12 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 
-from common import machine, minilm_dir, time_interleaved, wait_until_quiet, write_results
+from common import hidden_runner, machine, minilm_dir, ort_session, time_interleaved, wait_until_quiet, write_results
 from compiler.compile import compile
 from compiler.head import HEAD_INPUT_NAMES, HEAD_OUTPUTS
-from runtime.compiled import MODEL_FILE, OUTPUT_NAME, read_manifest
+from runtime.compiled import MODEL_FILE, read_manifest
 
 SEQ = 128
 
@@ -48,33 +47,10 @@ def strip_head(src: Path, dst: Path) -> int:
     return len(head_nodes)
 
 
-def session(path: Path, threads: int, profile_prefix: str | None = None) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if profile_prefix:
-        options.enable_profiling = True
-        options.profile_file_prefix = profile_prefix
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def runner(s: ort.InferenceSession):
-    def run(feed: dict[str, np.ndarray]) -> None:
-        binding = s.io_binding()
-        for k, v in feed.items():
-            binding.bind_cpu_input(k, v)
-        binding.bind_output(OUTPUT_NAME)
-        s.run_with_iobinding(binding)
-
-    return run
-
-
 def head_share(graph: Path, feed: dict, calls: int, threads: int, work: Path) -> float:
     """Median over profiled calls of (head nodes' kernel time) / (all nodes' kernel time)."""
-    s = session(graph, threads, str(work / "profile"))
-    run = runner(s)
+    s = ort_session(graph, threads, str(work / "profile"))
+    run = hidden_runner(s)
     for _ in range(calls):
         run(feed)
     events = json.loads(Path(s.end_profiling()).read_text())
@@ -105,8 +81,8 @@ def main() -> None:
             graph = Path(compiled) / MODEL_FILE
             tokens = read_manifest(compiled).token_inputs
             removed = strip_head(graph, work / f"{variant}-nohead.onnx")
-            with_head = runner(session(graph, args.threads))
-            without = runner(session(work / f"{variant}-nohead.onnx", args.threads))
+            with_head = hidden_runner(ort_session(graph, args.threads))
+            without = hidden_runner(ort_session(work / f"{variant}-nohead.onnx", args.threads))
             for batch in (1, 8):
                 feed = {"input_ids": rng.integers(1000, 30000, (batch, SEQ)).astype(np.int64),
                         "attention_mask": np.ones((batch, SEQ), np.int64),

@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
-from common import machine, minilm_dir, synthetic_pack, time_interleaved, wait_until_quiet, write_results
+from common import (hidden_runner, machine, minilm_dir, ort_session, synthetic_pack, time_interleaved,
+                    wait_until_quiet, write_results)
 from compiler.compile import compile, export_onnx
 from compiler.quantize import quantize_int8
 from runtime import TaskSession
@@ -63,27 +63,6 @@ def flops(config, batch: int, seq: int) -> float:
     layers = config.num_hidden_layers
     per_layer = 2 * seq * h * h * 4 + 2 * 2 * seq * seq * h + 2 * 2 * seq * h * i
     return float(batch * layers * per_layer)
-
-
-def ort_session(path: Path, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def baked_runner(session: ort.InferenceSession):
-    def run(feed: dict[str, np.ndarray]) -> np.ndarray:
-        binding = session.io_binding()
-        for k, v in feed.items():
-            binding.bind_cpu_input(k, v)
-        binding.bind_output("last_hidden_state")
-        session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
-
-    return run
 
 
 @dataclass
@@ -111,8 +90,8 @@ def build(name: str, model_dir: Path, work: Path, threads: int, rng: np.random.G
     eager = load_encoder(model_dir, attn_implementation="eager")
     export_onnx(eager, [], tokens, work / f"{name}-baked.onnx", 17)
     quantize_int8(work / f"{name}-baked.onnx", work / f"{name}-baked-int8.onnx")
-    b.runners["ort baked fp32"] = baked_runner(ort_session(work / f"{name}-baked.onnx", threads))
-    b.runners["ort baked int8"] = baked_runner(ort_session(work / f"{name}-baked-int8.onnx", threads))
+    b.runners["ort baked fp32"] = hidden_runner(ort_session(work / f"{name}-baked.onnx", threads))
+    b.runners["ort baked int8"] = hidden_runner(ort_session(work / f"{name}-baked-int8.onnx", threads))
     quiet = {"log": lambda *_: None}
     b.dirs["ours fp32"] = compile(model_dir, work / f"{name}-fp32", **quiet)
     b.dirs["ours int8"] = compile(model_dir, work / f"{name}-int8", quantize="int8", **quiet)
