@@ -418,8 +418,8 @@ class TaskSession:
 
         A context longer than the pack's max_length is read in overlapping windows (the question whole in
         each, `stride` context tokens shared by neighbours, default a quarter of max_length) and the span
-        with the best score over all windows wins, as in Hugging Face's QA pipeline; `batch_size` counts
-        windows. windows=False truncates the context instead, as training did (`truncated` says so).
+        with the best score over all windows wins, as in Hugging Face's QA pipeline (`batch_size` bounds
+        both the questions tokenized together and the windows per run). windows=False truncates the context instead, as training did (`truncated` says so).
 
         no_answer (default: the pack's own `no_answer`, True when it was trained with unanswerable questions,
         SQuAD 2.0): the answer is "" (start = end = 0) when the "no answer" score, CLS start + end logit
@@ -441,28 +441,34 @@ class TaskSession:
         if not isinstance(stride, int) or stride < 0:
             raise BitFitError(f"stride must be a whole number of tokens >= 0, got {stride!r}")
         pairs = list(zip(questions, contexts))
-        if windows:
-            inputs, encodings, owner = self.encoder.windows(pairs, max_length=m.max_length, stride=stride)
-        else:
-            inputs, encodings = self.encoder.encodings(pairs, max_length=m.max_length, strategy="only_second")
-            owner = list(range(len(pairs)))
         best: list[tuple[float, int, int]] = [(float("-inf"), 0, 0)] * len(pairs)
         null = [float("inf")] * len(pairs)
-        for start in range(0, len(encodings), batch_size):
-            rows = slice(start, start + batch_size)
-            logits = self._logits(task, self._check_inputs({k: v[rows] for k, v in inputs.items()}), state)
-            for row, enc, i in zip(logits, encodings[rows], owner[rows]):
-                allowed = np.array([s == 1 for s in enc.sequence_ids]) & (np.asarray(enc.attention_mask) == 1)
-                if not allowed.any():
-                    continue
-                s, e, score = best_span(row[:, 0], row[:, 1], allowed, max_answer_tokens)
-                if score > best[i][0]:
-                    best[i] = (score, enc.offsets[s][0], enc.offsets[e][1])
-                null[i] = min(null[i], float(row[0, 0] + row[0, 1]))
+        truncated = [False] * len(pairs)
+        # `batch_size` questions at a time (bounded memory, padding to that group's longest), their windows
+        # `batch_size` at a time through the graph
+        for first in range(0, len(pairs), batch_size):
+            group = pairs[first : first + batch_size]
+            if windows:
+                inputs, encodings, owner = self.encoder.windows(group, max_length=m.max_length, stride=stride)
+            else:
+                inputs, encodings = self.encoder.encodings(group, max_length=m.max_length, strategy="only_second")
+                owner = list(range(len(group)))
+                truncated[first : first + len(group)] = [bool(enc.overflowing) for enc in encodings]
+            for start in range(0, len(encodings), batch_size):
+                rows = slice(start, start + batch_size)
+                logits = self._logits(task, self._check_inputs({k: v[rows] for k, v in inputs.items()}), state)
+                for row, enc, j in zip(logits, encodings[rows], owner[rows]):
+                    i = first + j
+                    allowed = np.array([s == 1 for s in enc.sequence_ids]) & (np.asarray(enc.attention_mask) == 1)
+                    if not allowed.any():
+                        continue
+                    s, e, score = best_span(row[:, 0], row[:, 1], allowed, max_answer_tokens)
+                    if score > best[i][0]:
+                        best[i] = (score, enc.offsets[s][0], enc.offsets[e][1])
+                    null[i] = min(null[i], float(row[0, 0] + row[0, 1]))
         use_null = m.no_answer if no_answer is None else no_answer
         if use_null:
             best = [(n, 0, 0) if n > b[0] + null_threshold else b for b, n in zip(best, null)]
-        truncated = [False] * len(pairs) if windows else [bool(enc.overflowing) for enc in encodings]
         return Answers(task, [c[a:b] for c, (_, a, b) in zip(contexts, best)], [int(a) for _, a, _ in best],
                        [int(b) for _, _, b in best], [float(score) for score, _, _ in best], truncated)
 
