@@ -103,6 +103,16 @@ def best_span(
     return int(idx[i]), int(idx[j]), float(scores[i, j])
 
 
+def null_score(start_logits: np.ndarray, end_logits: np.ndarray) -> float:
+    """The "no answer" score of one window (SQuAD 2.0): CLS (token 0) as both start and end."""
+    return float(start_logits[0]) + float(end_logits[0])
+
+
+def answers_nothing(null: float, span_score: float, threshold: float = 0.0) -> bool:
+    """SQuAD 2.0's decision: no answer when the null score beats the best span's by more than `threshold`."""
+    return null > span_score + threshold
+
+
 # -- results -----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TokenPredictions:

@@ -18,7 +18,8 @@ import onnxruntime as ort
 
 from . import compiled as cm
 from .errors import BitFitError, CompiledModelError, UnknownTaskError
-from .heads import DEFAULT_MAX_ANSWER_TOKENS, Answers, Head, TokenPredictions, best_span, softmax, word_logits
+from .heads import (DEFAULT_MAX_ANSWER_TOKENS, Answers, Head, TokenPredictions, answers_nothing, best_span,
+                    null_score, softmax, word_logits)
 from .heads import pool  # noqa: F401 - callers import pool from here
 from .pack import PackManifest, TaskPack, load_pack, sha256_file
 from .tokenize import TextEncoder, check_texts
@@ -419,7 +420,8 @@ class TaskSession:
         A context longer than the pack's max_length is read in overlapping windows (the question whole in
         each, `stride` context tokens shared by neighbours, default a quarter of max_length) and the span
         with the best score over all windows wins, as in Hugging Face's QA pipeline (`batch_size` bounds
-        both the questions tokenized together and the windows per run). windows=False truncates the context instead, as training did (`truncated` says so).
+        both the questions tokenized together and the windows per run). windows=False truncates the
+        context instead, as training did (`truncated` says so).
 
         no_answer (default: the pack's own `no_answer`, True when it was trained with unanswerable questions,
         SQuAD 2.0): the answer is "" (start = end = 0) when the "no answer" score, CLS start + end logit
@@ -465,10 +467,10 @@ class TaskSession:
                     s, e, score = best_span(row[:, 0], row[:, 1], allowed, max_answer_tokens)
                     if score > best[i][0]:
                         best[i] = (score, enc.offsets[s][0], enc.offsets[e][1])
-                    null[i] = min(null[i], float(row[0, 0] + row[0, 1]))
+                    null[i] = min(null[i], null_score(row[:, 0], row[:, 1]))
         use_null = m.no_answer if no_answer is None else no_answer
         if use_null:
-            best = [(n, 0, 0) if n > b[0] + null_threshold else b for b, n in zip(best, null)]
+            best = [(n, 0, 0) if answers_nothing(n, b[0], null_threshold) else b for b, n in zip(best, null)]
         return Answers(task, [c[a:b] for c, (_, a, b) in zip(contexts, best)], [int(a) for _, a, _ in best],
                        [int(b) for _, _, b in best], [float(score) for score, _, _ in best], truncated)
 

@@ -43,9 +43,10 @@ class TextEncoder:
         the token inputs of all windows (padded to the longest), their encodings (offsets index the
         context) and, per window, the index of its pair."""
         specials = self._plain.num_special_tokens_to_add(True)
+        questions = self._plain.encode_batch([q for q, _ in pairs], add_special_tokens=False)
         strides = []
-        for i, (question, _) in enumerate(pairs):
-            room = max_length - specials - len(self._plain.encode(question, add_special_tokens=False).ids)
+        for i, question in enumerate(questions):
+            room = max_length - specials - len(question.ids)
             if room < 1:
                 raise BitFitError(f"questions[{i}] leaves no room for its context within max_length {max_length}: "
                                   "shorten the question")

@@ -16,7 +16,8 @@ import torch
 from torch.nn import functional as F
 
 from runtime.errors import BitFitError
-from runtime.heads import DEFAULT_MAX_ANSWER_TOKENS, best_span, first_subtokens, word_logits
+from runtime.heads import (DEFAULT_MAX_ANSWER_TOKENS, answers_nothing, best_span, first_subtokens, null_score,
+                           word_logits)
 
 from .data import QAExample, TaskData, TokenExample, is_bio
 
@@ -123,8 +124,8 @@ def evaluate_token_task(model, tokenizer, task: TaskData, examples: list, max_le
                 allowed = np.array([s == 1 for s in enc.sequence_ids(i)]) & mask[i]
                 start, end, score = best_span(logits[i, :, 0], logits[i, :, 1], allowed, DEFAULT_MAX_ANSWER_TOKENS)
                 offsets = enc["offset_mapping"][i].tolist()
-                null = float(logits[i, 0, 0] + logits[i, 0, 1])
-                answered = allowed.any() and not (no_answer and null > score)
+                null = null_score(logits[i, :, 0], logits[i, :, 1])
+                answered = allowed.any() and not (no_answer and answers_nothing(null, score))
                 pred.append(e.context[offsets[start][0] : offsets[end][1]] if answered else "")
                 gold.append(list(e.answers))
     model.train(was_training)
