@@ -12,8 +12,8 @@ import numpy as np
 
 from safetensors.numpy import load_file
 
-from runtime.compiled import BASE_BIASES_FILE, read_manifest
-from runtime.pack import PackManifest, TaskPack, TensorSpec
+from bitfit.runtime.compiled import BASE_BIASES_FILE, read_manifest
+from bitfit.runtime.pack import PackManifest, TaskPack, TensorSpec
 
 
 # -- machine load ---------------------------------------------------------------------------------

@@ -24,9 +24,9 @@ import numpy as np
 import onnx_ir as ir
 
 from common import hidden_runner, machine, minilm_dir, ort_session, time_interleaved, wait_until_quiet, write_results
-from compiler.compile import compile
-from compiler.head import HEAD_INPUT_NAMES, HEAD_OUTPUTS
-from runtime.compiled import MODEL_FILE, read_manifest
+from bitfit.compiler.compile import compile
+from bitfit.compiler.head import HEAD_INPUT_NAMES, HEAD_OUTPUTS
+from bitfit.runtime.compiled import MODEL_FILE, read_manifest
 
 SEQ = 128
 

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from compiler.compile import compile
-from runtime import TaskSession
-from runtime.pack import sha256_file
-from training.data import load_builtin
-from training.metrics import evaluate
+from bitfit.compiler.compile import compile
+from bitfit.runtime import TaskSession
+from bitfit.runtime.fs import sha256_file
+from bitfit.training.data import load_builtin
+from bitfit.training.metrics import evaluate
 
 TASKS = ("movie-sentiment", "trec6", "sms-spam")
 

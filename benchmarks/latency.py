@@ -39,11 +39,12 @@ import torch
 
 from common import (hidden_runner, machine, minilm_dir, ort_session, synthetic_pack, time_interleaved,
                     wait_until_quiet, write_results)
-from compiler.compile import compile, export_onnx
-from compiler.quantize import quantize_int8
-from runtime import TaskSession
-from runtime.pack import save_pack
-from training.model import load_encoder, uses_token_types
+from bitfit.compiler.compile import compile
+from bitfit.compiler.export import export_onnx
+from bitfit.compiler.quantize import quantize_int8
+from bitfit.runtime import TaskSession
+from bitfit.runtime.pack import save_pack
+from bitfit.encoder.model import load_encoder, uses_token_types
 
 SEQ = 128
 GOALS = {
@@ -120,7 +121,7 @@ def feed_for(b: Built, batch: int, rng: np.random.Generator) -> dict[str, np.nda
 _MEMORY_CHILD = r"""
 import json, sys, resource
 sys.path[:0] = [{root!r}]
-from runtime import TaskSession, load_pack
+from bitfit.runtime import TaskSession, load_pack
 session = TaskSession({compiled!r}, threads=1)
 paths = {packs!r}
 def rss():
@@ -139,7 +140,7 @@ print(json.dumps(out))
 _SESSION_CHILD = r"""
 import json, sys, time
 sys.path[:0] = [{root!r}]
-from runtime import TaskSession
+from bitfit.runtime import TaskSession
 def rss():
     with open("/proc/self/status") as fh:
         return next(int(l.split()[1]) * 1024 for l in fh if l.startswith("VmRSS"))

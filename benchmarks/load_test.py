@@ -65,7 +65,7 @@ POOL = [
 
 # -- setup ------------------------------------------------------------------------------------------
 def compile_minilm(out: Path, graph: str) -> Path:
-    from compiler.compile import compile
+    from bitfit.compiler.compile import compile
 
     print(f"compiling all-MiniLM-L6-v2 ({graph} graph) into {out} ...", flush=True)
     t = time.perf_counter()
@@ -82,7 +82,7 @@ def _pack(compiled: Path, name: str, seed: int):
 
 def expected_results(compiled: Path, packs: dict[str, object], threads: int | None) -> dict[str, list[dict]]:
     """For each registered name: the record of every POOL text, each text run alone (a single request)."""
-    from runtime import TaskSession
+    from bitfit.runtime import TaskSession
 
     session = TaskSession(compiled, threads=threads, spinning=False)
     for name, pack in packs.items():
@@ -293,7 +293,7 @@ def run_mode(mode: str, args, compiled: Path, packs_dir: Path, packs: dict, expe
              ) -> RunResult:
     import httpx
 
-    from runtime.pack import save_pack
+    from bitfit.runtime.pack import save_pack
 
     swap_name = f"task-{SWAP_TASK_INDEX:02d}"
     save_pack(packs[swap_name], packs_dir / swap_name, overwrite=True)  # every run starts with version 1
@@ -387,8 +387,8 @@ def main() -> int:
     if args.tasks <= SWAP_TASK_INDEX and not args.no_swap:
         ap.error(f"the hot swap replaces task {SWAP_TASK_INDEX}: give --tasks > {SWAP_TASK_INDEX} or --no-swap")
 
-    from runtime.compiled import read_manifest
-    from runtime.pack import save_pack
+    from bitfit.runtime.compiled import read_manifest
+    from bitfit.runtime.pack import save_pack
 
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bitfit-load-"))
     work.mkdir(parents=True, exist_ok=True)

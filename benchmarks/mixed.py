@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from common import machine, minilm_dir, synthetic_pack, time_interleaved, wait_until_quiet, write_results
-from compiler.compile import compile
-from runtime import TaskSession
+from bitfit.compiler.compile import compile
+from bitfit.runtime import TaskSession
 
 SENTENCES = [
     "A gripping, beautifully acted film that stays with you long after the credits roll.",

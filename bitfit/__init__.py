@@ -7,23 +7,24 @@ from __future__ import annotations
 
 from typing import Any
 
-from runtime.version import __version__
+from bitfit.runtime.errors import BitFitError, ParityError
+from bitfit.runtime.version import __version__
 
 
 def train(*args: Any, **kwargs: Any):
-    from training.train import train as _train
+    from bitfit.training.train import train as _train
 
     return _train(*args, **kwargs)
 
 
 def compile(*args: Any, **kwargs: Any):  # noqa: A001 - the stage is called compile
-    from compiler.compile import compile as _compile
+    from bitfit.compiler.compile import compile as _compile
 
     return _compile(*args, **kwargs)
 
 
 def verify(*args: Any, **kwargs: Any):
-    from .verification import verify as _verify
+    from bitfit.compiler.verify import verify as _verify
 
     return _verify(*args, **kwargs)
 
@@ -41,34 +42,35 @@ def inspect(*args: Any, **kwargs: Any):
 
 
 def extract(*args: Any, **kwargs: Any):
-    from training.extract import extract as _extract
+    from bitfit.training.extract import extract as _extract
 
     return _extract(*args, **kwargs)
 
 
 def import_peft(*args: Any, **kwargs: Any):
-    from training.peft_import import import_peft as _import_peft
+    from bitfit.training.peft_import import import_peft as _import_peft
 
     return _import_peft(*args, **kwargs)
 
 
 def export_adapter(*args: Any, **kwargs: Any):
-    from .adapter import export_adapter as _export_adapter
+    from bitfit.exporters.adapter import export_adapter as _export_adapter
 
     return _export_adapter(*args, **kwargs)
 
 
 def export_bank(*args: Any, **kwargs: Any):
-    from runtime.bank import export_bank as _export_bank
+    from bitfit.exporters.bank import export_bank as _export_bank
 
     return _export_bank(*args, **kwargs)
 
 
 def export_triton(*args: Any, **kwargs: Any):
-    from .triton import export_triton as _export_triton
+    from bitfit.exporters.triton import export_triton as _export_triton
 
     return _export_triton(*args, **kwargs)
 
 
-__all__ = ["__version__", "compile", "export_adapter", "export_bank", "export_triton", "extract", "import_peft",
-           "inspect", "predict", "train", "verify"]
+STAGES = ["compile", "export_adapter", "export_bank", "export_triton", "extract", "import_peft", "inspect", "predict",
+          "train", "verify"]
+__all__ = ["BitFitError", "ParityError", "__version__", *STAGES]

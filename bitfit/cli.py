@@ -9,12 +9,13 @@ import json
 import sys
 from collections.abc import Sequence
 
-from runtime.errors import BitFitError
-from runtime.version import __version__
+from bitfit.runtime.errors import BitFitError
+from bitfit.runtime.kinds import KINDS
+from bitfit.runtime.version import __version__
 
 
 def _train(a: argparse.Namespace) -> int:
-    from training.train import train
+    from bitfit.training.train import train
 
     result = train(
         a.model, a.data, a.out, biases=a.biases, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size,
@@ -33,17 +34,23 @@ def _train(a: argparse.Namespace) -> int:
 
 
 def _compile(a: argparse.Namespace) -> int:
-    from compiler.compile import compile
+    from bitfit.compiler.compile import compile
 
-    compile(a.model, a.out, biases=a.biases, opset=a.opset, quantize=a.quantize, fp16=a.fp16, fuse=a.fuse, mixed=a.mixed,
-            head=not a.no_head, overwrite=a.overwrite)
+    from bitfit.runtime.errors import ParityError
+
+    try:
+        compile(a.model, a.out, biases=a.biases, opset=a.opset, quantize=a.quantize, fp16=a.fp16, fuse=a.fuse,
+                mixed=a.mixed, head=not a.no_head, overwrite=a.overwrite, verify=a.verify)
+    except ParityError as e:  # a failed check (exit 1), not bad input; the graph was not put in place
+        print(f"bitfit compile: parity check failed, {a.out} left as it was: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
 def _predict(a: argparse.Namespace) -> int:
-    from .prediction import predict, read_texts
+    from bitfit.runtime import read_pack_manifest
 
-    from runtime import Answers, TokenPredictions
+    from .prediction import predict, read_texts
 
     texts, pairs = list(a.text or []), list(a.text_pair) if a.text_pair else None
     if a.question or a.context:  # question answering: questions are the texts, contexts their pairs
@@ -56,25 +63,18 @@ def _predict(a: argparse.Namespace) -> int:
         pairs = (pairs or []) + more_pairs if more_pairs else pairs
     if not texts:
         raise BitFitError("nothing to predict: pass --text T (repeatable) or --file F")
+    describe = read_pack_manifest(a.pack).kind.describe  # how this kind prints a record
     out = predict(a.compiled, a.pack, texts, pairs, threads=a.threads, device=a.device)
     for text, record in zip(texts, out.records()):
-        if a.json:
-            print(json.dumps(record))
-        elif isinstance(out, TokenPredictions):
-            print(" ".join(f"{w}/{label}" for w, label in zip(record["tokens"], record["labels"])))
-        elif isinstance(out, Answers):
-            print(f"{record['answer']}\t{record['score']:.3f}\t{text}")
-        elif out.task_kind == "classification":
-            print(f"{record['label']}\t{max(record['scores'].values()):.3f}\t{text}")
-        else:
-            print(f"{record['label']:.4f}\t{text}")
+        print(json.dumps(record) if a.json else describe(record, text))
     return 0
 
 
 def _verify(a: argparse.Namespace) -> int:
-    from .verification import verify, write_report
+    from bitfit.compiler.verify import verify, write_report
 
-    report = verify(a.compiled, a.pack, model=a.model, atol=a.atol, mode=a.mode, min_agreement=a.min_agreement)
+    report = verify(a.compiled, a.pack, model=a.model, atol=a.atol, mode=a.mode, min_agreement=a.min_agreement,
+                    strict=False)
     print(report.table())
     if a.report:
         write_report(report, a.report)
@@ -90,7 +90,7 @@ def _inspect(a: argparse.Namespace) -> int:
 
 def _serve(a: argparse.Namespace) -> int:
     try:
-        from .serve import serve
+        from .serve.app import serve
     except ModuleNotFoundError as e:
         if e.name in ("starlette", "uvicorn", "prometheus_client", "anyio"):
             raise BitFitError(f"needs {e.name}; install the server extra: pip install 'bitfit-deploy[serve]'") from e
@@ -102,7 +102,7 @@ def _serve(a: argparse.Namespace) -> int:
 
 
 def _extract(a: argparse.Namespace) -> int:
-    from training.extract import extract
+    from bitfit.training.extract import extract
 
     r = extract(a.base, a.finetuned, a.out, task=a.task, biases=a.biases, atol=a.atol, max_length=a.max_length,
                 overwrite=a.overwrite)
@@ -114,7 +114,7 @@ def _extract(a: argparse.Namespace) -> int:
 
 
 def _import_peft(a: argparse.Namespace) -> int:
-    from training.peft_import import import_peft
+    from bitfit.training.peft_import import import_peft
 
     labels = [s.strip() for s in a.labels.split(",")] if a.labels else None
     r = import_peft(a.base, a.adapter, a.out, task=a.task, labels=labels, biases=a.biases, max_length=a.max_length,
@@ -125,7 +125,7 @@ def _import_peft(a: argparse.Namespace) -> int:
 
 
 def _export_bank(a: argparse.Namespace) -> int:
-    from runtime.bank import export_bank
+    from bitfit.exporters.bank import export_bank
 
     bank = export_bank(a.compiled, a.packs, a.out, block_align=a.block_align, overwrite=a.overwrite)
     print(f"{len(bank.tasks)} tasks x {bank.block_bytes} bytes per block ({len(bank.biases)} biases), "
@@ -134,7 +134,7 @@ def _export_bank(a: argparse.Namespace) -> int:
 
 
 def _export_adapter(a: argparse.Namespace) -> int:
-    from .adapter import export_adapter
+    from bitfit.exporters.adapter import export_adapter
 
     out = export_adapter(a.compiled, a.pack, a.out, overwrite=a.overwrite)
     print(f"wrote {out} and {out.with_suffix('.json')}: activate ONE adapter per run "
@@ -143,7 +143,7 @@ def _export_adapter(a: argparse.Namespace) -> int:
 
 
 def _export_triton(a: argparse.Namespace) -> int:
-    from .triton import export_triton
+    from bitfit.exporters.triton import export_triton
 
     target = export_triton(a.compiled, a.packs, a.out, name=a.name, max_batch_size=a.max_batch_size,
                            instance_kind=a.instance_kind, instances=a.instances, overwrite=a.overwrite)
@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "BERT pooler (tanh dense on the first token, as HF *ForSequenceClassification), frozen")
     p.add_argument("--train-pooler", action="store_true", help="with --pooling pooler: train the pooler too")
     p.add_argument("--task-kind", default="auto",
-                   choices=["auto", "classification", "regression", "token-classification", "question-answering"],
+                   choices=["auto", *KINDS],
                    help="auto: from the data (JSONL with tokens/tags: token-classification; with "
                         "question/context/answers: question-answering)")
     p.add_argument("--name", help="task name (default: the data set's name)")
@@ -206,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-head", action="store_true",
                    help="leave the task head out of the graph: onnxruntime runs it on every call (1-3%% of a "
                         "MiniLM call at batch 1); our runtime does not need it, adapter files and other bindings do")
+    p.add_argument("--verify", nargs="*", metavar="PACK",
+                   help="check the new graph (and these task packs, if any) against PyTorch before it is put in "
+                        "place; on a mismatch exit 1 and leave --out as it was")
     p.add_argument("--overwrite", action="store_true", help="replace an existing compiled directory")
     p.set_defaults(run=_compile)
 

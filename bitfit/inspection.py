@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime import compiled as cm
-from runtime.errors import BitFitError
-from runtime.pack import MANIFEST_FILE, TENSORS_FILE, load_pack
+from bitfit.runtime import compiled as cm
+from bitfit.runtime.errors import BitFitError
+from bitfit.runtime.pack import MANIFEST_FILE, TENSORS_FILE, load_pack
 
 
 def _size(n: float) -> str:
@@ -67,7 +67,8 @@ def _pack(path: Path, as_json: bool) -> str:
 def _head(m) -> str:
     linear = f"linear {m.hidden_size} x {m.num_outputs}"
     if m.token_level:
-        return f"per token: {linear}" + (" (start, end)" if m.task_kind == "question-answering" else "")
+        fixed = m.kind.labels if isinstance(m.kind.labels, tuple) else ()  # QA: (start, end)
+        return f"per token: {linear}" + (f" ({', '.join(fixed)})" if fixed else "")
     pooling = "BERT pooler (tanh dense on the first token)" if m.pooling == "pooler" else f"{m.pooling} pooling"
     return f"{pooling} -> {linear}"
 

@@ -6,8 +6,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from runtime import Answers, Predictions, TaskSession, TokenPredictions
-from runtime.errors import BitFitError
+from bitfit.runtime import Answers, Predictions, TaskSession, TokenPredictions
+from bitfit.runtime.errors import BitFitError
 
 
 def predict(
@@ -20,21 +20,12 @@ def predict(
     device: str = "cpu",
     batch_size: int = 32,
 ) -> Predictions | TokenPredictions | Answers:
-    """Run the pack's task kind: classification / regression -> Predictions; token-classification ->
-    TokenPredictions (texts: strings, or lists of words); question-answering -> Answers (texts are the
+    """Run the pack's task kind (runtime.kinds): classification / regression -> Predictions; token-classification
+    -> TokenPredictions (texts: strings, or lists of words); question-answering -> Answers (texts are the
     questions, text_pairs their contexts)."""
     session = TaskSession(compiled, threads=threads, device=device)
     task = session.register(pack)
-    kind = session.pack(task).manifest.task_kind
-    if kind == "token-classification":
-        if text_pairs is not None:
-            raise BitFitError(f"task {task!r} labels the words of single texts: do not pass text pairs")
-        return session.run_tokens(task, texts, batch_size=batch_size)
-    if kind == "question-answering":
-        if text_pairs is None:
-            raise BitFitError(f"task {task!r} answers questions from contexts: give a context for every question")
-        return session.answer(task, texts, text_pairs, batch_size=batch_size)
-    return session.run(task, texts, text_pairs, batch_size=batch_size)
+    return session.predict(task, texts, text_pairs, batch_size=batch_size)
 
 
 def read_texts(path: str | os.PathLike) -> tuple[list, list[str] | None]:

@@ -34,9 +34,10 @@ import torch
 from onnx_ir.passes import InPlacePass, PassResult, PostconditionError, PreconditionError
 from torch import nn
 
-from runtime.errors import BitFitError
-from training.biases import BiasSlot
+from bitfit.runtime.errors import BitFitError
+from bitfit.encoder.biases import BiasSlot
 
+from .export import export_onnx
 from .passes import BiasDefaultsPass, CheckBiasInputsPass, CheckTokenInputsPass, listing, run_passes
 
 # The ops export_fused counts: onnxruntime's fused kernels (com.microsoft contrib ops), and
@@ -315,7 +316,6 @@ def export_fused(
     sdpa). Returns the fused op counts, e.g. {"Attention": 12, "SkipLayerNormalization": 24, ...}.
     Raises BitFitError when the model does not fuse (one Attention per layer) or a bias cannot be lifted.
     """
-    from .compile import export_onnx  # late: compile.py may import this module
 
     path = Path(path)
     config = encoder.config

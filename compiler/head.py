@@ -4,7 +4,7 @@ graph alone, without our numpy head.
 Plain graphs (`AddHeadPass`): the head's tensors are OPTIONAL inputs (overridable initializers), like the
 biases. Their defaults are zeros (pooling: mean), so a run that feeds none of them is still the base model
 and costs one [*, H] x [H, 1] product more. A user feeds a pack's head (`runtime.compiled.head_feeds`),
-or puts it in an onnxruntime adapter file with the pack's biases (bitfit.adapter):
+or puts it in an onnxruntime adapter file with the pack's biases (bitfit.exporters.adapter):
 
     head.weight [labels, H], head.bias [labels], head.pooler.weight [H, H], head.pooler.bias [H],
     head.pooling [3] = weights of the (mean, cls, pooler) poolings
@@ -29,8 +29,9 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult, PostconditionError, PreconditionError
 
-from runtime import compiled as cm
-from runtime.pack import HEAD_BIAS, HEAD_POOLER_BIAS, HEAD_POOLER_WEIGHT, HEAD_WEIGHT, TensorSpec
+from bitfit.runtime import compiled as cm
+from bitfit.runtime.pack import TensorSpec
+from bitfit.runtime.heads import HEAD_BIAS, HEAD_POOLER_BIAS, HEAD_POOLER_WEIGHT, HEAD_WEIGHT
 
 MIN_OPSET = 13  # Squeeze, Unsqueeze and ReduceSum take their axes as inputs from 13 on
 LABELS_AXIS = "labels"

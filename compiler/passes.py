@@ -10,7 +10,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassError, PassManager, PassResult, PostconditionError, PreconditionError
 
-from runtime.errors import CompiledModelError
+from bitfit.runtime.errors import CompiledModelError
 
 
 class BiasDefaultsPass(InPlacePass):

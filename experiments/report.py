@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from methods import METHODS
-from replicate import TASKS, best_lr
+from protocol import TASKS, best_lr
 
 LABEL = {"full": "Full fine-tuning", "bitfit": "BitFit (all biases)", "bq,bm2": "bq + bm2", "bm2": "bm2 only",
          "bq": "bq only", "frozen": "Frozen encoder (head only)", "rand_uniform": "Random (uniform), same count",

@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 
 from .errors import CompiledModelError, IncompatibleError
-from .pack import (
-    HEAD_BIAS, HEAD_POOLER_BIAS, HEAD_POOLER_WEIGHT, HEAD_WEIGHT, PackManifest, TaskPack, TensorSpec, _version,
-)
+from .fs import sha256_file
+from .heads import HEAD_BIAS, HEAD_POOLER_BIAS, HEAD_POOLER_WEIGHT, HEAD_WEIGHT
+from .pack import PackManifest, TaskPack, TensorSpec, _version
 
 FORMAT = "bitfit-compiled"
 FORMAT_VERSION = 1
@@ -79,10 +79,15 @@ def write_manifest(directory: str | os.PathLike, manifest: CompiledManifest) -> 
     return path
 
 
-def read_manifest(directory: str | os.PathLike) -> CompiledManifest:
+def _root(directory: str | os.PathLike) -> Path:
     root = Path(directory)
     if root.name == MANIFEST_FILE and root.is_file():  # the manifest's own path names its directory
         root = root.parent
+    return root
+
+
+def read_manifest(directory: str | os.PathLike) -> CompiledManifest:
+    root = _root(directory)
     if not root.is_dir():
         raise CompiledModelError(f"no compiled model at {root}: run `bitfit compile --model M --out {root}` first")
     for name in (MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE):
@@ -101,6 +106,62 @@ def read_manifest(directory: str | os.PathLike) -> CompiledManifest:
         return CompiledManifest(**{k: v for k, v in data.items() if k in known})
     except TypeError as e:
         raise CompiledModelError(f"{root / MANIFEST_FILE} is incomplete ({e}): compile again") from e
+
+
+@dataclass(frozen=True)
+class CompiledModel:
+    """A compiled directory, opened and checked once: the manifest, the graph's checksum, and the base
+    model's bias values (names and shapes as the manifest declares, finite). What every reader of a compiled
+    directory starts from: the session, the bias bank, the Triton and adapter exporters."""
+
+    directory: Path
+    manifest: CompiledManifest
+    base_biases: dict[str, np.ndarray]
+
+    @property
+    def model_path(self) -> Path:
+        return self.directory / MODEL_FILE
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.directory / TOKENIZER_FILE
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike, *, check_integrity: bool = True) -> CompiledModel:
+        root = _root(directory)
+        manifest = read_manifest(root)
+        model_path = root / MODEL_FILE
+        if check_integrity and manifest.model_sha256 and sha256_file(model_path) != manifest.model_sha256:
+            raise CompiledModelError(
+                f"{model_path} does not match the checksum in {MANIFEST_FILE}: it is corrupt or was replaced; "
+                "compile again"
+            )
+        return cls(root, manifest, _read_base_biases(root, manifest))
+
+    def check_pack(self, pack: TaskPack | PackManifest, where: str = "") -> None:
+        check_pack_fits(self.manifest, pack, where)
+
+
+def _read_base_biases(root: Path, manifest: CompiledManifest) -> dict[str, np.ndarray]:
+    path = root / BASE_BIASES_FILE
+    if not path.is_file():
+        raise CompiledModelError(
+            f"{root} has no {BASE_BIASES_FILE}, the base values of the biases a pack does not train: compile it "
+            "again with this bitfit"
+        )
+    from safetensors.numpy import load_file
+
+    try:
+        base = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types
+        raise CompiledModelError(f"{path} is unreadable ({e}): compile again") from e
+    for spec in manifest.bias_inputs:
+        value = base.get(spec.name)
+        if value is None or tuple(value.shape) != spec.shape or value.dtype != np.float32:
+            raise CompiledModelError(f"{path} lacks {spec.name} as float32 {list(spec.shape)}: compile again")
+        if not np.isfinite(value).all():
+            raise CompiledModelError(f"{path}: {spec.name} holds NaN or inf: compile again")
+    return base
 
 
 def check_pack_fits(compiled: CompiledManifest, pack: TaskPack | PackManifest, where: str = "") -> None:

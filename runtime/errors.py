@@ -20,3 +20,12 @@ class UnknownTaskError(BitFitError):
 
 class CompiledModelError(BitFitError):
     """A compiled directory is missing, corrupt or inconsistent."""
+
+
+class ParityError(BitFitError):
+    """A compiled graph or task pack does not match PyTorch: `report` holds every check, `failures` those that
+    failed (raised by verify unless it is asked for a report with strict=False)."""
+
+    def __init__(self, message: str, report: object = None) -> None:
+        super().__init__(message)
+        self.report = report

@@ -1,20 +1,23 @@
-"""Task heads in numpy, and the decoding of token-level logits into words' labels and answer spans.
+"""Task heads in numpy, and the math that turns token-level logits into words' labels and answer spans.
 
-The head contract (see runtime.pack): sequence kinds pool the hidden states (mean, cls, or the BERT
-pooler tanh(hidden[:, 0] @ Wp.T + bp)) and apply one linear layer; token kinds apply the linear layer
-to every token. Training evaluates with these same decoding functions, so a metric measured in PyTorch
-is the metric the runtime gives.
+The head contract: sequence kinds pool the hidden states (mean, cls, or the BERT pooler
+tanh(hidden[:, 0] @ Wp.T + bp)) and apply one linear layer; token kinds apply the linear layer to every
+token. A pack stores the head under the names below. Training evaluates with these same functions, so a
+metric measured in PyTorch is the metric the runtime gives.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-from .pack import HEAD_BIAS, HEAD_POOLER_BIAS, HEAD_POOLER_WEIGHT, HEAD_WEIGHT, TaskPack
-
+HEAD_WEIGHT = "head.weight"
+HEAD_BIAS = "head.bias"
+# The BERT pooler of HF *ForSequenceClassification models: pooled = tanh(hidden[:, 0] @ W.T + b).
+HEAD_POOLER_WEIGHT = "head.pooler.weight"
+HEAD_POOLER_BIAS = "head.pooler.bias"
+POOLINGS = ("mean", "cls", "pooler", "none")  # none: token kinds, the linear layer on every token
 DEFAULT_MAX_ANSWER_TOKENS = 30  # the SQuAD scripts' default answer length limit
 
 
@@ -43,8 +46,8 @@ class Head:
     pooler_bias: np.ndarray | None = None
 
     @classmethod
-    def from_pack(cls, pack: TaskPack) -> Head:
-        t, pooling = pack.tensors, pack.manifest.pooling
+    def from_tensors(cls, pooling: str, t: Mapping[str, np.ndarray]) -> Head:
+        """A pack's head from its tensors (by the names above) and its pooling."""
         pooler = pooling == "pooler"
         return cls(
             pooling,
@@ -111,48 +114,3 @@ def null_score(start_logits: np.ndarray, end_logits: np.ndarray) -> float:
 def answers_nothing(null: float, span_score: float, threshold: float = 0.0) -> bool:
     """SQuAD 2.0's decision: no answer when the null score beats the best span's by more than `threshold`."""
     return null > span_score + threshold
-
-
-# -- results -----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TokenPredictions:
-    """Token classification: per text, its words, one label per word (its first sub-token's), that label's
-    probability, and for raw texts each word's character span. A word cut off by max_length gets None."""
-
-    task: str
-    label_names: list[str]
-    words: list[list[str]]
-    labels: list[list[str | None]]
-    scores: list[list[float | None]]
-    logits: list[np.ndarray]  # [n_words, K] per text, NaN rows for words without a token
-    offsets: list[list[tuple[int, int]] | None]  # None for pre-split words
-    truncated: list[bool]
-
-    def records(self) -> list[dict[str, Any]]:
-        out = []
-        for i, words in enumerate(self.words):
-            record: dict[str, Any] = {"tokens": list(words), "labels": list(self.labels[i]),
-                                      "scores": list(self.scores[i])}
-            if self.offsets[i] is not None:
-                record["offsets"] = [list(o) for o in self.offsets[i]]
-            record["truncated"] = self.truncated[i]
-            out.append(record)
-        return out
-
-
-@dataclass(frozen=True)
-class Answers:
-    """Extractive question answering: per question, the best span of its context as text, with its
-    character offsets in the context (end exclusive) and score (start logit + end logit)."""
-
-    task: str
-    answers: list[str]
-    starts: list[int]
-    ends: list[int]
-    scores: list[float]
-    truncated: list[bool]  # the context was cut at max_length (windows=False): the answer may lie beyond it
-
-    def records(self) -> list[dict[str, Any]]:
-        # score -inf: the context has no token (e.g. only characters the tokenizer drops), so no span
-        return [{"answer": a, "start": s, "end": e, "score": score if np.isfinite(score) else None, "truncated": t}
-                for a, s, e, score, t in zip(self.answers, self.starts, self.ends, self.scores, self.truncated)]

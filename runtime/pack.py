@@ -6,12 +6,9 @@ mismatch between the manifest and the tensors is an error, never a silent skip.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -21,21 +18,15 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from .errors import PackError
+from .fs import output_dir, sha256_file
+from .heads import HEAD_POOLER_BIAS, HEAD_POOLER_WEIGHT, HEAD_WEIGHT, POOLINGS
+from .kinds import KINDS, TaskKind, kind
 
 FORMAT = "bitfit-task-pack"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 TENSORS_FILE = "tensors.safetensors"
 METADATA_KEY = "bitfit"  # safetensors metadata: provenance JSON, checked against the manifest
-TASK_KINDS = ("classification", "regression", "token-classification", "question-answering")
-TOKEN_KINDS = ("token-classification", "question-answering")  # logits per token, no pooling
-POOLINGS = ("mean", "cls", "pooler", "none")
-QA_LABELS = ["start", "end"]
-HEAD_WEIGHT = "head.weight"
-HEAD_BIAS = "head.bias"
-# The BERT pooler of HF *ForSequenceClassification models: pooled = tanh(hidden[:, 0] @ W.T + b).
-HEAD_POOLER_WEIGHT = "head.pooler.weight"
-HEAD_POOLER_BIAS = "head.pooler.bias"
 
 
 @dataclass(frozen=True)
@@ -89,36 +80,36 @@ class PackManifest:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        if self.task_kind not in TASK_KINDS:
-            raise PackError(f"task_kind must be one of {TASK_KINDS}, got {self.task_kind!r}")
+        k = kind(self.task_kind)
         if self.pooling not in POOLINGS:
             raise PackError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        token_level = self.task_kind in TOKEN_KINDS
-        if token_level and self.pooling != "none":
+        if k.token_level and self.pooling != "none":
             raise PackError(
                 f"a {self.task_kind} task has logits per token, so its pooling must be 'none', got {self.pooling!r}"
             )
-        if not token_level and self.pooling == "none":
+        if not k.token_level and self.pooling == "none":
+            token_kinds = tuple(n for n, v in KINDS.items() if v.token_level)
             raise PackError(
-                f"a {self.task_kind} task pools the tokens: pooling 'none' is only for {TOKEN_KINDS}; "
+                f"a {self.task_kind} task pools the tokens: pooling 'none' is only for {token_kinds}; "
                 "use mean, cls or pooler"
             )
-        if self.task_kind in ("classification", "token-classification") and len(self.labels) < 2:
-            raise PackError(f"a {self.task_kind} task needs at least 2 labels, got {self.labels!r}")
-        if self.task_kind == "question-answering" and list(self.labels) != QA_LABELS:
-            raise PackError(f"a question-answering task has the labels {QA_LABELS} (start, end), got {self.labels!r}")
-        if self.no_answer and self.task_kind != "question-answering":
+        k.check_labels(self.labels)
+        if self.no_answer and not k.no_answer:
             raise PackError(f"no_answer is for question-answering tasks only, not {self.task_kind}")
         self.biases = [b if isinstance(b, TensorSpec) else TensorSpec.from_json(b) for b in self.biases]
         self.head = [h if isinstance(h, TensorSpec) else TensorSpec.from_json(h) for h in self.head]
 
     @property
+    def kind(self) -> TaskKind:
+        return kind(self.task_kind)
+
+    @property
     def num_outputs(self) -> int:
-        return 1 if self.task_kind == "regression" else len(self.labels)
+        return self.kind.outputs(self.labels)
 
     @property
     def token_level(self) -> bool:
-        return self.task_kind in TOKEN_KINDS
+        return self.kind.token_level
 
     @property
     def specs(self) -> list[TensorSpec]:
@@ -207,14 +198,6 @@ def _short(names: list[str], n: int = 6) -> str:
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _jsonable(obj: Any) -> Any:
     """Metrics come from numpy and torch: make them plain JSON (NaN becomes null)."""
     if isinstance(obj, dict):
@@ -232,15 +215,7 @@ def save_pack(pack: TaskPack, path: str | os.PathLike, *, overwrite: bool = Fals
     """Write `pack` to directory `path`. An existing pack is replaced only with overwrite=True."""
     path = Path(path)
     pack.validate(f"task pack {pack.name!r}")
-    if path.exists():
-        if not overwrite:
-            raise PackError(f"{path} already exists: choose another output path, or pass --overwrite to replace it")
-        if not (path / MANIFEST_FILE).is_file():
-            raise PackError(f"{path} exists and is not a task pack: refusing to replace it; choose another path")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Build the pack beside its destination and move it in place, so a crash never leaves half a pack.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with output_dir(path, overwrite=overwrite, marker=MANIFEST_FILE, what="task pack", error=PackError) as tmp:
         m = pack.manifest
         # One metadata key holding sorted JSON: safetensors writes several keys in hash-map order, which
         # changes between calls, and the same pack must always give the same bytes (and tensors_sha256).
@@ -250,24 +225,7 @@ def save_pack(pack: TaskPack, path: str | os.PathLike, *, overwrite: bool = Fals
         m.tensors_sha256 = sha256_file(tmp / TENSORS_FILE)
         m.metrics = _jsonable(m.metrics)
         (tmp / MANIFEST_FILE).write_text(json.dumps(m.to_json(), indent=2) + "\n")
-        replace_dir(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return path
-
-
-def replace_dir(tmp: Path, target: Path, old: Path | None = None) -> None:
-    """Put the finished directory `tmp` at `target`, replacing what is there (the caller has checked
-    --overwrite): the old one is renamed aside first, so a crash leaves one complete version, never a mix.
-    `old` is where it waits (default: a hidden sibling of target)."""
-    if not target.exists():
-        os.replace(tmp, target)
-        return
-    old = old if old is not None else target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_manifest(path: str | os.PathLike) -> PackManifest:

@@ -138,11 +138,13 @@ class TextEncoder:
 
 
 def check_texts(texts: object, what: str) -> None:
-    if isinstance(texts, str) or not isinstance(texts, Sequence):
+    """A non-empty list of strings, none of them blank: what every call that takes texts accepts."""
+    if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
         raise BitFitError(f"{what} must be a list of strings, got {type(texts).__name__}")
     if len(texts) == 0:
         raise BitFitError(f"{what} is empty: give at least one text")
-    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
-    if bad:
-        raise BitFitError(f"{what}[{bad[0]}] is {type(texts[bad[0]]).__name__}, not a string")
-
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise BitFitError(f"{what}[{i}] is {type(t).__name__}, not a string")
+        if not t.strip():
+            raise BitFitError(f"{what}[{i}] is empty: give some text")

@@ -5,15 +5,25 @@ a test that changes files on disk copies them first (see `copy_dir`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tiny import WORDS, make_tiny
+
+REPO = Path(__file__).resolve().parents[1]
+# Installed, the only import name is `bitfit`; `python -m pytest` from the repository would also make its
+# top-level folders importable as `runtime`, `compiler`, ... and a stray `import runtime` would load a second
+# copy of a module. Take the repository off the path, as it is off the path of an installed package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]
+# Committed results hold real runs only: no test may write there (checked at the end of the session).
+RESULTS = (REPO / "experiments" / "results", REPO / "benchmarks" / "results")
 
 KINDS = ("bert", "roberta", "distilbert", "mpnet", "electra")
 POSITIVE = ("good", "great", "fun", "love")
@@ -30,6 +40,21 @@ def pytest_configure(config):
     import torch
 
     torch.set_num_threads(1)
+    config._bitfit_results = _results_digest()
+
+
+def _results_digest() -> dict[str, str]:
+    return {str(p.relative_to(REPO)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for d in RESULTS if d.is_dir() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    before = getattr(session.config, "_bitfit_results", None)
+    if before is not None and _results_digest() != before:
+        session.exitstatus = 1
+        changed = sorted(set(before.items()) ^ set(_results_digest().items()))
+        print(f"\nFAILED: tests changed committed results (write to tmp_path instead): {changed[:4]}",
+              file=sys.stderr)
 
 
 def _phrase(rng: random.Random, n: int) -> str:
@@ -103,7 +128,7 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained_pack(tiny_model, data_files, tmp_path_factory):
     """trained_pack(kind, biases, data, seed, base_seed, epochs) -> path of a trained task pack (cached)."""
-    from training.train import train
+    from bitfit.training.train import train
 
     cache: dict[tuple, Path] = {}
 
@@ -124,7 +149,7 @@ def trained_pack(tiny_model, data_files, tmp_path_factory):
 @pytest.fixture(scope="session")
 def compiled_dir(tiny_model, tmp_path_factory):
     """compiled_dir(kind="bert", biases="all", seed=0) -> a compiled directory (cached)."""
-    from compiler.compile import compile as compile_model
+    from bitfit.compiler.compile import compile as compile_model
 
     cache: dict[tuple, Path] = {}
 
@@ -216,7 +241,7 @@ def token_inputs():
     """token_inputs(session, batch, length, seed=0) -> random padded inputs that fit `session`'s graph."""
     from tokenizers import Tokenizer
 
-    from runtime.compiled import TOKENIZER_FILE
+    from bitfit.runtime.compiled import TOKENIZER_FILE
 
     def get(session, batch: int, length: int, seed: int = 0) -> dict:
         vocab = Tokenizer.from_file(str(session.directory / TOKENIZER_FILE)).get_vocab_size()
@@ -231,7 +256,7 @@ def torch_logits():
     """torch_logits(pack, model_dir, inputs) -> the PyTorch BitFitModel's logits for numpy token inputs."""
     import torch
 
-    from training.model import model_from_pack
+    from bitfit.encoder.model import model_from_pack
 
     def run(pack, model_dir: Path, inputs: dict) -> np.ndarray:
         model = model_from_pack(pack, base=model_dir).eval()
@@ -247,8 +272,8 @@ def torch_hidden():
     some biases (by canonical name) replaced."""
     import torch
 
-    from training.biases import find_biases
-    from training.model import load_encoder
+    from bitfit.encoder.biases import find_biases
+    from bitfit.encoder.model import load_encoder
 
     def run(model_dir: Path, inputs: dict, biases: dict | None = None) -> np.ndarray:
         encoder = load_encoder(model_dir)
@@ -264,7 +289,7 @@ def torch_hidden():
 def perturbed(pack, scale: float, seed: int = 0):
     """The pack with noise on every tensor: a short training run leaves biases close to the base, so noise
     makes a parity check sensitive to biases that are not actually applied."""
-    from runtime import TaskPack
+    from bitfit.runtime import TaskPack
 
     rng = np.random.default_rng(seed)
     return TaskPack(pack.manifest, {k: (v + rng.normal(0, scale, v.shape)).astype(np.float32)

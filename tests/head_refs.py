@@ -5,7 +5,9 @@ import dataclasses
 
 import numpy as np
 
-from runtime.pack import HEAD_BIAS, HEAD_POOLER_BIAS, HEAD_POOLER_WEIGHT, HEAD_WEIGHT, TaskPack, TensorSpec
+from bitfit.runtime.pack import TaskPack, TensorSpec
+
+from bitfit.runtime.heads import HEAD_BIAS, HEAD_POOLER_BIAS, HEAD_POOLER_WEIGHT, HEAD_WEIGHT
 
 
 def variant_pack(pack: TaskPack, *, task: str, task_kind: str, pooling: str, labels: list[str], seed: int) -> TaskPack:

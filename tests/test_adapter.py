@@ -8,14 +8,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from bitfit.adapter import adapter_fits, adapter_tensors, export_adapter, fingerprint_version, sidecar_path
+from bitfit.exporters.adapter import adapter_fits, adapter_tensors, export_adapter, fingerprint_version, sidecar_path
 from bitfit.cli import main
 from conftest import ATOL, QUIET
 from head_refs import numpy_head, variant_pack
-from runtime import TaskSession, load_pack
-from runtime.compiled import LOGITS, MODEL_FILE, OUTPUT_NAME, TOKEN_LOGITS, read_manifest
-from runtime.errors import BitFitError, CompiledModelError, IncompatibleError
-from runtime.pack import sha256_file
+from bitfit.runtime import TaskSession, load_pack
+from bitfit.runtime.compiled import LOGITS, MODEL_FILE, OUTPUT_NAME, TOKEN_LOGITS, read_manifest
+from bitfit.runtime.errors import BitFitError, CompiledModelError, IncompatibleError
+from bitfit.runtime.fs import sha256_file
 
 TOL = 1e-5
 
@@ -116,7 +116,7 @@ def test_pooler_and_token_packs(bert_compiled, pack_all, token_inputs, tmp_path)
 
 def test_the_adapter_fits_other_graphs_of_the_base(bert_model, pack_all, adapters, token_inputs, tmp_path):
     """No graph identity in the file: the same adapter runs on the int8 graph of the same base."""
-    from compiler.compile import compile as compile_model
+    from bitfit.compiler.compile import compile as compile_model
 
     int8 = compile_model(bert_model, tmp_path / "int8", quantize="int8", log=QUIET["log"])
     task_session = TaskSession(int8)
@@ -160,7 +160,7 @@ def test_refusals(bert_compiled, pack_all, pack_other_base, adapters, bert_model
     with pytest.raises(BitFitError, match="sidecar"):
         export_adapter(bert_compiled, pack_all, tmp_path / "x.json")
 
-    from compiler.compile import compile as compile_model
+    from bitfit.compiler.compile import compile as compile_model
 
     mixed = compile_model(bert_model, tmp_path / "mixed", mixed=True, log=QUIET["log"])
     with pytest.raises(CompiledModelError, match="--mixed"):

@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from bitfit.verification import verify
+from bitfit.compiler.verify import verify
 from conftest import ATOL, QUIET, perturbed
-from runtime import BitFitError, TaskPack, TaskSession, load_pack
+from bitfit.runtime import BitFitError, TaskPack, TaskSession, load_pack
 from tiny import make_tiny
-from training.biases import LAYER_KINDS, find_biases
-from training.model import load_encoder, model_from_pack
+from bitfit.encoder.biases import LAYER_KINDS, find_biases
+from bitfit.encoder.model import load_encoder, model_from_pack
 
 KINDS = ("electra", "xlm-roberta", "albert", "deberta-v2")
 TOKEN_TYPES = {"electra": True, "xlm-roberta": False, "albert": True, "deberta-v2": False}
@@ -137,8 +137,8 @@ def test_albert_shared_bq_moves_every_depth(tiny_model, compiled_dir, token_inpu
 
 # -- refusals ----------------------------------------------------------------------------------------------
 def test_bias_free_encoder_is_refused_by_train_and_compile(tmp_path, data_files):
-    from compiler.compile import compile as compile_model
-    from training.train import train
+    from bitfit.compiler.compile import compile as compile_model
+    from bitfit.training.train import train
 
     model_dir = make_tiny("modernbert", tmp_path / "modernbert")
     expected = (r"ModernBertModel \(.*modernbert\) has no bias terms .*cannot fine-tune this model; "
@@ -154,7 +154,7 @@ def test_bias_free_encoder_is_refused_by_train_and_compile(tmp_path, data_files)
 def test_fuse_is_refused_where_onnxruntime_cannot_fuse(kind, tiny_model, tmp_path):
     """onnxruntime's BERT fusions do not match ALBERT's shared layer (one Attention for two depths) or
     DeBERTa's disentangled attention: --fuse says so and names the way out."""
-    from compiler.compile import compile as compile_model
+    from bitfit.compiler.compile import compile as compile_model
 
     with pytest.raises(BitFitError, match=r"BERT-style models only .*compile without fusion"):
         compile_model(tiny_model(kind), tmp_path / "fused", fuse=True, log=lambda s: None)
@@ -162,7 +162,7 @@ def test_fuse_is_refused_where_onnxruntime_cannot_fuse(kind, tiny_model, tmp_pat
 
 
 def test_xlm_roberta_fuses_with_live_biases(tiny_model, compiled_dir, tmp_path, token_inputs, torch_hidden):
-    from compiler.compile import compile as compile_model
+    from bitfit.compiler.compile import compile as compile_model
 
     model_dir = tiny_model("xlm-roberta")
     fused = TaskSession(compile_model(model_dir, tmp_path / "fused", fuse=True, log=lambda s: None))
@@ -196,7 +196,7 @@ def mixed_rows_match_single_task(mixed_dir, plain_dir, packs: dict[str, TaskPack
 
 
 def test_mixed_albert_applies_each_rows_shared_bias_at_every_depth(tiny_model, compiled_dir, trained_pack, tmp_path):
-    from compiler.compile import compile as compile_model
+    from bitfit.compiler.compile import compile as compile_model
 
     pack = load_pack(trained_pack("albert", "all", epochs=1))
     mixed = compile_model(tiny_model("albert"), tmp_path / "mixed", mixed=True, log=lambda s: None)
@@ -206,7 +206,7 @@ def test_mixed_albert_applies_each_rows_shared_bias_at_every_depth(tiny_model, c
 def test_mixed_deberta_refuses_position_shared_biases(tiny_model, compiled_dir, trained_pack, tmp_path):
     """DeBERTa-v2 runs query_proj / key_proj on its relative-position embeddings too (one tensor for the whole
     batch): per-row bq / bk tables are refused, and the other kinds compile and route per row."""
-    from compiler.compile import compile as compile_model
+    from bitfit.compiler.compile import compile as compile_model
 
     model_dir = tiny_model("deberta-v2")
     with pytest.raises(BitFitError, match=r"--mixed cannot compile the bias layer\.0\.bq: .*query_proj\.bias .*shared "

@@ -10,10 +10,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from runtime import BitFitError, IncompatibleError, PackError, TaskPack, TaskSession, load_pack
-from runtime.bank import BLOCK_ALIGN, TENSOR_ALIGN, read_bank, register_bank, write_bank
-from runtime.compiled import BASE_BIASES_FILE, MODEL_FILE, OUTPUT_NAME, TASK_IDS
-from runtime.pack import HEAD_POOLER_BIAS, HEAD_POOLER_WEIGHT, PackManifest, TensorSpec
+from bitfit.runtime import BitFitError, IncompatibleError, PackError, TaskPack, TaskSession, load_pack
+from bitfit.exporters.bank import write_bank
+from bitfit.runtime.bank import BLOCK_ALIGN, TENSOR_ALIGN, read_bank, register_bank
+from bitfit.runtime.compiled import BASE_BIASES_FILE, MODEL_FILE, OUTPUT_NAME, TASK_IDS
+from bitfit.runtime.pack import PackManifest, TensorSpec
+from bitfit.runtime.heads import HEAD_POOLER_BIAS, HEAD_POOLER_WEIGHT
 
 QUIET = {"log": lambda s: None}
 
@@ -127,7 +129,7 @@ def test_reader_round_trips_packs_and_serves_from_the_bank(bank_dir, bert_compil
 
 
 def test_bank_rows_are_mixed_table_rows(bank_dir, bert_model, bert_compiled, packs, token_inputs, tmp_path_factory):
-    from compiler.compile import compile as compile_model
+    from bitfit.compiler.compile import compile as compile_model
 
     mixed = tmp_path_factory.mktemp("bank-mixed") / "graph"
     compile_model(bert_model, mixed, mixed=True, **QUIET)
@@ -232,8 +234,8 @@ def test_export_and_serve_a_bank_without_torch(bert_compiled, pack_all, pack_min
         import json, sys
         import numpy as np
         from bitfit.cli import main
-        from runtime import TaskSession
-        from runtime.bank import register_bank
+        from bitfit.runtime import TaskSession
+        from bitfit.runtime.bank import register_bank
 
         compiled, out, *packs = sys.argv[1:]
         assert main(["export-bank", "--compiled", compiled, *packs, "--out", out]) == 0

@@ -6,11 +6,11 @@ import json
 import numpy as np
 import pytest
 
-from runtime import (
+from bitfit.runtime import (
     BitFitError, CompiledModelError, IncompatibleError, TaskSession, UnknownTaskError, check_pack_fits, load,
     TensorSpec, load_pack, read_manifest,
 )
-from runtime.compiled import MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE
+from bitfit.runtime.compiled import MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE
 
 
 def test_pack_from_another_base_is_refused(bert_compiled, pack_other_base, pack_all):
@@ -28,8 +28,8 @@ def test_fingerprint_ignores_biases_but_not_weights(bert_model, tiny_model):
     """Packs of every bias subset share their base's fingerprint; another base differs."""
     import torch
 
-    from training.biases import find_biases
-    from training.model import base_fingerprint, load_encoder
+    from bitfit.encoder.biases import find_biases
+    from bitfit.encoder.model import base_fingerprint, load_encoder
 
     encoder = load_encoder(bert_model)
     fp = base_fingerprint(encoder)

@@ -6,8 +6,8 @@ from importlib import metadata
 
 import pytest
 
-from runtime.errors import BitFitError
-from training import data as D
+from bitfit.runtime.errors import BitFitError
+from bitfit.training import data as D
 
 
 def write_jsonl(path, rows):

@@ -22,12 +22,12 @@ import torch
 
 from conftest import QUIET, write_scores, write_sentiment
 from head_data import write_qa_data, write_token_data
-from runtime import load_pack
+from bitfit.runtime import load_pack
 from tiny import make_tiny
-from training.biases import find_biases
-from training.model import load_encoder
-from training.train import loss_terms, shard, train
-from training.tokens import IGNORE
+from bitfit.encoder.biases import find_biases
+from bitfit.encoder.model import load_encoder
+from bitfit.training.train import loss_terms, shard, train
+from bitfit.training.tokens import IGNORE
 
 pytest.importorskip("accelerate")
 
@@ -38,7 +38,7 @@ HYPER = {"epochs": 2, "batch_size": 7, "lr": 5e-3}
 DRIVER = """
 import json, os, sys
 from pathlib import Path
-from training.train import train
+from bitfit.training.train import train
 
 model, root = sys.argv[1], Path(sys.argv[2])
 for name in ("tokens", "qa", "scores"):

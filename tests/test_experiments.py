@@ -10,12 +10,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import methods  # noqa: E402
+import protocol  # noqa: E402
 import replicate  # noqa: E402
 
-from runtime import BitFitError  # noqa: E402
-from training.biases import find_biases  # noqa: E402
-from training.model import BitFitModel, load_encoder  # noqa: E402
-from training.train import train  # noqa: E402
+from bitfit.runtime import BitFitError  # noqa: E402
+from bitfit.encoder.biases import find_biases  # noqa: E402
+from bitfit.encoder.model import BitFitModel, load_encoder  # noqa: E402
+from bitfit.training.train import train  # noqa: E402
 
 
 def _train(model, data, select, seed=0):
@@ -76,8 +77,8 @@ def test_bias_methods_record_bias_change(bert_model, data_files):
 
 def test_runner_resumes_and_never_recomputes(tmp_path, monkeypatch):
     runs = tmp_path / "runs.jsonl"
-    monkeypatch.setattr(replicate, "RUNS", runs)
-    monkeypatch.setattr(replicate, "RESULTS", tmp_path)
+    monkeypatch.setattr(protocol, "RUNS", runs)
+    monkeypatch.setattr(protocol, "RESULTS", tmp_path)
     monkeypatch.setattr(replicate, "model_dir", lambda: None)
     calls = []
 
@@ -93,7 +94,7 @@ def test_runner_resumes_and_never_recomputes(tmp_path, monkeypatch):
     assert len(calls) == 3
     rows = [json.loads(line) for line in runs.read_text().splitlines()]
     assert [r["seed"] for r in rows] == [0, 0, 1]
-    assert replicate.best_lr(rows, "bq", "trec6", 10, 1) is None  # 3e-4 not searched yet
+    assert protocol.best_lr(rows, "bq", "trec6", 10, 1) is None  # 3e-4 not searched yet
 
 
 def test_table_averages_only_tasks_every_method_has():
@@ -104,7 +105,7 @@ def test_table_averages_only_tasks_every_method_has():
         for t, seeds in (("trec6", (0, 1, 2)), ("sms-spam", (0,))):
             if t == "sms-spam" and m == "frozen":
                 continue  # one method still missing a task: no average may include that task
-            lrs = replicate.LRS.get(m, replicate.DEFAULT_LRS)
+            lrs = protocol.LRS.get(m, protocol.DEFAULT_LRS)
             for lr in lrs:  # dev_metric = -lr: the smallest LR wins the search and gets the seeds
                 for s in seeds if lr == min(lrs) else (0,):
                     score = 80.0 + s + (t == "sms-spam") * 10
@@ -121,7 +122,7 @@ def test_data_size_curve_uses_the_searched_lr_only(tmp_path):
     import report
 
     runs = []
-    for m, lrs in (("bitfit", replicate.DEFAULT_LRS), ("full", replicate.LRS["full"])):
+    for m, lrs in (("bitfit", protocol.DEFAULT_LRS), ("full", protocol.LRS["full"])):
         for lr in lrs:  # the search at 1,000: the best dev LR has the LOWEST test score of the three
             best = lr == lrs[1]
             runs.append(dict(method=m, task="movie-sentiment", seed=0, lr=lr, epochs=4, train_size=1000,
@@ -142,23 +143,23 @@ def test_edge_runs_stay_out_of_the_grid(tmp_path, monkeypatch):
 
     import report
 
-    monkeypatch.setattr(replicate, "RUNS", tmp_path / "runs.jsonl")
-    monkeypatch.setattr(replicate, "EDGE", tmp_path / "edge.jsonl")
-    monkeypatch.setattr(replicate, "RESULTS", tmp_path)
+    monkeypatch.setattr(protocol, "RUNS", tmp_path / "runs.jsonl")
+    monkeypatch.setattr(protocol, "EDGE", tmp_path / "edge.jsonl")
+    monkeypatch.setattr(protocol, "RESULTS", tmp_path)
     monkeypatch.setattr(replicate, "_base_biases", lambda: {})
     monkeypatch.setattr(replicate, "run_one", lambda spec, cache, base: {
         **spec, "dev_metric": 95.0, "test_metric": 94.0, "train_metric": 99.0, "seconds": 0.0})
     grid = [dict(method="bitfit", task="trec6", seed=0, lr=lr, epochs=4, train_size=1000, dev_metric=80.0 + i,
                  test_metric=70.0, train_metric=90.0, trainable_share=0.001)
-            for i, lr in enumerate(replicate.DEFAULT_LRS)]
-    replicate.RUNS.write_text("".join(json.dumps(r) + "\n" for r in grid))
+            for i, lr in enumerate(protocol.DEFAULT_LRS)]
+    protocol.RUNS.write_text("".join(json.dumps(r) + "\n" for r in grid))
     args = argparse.Namespace(tasks=["trec6"], epochs=4, train_size=1000, max_minutes=None)
     replicate.edge(args)
     replicate.edge(args)  # resumes: nothing recomputed
-    edge = replicate.read_runs(replicate.EDGE)
+    edge = protocol.read_runs(protocol.EDGE)
     assert sorted((r["method"], r["lr"]) for r in edge) == [("bitfit", 1e-2), ("full", 1e-4)]
-    assert len(replicate.read_runs()) == 3  # runs.jsonl untouched
-    assert replicate.best_lr(replicate.read_runs(), "bitfit", "trec6", 1000, 4) == 3e-3  # the edge does not win it
-    text = report.edge_table(replicate.read_runs(), edge, 1000, 4)
+    assert len(protocol.read_runs()) == 3  # runs.jsonl untouched
+    assert protocol.best_lr(protocol.read_runs(), "bitfit", "trec6", 1000, 4) == 3e-3  # the edge does not win it
+    text = report.edge_table(protocol.read_runs(), edge, 1000, 4)
     assert "| BitFit (all biases) | trec6 | 82.0 (0.003) | 95.0 (0.01) | 94.0 |" in text
     assert "| Full fine-tuning | trec6 | - | 95.0 (0.0001) | 94.0 |" in text

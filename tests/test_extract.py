@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import make_inputs
-from runtime import BitFitError, IncompatibleError, TaskSession, load_pack
-from training.biases import find_biases
-from training.extract import extract
-from training.model import model_from_pack
+from bitfit.runtime import BitFitError, IncompatibleError, TaskSession, load_pack
+from bitfit.encoder.biases import find_biases
+from bitfit.training.extract import extract
+from bitfit.encoder.model import model_from_pack
 
 CHANGED = "bq,bm2,bLN2"  # the bias kinds the "fine-tuning" moves (bLNe too, by a constant)
 

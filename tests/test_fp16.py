@@ -5,17 +5,17 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from bitfit.verification import TOLERANCES, verify
-from compiler.passes import bias_inputs_live
-from runtime import BitFitError, TaskPack, TaskSession, load_pack
-from runtime.compiled import MODEL_FILE, read_manifest
+from bitfit.compiler.verify import TOLERANCES, verify
+from bitfit.compiler.passes import bias_inputs_live
+from bitfit.runtime import BitFitError, TaskPack, TaskSession, load_pack
+from bitfit.runtime.compiled import MODEL_FILE, read_manifest
 
 QUIET = {"log": lambda s: None}
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["plain", "fused"])
 def half(request, bert_model, tmp_path_factory):
-    from compiler.compile import compile as compile_model
+    from bitfit.compiler.compile import compile as compile_model
 
     out = tmp_path_factory.mktemp("fp16") / "graph"
     compile_model(bert_model, out, fp16=True, fuse=request.param, **QUIET)
@@ -58,7 +58,7 @@ def test_verify_picks_the_fp16_mode(half, pack_all):
 
 
 def test_fp16_and_int8_are_exclusive(bert_model, tmp_path):
-    from compiler.compile import compile as compile_model
+    from bitfit.compiler.compile import compile as compile_model
 
     with pytest.raises(BitFitError, match="choose one of --quantize and --fp16"):
         compile_model(bert_model, tmp_path / "x", fp16=True, quantize="int8", **QUIET)

@@ -16,20 +16,21 @@ import pytest
 import torch
 from onnx_ir.passes import PostconditionError
 
-from compiler.fuse import (
+from bitfit.compiler.fuse import (
     LiftPlaceholderBiasesPass,
     NoBakedBiasPass,
     export_fused,
     make_placeholders,
 )
-from compiler.passes import CheckBiasInputsPass
+from bitfit.compiler.passes import CheckBiasInputsPass
 from conftest import ATOL, make_inputs
-from runtime.compiled import MANIFEST_FILE, MODEL_FILE, read_manifest
-from runtime.errors import BitFitError
-from runtime.pack import load_pack, sha256_file
-from runtime.session import TaskSession
-from training.biases import find_biases
-from training.model import load_encoder, uses_token_types
+from bitfit.runtime.compiled import MANIFEST_FILE, MODEL_FILE, read_manifest
+from bitfit.runtime.errors import BitFitError
+from bitfit.runtime.pack import load_pack
+from bitfit.runtime.fs import sha256_file
+from bitfit.runtime.session import TaskSession
+from bitfit.encoder.biases import find_biases
+from bitfit.encoder.model import load_encoder, uses_token_types
 
 LAYERS = 2
 SHAPES = [(3, 9), (2, 16)]  # padded batches (make_inputs pads every row but the first)
@@ -290,8 +291,8 @@ def test_no_baked_bias_pass_names_a_placeholder_it_finds():
 @pytest.mark.parametrize("quantize", [None, "int8"])
 def test_cli_compile_fuse_then_verify(bert_model, pack_all, tmp_path, capsys, quantize):
     from bitfit.cli import main
-    from bitfit.verification import verify
-    from runtime.compiled import read_manifest
+    from bitfit.compiler.verify import verify
+    from bitfit.runtime.compiled import read_manifest
 
     out = tmp_path / "fused"
     argv = ["compile", "--model", str(bert_model), "--out", str(out), "--fuse"]

@@ -7,12 +7,12 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
-from compiler.head import HEAD_INPUT_NAMES
-from compiler.quantize import nodes_reading_defaults, quantize_int8
+from bitfit.compiler.head import HEAD_INPUT_NAMES
+from bitfit.compiler.quantize import nodes_reading_defaults, quantize_int8
 from conftest import ATOL, QUIET
 from head_refs import numpy_head, variant_pack
-from runtime import TaskSession, load_pack
-from runtime.compiled import LOGITS, MODEL_FILE, OUTPUT_NAME, TOKEN_LOGITS, head_feeds, read_manifest
+from bitfit.runtime import TaskSession, load_pack
+from bitfit.runtime.compiled import LOGITS, MODEL_FILE, OUTPUT_NAME, TOKEN_LOGITS, head_feeds, read_manifest
 
 TOL = 1e-5  # the head is fp32 in every variant: graph head vs numpy head differ by float rounding only
 OUTPUTS = [OUTPUT_NAME, LOGITS, TOKEN_LOGITS]
@@ -28,7 +28,7 @@ def ort_session(path) -> ort.InferenceSession:
 def variant(request, bert_model, bert_compiled, tmp_path_factory):
     if request.param == "fp32":
         return bert_compiled
-    from compiler.compile import compile as compile_model
+    from bitfit.compiler.compile import compile as compile_model
 
     out = tmp_path_factory.mktemp("head") / request.param
     compile_model(bert_model, out, fuse=request.param == "fuse", quantize="int8" if request.param == "int8" else None,
@@ -136,7 +136,7 @@ def test_quantizing_a_head_graph_again_keeps_the_head_live(bert_compiled, pack_a
 
 
 def test_mixed_graphs_have_no_head(bert_model, tmp_path):
-    from compiler.compile import compile as compile_model
+    from bitfit.compiler.compile import compile as compile_model
 
     out = compile_model(bert_model, tmp_path / "mixed", mixed=True, log=QUIET["log"])
     m = read_manifest(out)
@@ -147,7 +147,7 @@ def test_mixed_graphs_have_no_head(bert_model, tmp_path):
 def test_manifests_without_head_fields_still_load(bert_compiled, copy_dir):
     import json
 
-    from runtime.compiled import MANIFEST_FILE
+    from bitfit.runtime.compiled import MANIFEST_FILE
 
     d = copy_dir(bert_compiled)
     data = json.loads((d / MANIFEST_FILE).read_text())
@@ -158,9 +158,9 @@ def test_manifests_without_head_fields_still_load(bert_compiled, copy_dir):
 
 
 def test_no_head_leaves_it_out_and_serves_the_same_logits(bert_model, bert_compiled, pack_all, token_inputs, tmp_path):
-    from bitfit.adapter import export_adapter
+    from bitfit.exporters.adapter import export_adapter
     from bitfit.cli import main
-    from runtime.errors import CompiledModelError
+    from bitfit.runtime.errors import CompiledModelError
 
     out = tmp_path / "nohead"
     assert main(["compile", "--model", str(bert_model), "--out", str(out), "--no-head"]) == 0

@@ -13,10 +13,11 @@ import pytest
 
 from conftest import ATOL, QUIET
 from head_data import write_qa_data, write_token_data
-from runtime import Answers, TaskPack, TaskSession, TokenPredictions, load_pack
-from runtime.errors import BitFitError, PackError
-from runtime.heads import best_span, first_subtokens
-from runtime.pack import HEAD_POOLER_BIAS, HEAD_POOLER_WEIGHT, PackManifest
+from bitfit.runtime import Answers, TaskPack, TaskSession, TokenPredictions, load_pack
+from bitfit.runtime.errors import BitFitError, PackError
+from bitfit.runtime.heads import best_span, first_subtokens
+from bitfit.runtime.pack import PackManifest
+from bitfit.runtime.heads import HEAD_POOLER_BIAS, HEAD_POOLER_WEIGHT
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -31,7 +32,7 @@ def head_data(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def token_pack(bert_model, head_data, tmp_path_factory) -> Path:
-    from training.train import train
+    from bitfit.training.train import train
 
     out = tmp_path_factory.mktemp("packs") / "tags"
     train(bert_model, head_data["tokens"], out, epochs=3, lr=5e-3, batch_size=8, task_name="tags", **QUIET)
@@ -40,7 +41,7 @@ def token_pack(bert_model, head_data, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def qa_pack(bert_model, head_data, tmp_path_factory) -> Path:
-    from training.train import train
+    from bitfit.training.train import train
 
     out = tmp_path_factory.mktemp("packs") / "qa"
     train(bert_model, head_data["qa"], out, epochs=3, lr=5e-3, batch_size=8, task_kind="question-answering",
@@ -55,7 +56,7 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
 
 
 def test_token_rows_need_one_tag_per_token(tmp_path):
-    from training.data import load_task_data, read_token_examples
+    from bitfit.training.data import load_task_data, read_token_examples
 
     path = write_rows(tmp_path / "t.jsonl", [{"tokens": ["a", "b"], "tags": ["O", "O"]},
                                               {"tokens": ["a", "b", "c"], "tags": ["O", "B-X"]}])
@@ -70,7 +71,7 @@ def test_token_rows_need_one_tag_per_token(tmp_path):
 
 
 def test_qa_answer_must_be_in_the_context_at_its_offset(tmp_path):
-    from training.data import read_qa_examples
+    from bitfit.training.data import read_qa_examples
 
     row = {"question": "who?", "context": "the actor is here", "answers": {"text": ["actor"], "answer_start": [4]}}
     assert read_qa_examples(write_rows(tmp_path / "ok.jsonl", [row]))[0].answers == ("actor",)
@@ -121,9 +122,9 @@ def test_token_pack_holds_a_per_token_head(token_pack, qa_pack):
 
 
 def test_token_targets_sit_on_first_subtokens(bert_model):
-    from training.data import TokenExample
-    from training.model import load_tokenizer
-    from training.tokens import IGNORE, encode_tokens
+    from bitfit.training.data import TokenExample
+    from bitfit.encoder.model import load_tokenizer
+    from bitfit.training.tokens import IGNORE, encode_tokens
 
     tok = load_tokenizer(bert_model)
     example = TokenExample(("the", "zorbex", "movie"), ("O", "B-Z", "B-X"))
@@ -135,9 +136,9 @@ def test_token_targets_sit_on_first_subtokens(bert_model):
 
 
 def test_qa_targets_cover_the_answer_and_truncated_answers_point_at_cls(bert_model):
-    from training.data import QAExample
-    from training.model import load_tokenizer
-    from training.tokens import encode_qa
+    from bitfit.training.data import QAExample
+    from bitfit.encoder.model import load_tokenizer
+    from bitfit.training.tokens import encode_qa
 
     tok = load_tokenizer(bert_model)
     near = QAExample("what?", "ok the answer film now", ("film",), (14,))
@@ -151,7 +152,7 @@ def test_qa_targets_cover_the_answer_and_truncated_answers_point_at_cls(bert_mod
 
 
 def test_metrics_follow_squad_and_conlleval():
-    from training.tokens import entities, entity_f1, squad_metrics
+    from bitfit.training.tokens import entities, entity_f1, squad_metrics
 
     assert entities(["B-X", "I-X", "O", "I-Y", "B-Y", "B-Y"]) == {("X", 0, 1), ("Y", 3, 3), ("Y", 4, 4), ("Y", 5, 5)}
     assert entity_f1([["B-X", "I-X", "O"]], [["B-X", "O", "O"]]) == 0.0  # boundaries must match exactly
@@ -205,7 +206,7 @@ def test_token_logits_match_pytorch_on_padded_batches(session, token_pack, qa_pa
 
 
 def test_run_tokens_labels_each_word_by_its_first_subtoken(session, token_pack, bert_model, head_data, torch_logits):
-    from training.model import load_tokenizer
+    from bitfit.encoder.model import load_tokenizer
 
     rows = read_jsonl(head_data["tokens"])[:6]
     words = [r["tokens"] for r in rows]
@@ -242,7 +243,7 @@ def test_words_cut_off_by_max_length_get_no_label(session):
 
 
 def test_answers_are_the_best_spans_of_their_contexts(session, qa_pack, bert_model, head_data, torch_logits):
-    from training.model import load_tokenizer
+    from bitfit.encoder.model import load_tokenizer
 
     rows = read_jsonl(head_data["qa"])[:8]
     questions, contexts = [r["question"] for r in rows], [r["context"] for r in rows]
@@ -268,7 +269,7 @@ def test_answers_are_the_best_spans_of_their_contexts(session, qa_pack, bert_mod
 def test_long_contexts_are_read_in_overlapping_windows(session, qa_pack, bert_model, torch_logits):
     """The best span over all windows equals a brute-force search over PyTorch logits of the windows that
     transformers' tokenizer makes with the same stride (its QA pipeline's chunking)."""
-    from training.model import load_tokenizer
+    from bitfit.encoder.model import load_tokenizer
 
     rng = random.Random(3)
     filler = "good bad great awful movie plot hate fun boring who the".split()  # the tiny model likes "love"
@@ -316,9 +317,9 @@ def test_long_contexts_are_read_in_overlapping_windows(session, qa_pack, bert_mo
 def test_unanswerable_questions_squad2(bert_model, bert_compiled, torch_logits, tmp_path):
     """Rows with empty answers train CLS; the pack says so, and the runtime then answers "" exactly where
     CLS start + end beats every span in PyTorch's logits."""
-    from training.data import read_qa_examples
-    from training.model import load_tokenizer
-    from training.train import train
+    from bitfit.training.data import read_qa_examples
+    from bitfit.encoder.model import load_tokenizer
+    from bitfit.training.train import train
 
     data = write_qa_data(tmp_path / "qa2.jsonl", n=120, seed=5, unanswerable=0.4)
     rows = read_jsonl(data)
@@ -371,9 +372,9 @@ def test_token_tasks_have_their_own_calls(session, bert_compiled, pack_all):
 
 
 def test_long_questions_are_refused_in_training_too(bert_model):
-    from training.data import QAExample
-    from training.model import load_tokenizer
-    from training.tokens import encode_qa
+    from bitfit.training.data import QAExample
+    from bitfit.encoder.model import load_tokenizer
+    from bitfit.training.tokens import encode_qa
 
     long = QAExample(" ".join(["what"] * 80), "the film", ("film",), (4,))
     with pytest.raises(BitFitError, match=r"a question leaves no room for its context"):
@@ -404,9 +405,9 @@ def pooler_pack(checkpoint: Path) -> TaskPack:
     """A pack of an HF *ForSequenceClassification checkpoint, made by hand: its biases, pooler and classifier."""
     import transformers as T
 
-    from runtime.pack import TensorSpec
-    from training.biases import find_biases
-    from training.model import base_fingerprint, count_parameters, load_encoder
+    from bitfit.runtime.pack import TensorSpec
+    from bitfit.encoder.biases import find_biases
+    from bitfit.encoder.model import base_fingerprint, count_parameters, load_encoder
 
     clf = T.AutoModelForSequenceClassification.from_pretrained(checkpoint)
     encoder = load_encoder(checkpoint)
@@ -433,8 +434,8 @@ def test_pooler_pack_matches_the_hf_classifier(hf_classifier, bert_compiled, tok
     import torch
     import transformers as T
 
-    from runtime import save_pack
-    from training.model import model_from_pack
+    from bitfit.runtime import save_pack
+    from bitfit.encoder.model import model_from_pack
 
     path = save_pack(pooler_pack(hf_classifier), tmp_path / "pooler")
     session = TaskSession(bert_compiled)
@@ -460,7 +461,7 @@ def test_training_with_the_pooler_starts_from_the_checkpoint_pooler(hf_classifie
                                                                     token_inputs, torch_logits, tmp_path):
     import transformers as T
 
-    from training.train import train
+    from bitfit.training.train import train
 
     result = train(hf_classifier, data_files["sentiment"], tmp_path / "p", epochs=1, pooling="pooler", **QUIET)
     clf = T.AutoModelForSequenceClassification.from_pretrained(hf_classifier)
@@ -479,7 +480,7 @@ def test_training_with_the_pooler_starts_from_the_checkpoint_pooler(hf_classifie
 def test_pooler_is_refused_where_the_checkpoint_has_none(tiny_model, data_files, tmp_path):
     import transformers as T
 
-    from training.train import train
+    from bitfit.training.train import train
 
     with pytest.raises(BitFitError, match=r"no BERT-style pooler \(dense \+ tanh\): use pooling mean or cls"):
         train(tiny_model("electra"), data_files["sentiment"], None, epochs=1, pooling="pooler", **QUIET)
@@ -493,7 +494,7 @@ def test_pooler_is_refused_where_the_checkpoint_has_none(tiny_model, data_files,
 
 
 def test_pooler_pack_without_pooler_tensors_is_refused(hf_classifier, tmp_path):
-    from runtime import save_pack
+    from bitfit.runtime import save_pack
 
     pack = pooler_pack(hf_classifier)
     dropped = {k: v for k, v in pack.tensors.items() if k != HEAD_POOLER_WEIGHT}
@@ -510,7 +511,7 @@ def test_pooler_pack_without_pooler_tensors_is_refused(hf_classifier, tmp_path):
 
 # -- verify, CLI, serve ------------------------------------------------------------------------------
 def test_verify_passes_token_and_pooler_packs(bert_compiled, token_pack, qa_pack, hf_classifier):
-    from bitfit.verification import verify
+    from bitfit.compiler.verify import verify
 
     report = verify(bert_compiled, [token_pack, qa_pack, pooler_pack(hf_classifier)], grid=((2, 9), (3, 30)),
                     log=lambda s: None)
@@ -524,12 +525,12 @@ def test_verify_passes_token_and_pooler_packs(bert_compiled, token_pack, qa_pack
 
 def test_verify_fails_a_token_pack_whose_head_is_off(bert_compiled, token_pack, monkeypatch):
     """The token-level comparison can fail: a runtime head that drops the bias is caught."""
-    from bitfit.verification import verify
-    from runtime.heads import Head
+    from bitfit.compiler.verify import verify
+    from bitfit.runtime.heads import Head
 
     original = Head.__call__
     monkeypatch.setattr(Head, "__call__", lambda self, h, m: original(self, h, m) - self.bias)
-    report = verify(bert_compiled, [token_pack], grid=((2, 9),), log=lambda s: None)
+    report = verify(bert_compiled, [token_pack], grid=((2, 9),), log=lambda s: None, strict=False)
     assert not report.ok and all(c.subject == "tags" for c in report.failures)
 
 
@@ -574,7 +575,7 @@ def test_token_tasks_run_without_torch(bert_compiled, token_pack, qa_pack):
 
     proc = run_blocked("""
         import json, sys
-        import runtime
+        import bitfit.runtime as runtime
 
         compiled, tags, qa = sys.argv[1:4]
         session = runtime.load(compiled, [tags, qa])

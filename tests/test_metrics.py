@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from training import metrics
+from bitfit.training import metrics
 
 
 def test_spearman_and_pearson_match_scipy():

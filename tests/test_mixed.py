@@ -5,9 +5,9 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from bitfit.verification import verify
-from runtime import BitFitError, TaskPack, TaskSession, load_pack
-from runtime.compiled import MODEL_FILE, TASK_IDS, read_manifest
+from bitfit.compiler.verify import verify
+from bitfit.runtime import BitFitError, TaskPack, TaskSession, load_pack
+from bitfit.runtime.compiled import MODEL_FILE, TASK_IDS, read_manifest
 
 QUIET = {"log": lambda s: None}
 TEXTS = ["the movie was good", "what an awful boring plot", "who won the prize", "free cash now, reply yes",
@@ -16,7 +16,7 @@ TEXTS = ["the movie was good", "what an awful boring plot", "who won the prize",
 
 @pytest.fixture(scope="module")
 def mixed(bert_model, tmp_path_factory):
-    from compiler.compile import compile as compile_model
+    from bitfit.compiler.compile import compile as compile_model
 
     out = tmp_path_factory.mktemp("mixed") / "graph"
     compile_model(bert_model, out, mixed=True, **QUIET)
@@ -92,7 +92,7 @@ def test_sentence_pairs_and_single_sentences_in_one_batch(mixed, bert_compiled, 
     pairs = plain.run("pairs", ["who won", "free cash"], ["the city won the prize", "reply stop now"]).logits
     assert np.abs(np.array([records[0]["logits"], records[2]["logits"]]) - single).max() <= 1e-5
     assert np.abs(np.array([records[1]["logits"], records[3]["logits"]]) - pairs).max() <= 1e-5
-    with pytest.raises(BitFitError, match="trained on sentence pairs"):
+    with pytest.raises(BitFitError, match="takes sentence pairs"):
         session.run_mixed([("pairs", "no pair given")])
 
 
@@ -134,7 +134,7 @@ def test_bad_rows(mixed, packs, rows, match):
 
 
 def test_verify_and_int8_on_mixed_graphs(mixed, bert_model, pack_all, pack_min, tmp_path):
-    from compiler.compile import compile as compile_model
+    from bitfit.compiler.compile import compile as compile_model
 
     assert verify(mixed, [pack_all, pack_min], **QUIET).ok
     int8 = compile_model(bert_model, tmp_path / "int8", mixed=True, quantize="int8", **QUIET)
@@ -143,7 +143,7 @@ def test_verify_and_int8_on_mixed_graphs(mixed, bert_model, pack_all, pack_min, 
 
 
 def test_mixed_and_fuse_are_exclusive(bert_model, tmp_path):
-    from compiler.compile import compile as compile_model
+    from bitfit.compiler.compile import compile as compile_model
 
     with pytest.raises(BitFitError, match="--mixed and --fuse do not combine"):
         compile_model(bert_model, tmp_path / "x", mixed=True, fuse=True, **QUIET)

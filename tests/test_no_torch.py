@@ -51,7 +51,7 @@ def test_blocker_blocks():
 def test_runtime_serves_packs_without_torch(bert_compiled, pack_all, pack_scores):
     proc = run_blocked("""
         import json, sys
-        import runtime
+        import bitfit.runtime as runtime
         from bitfit.cli import main
 
         compiled, pack, scores = sys.argv[1:4]

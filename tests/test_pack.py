@@ -9,8 +9,9 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from runtime import PackError, TaskPack, load_pack, read_pack_manifest, save_pack
-from runtime.pack import MANIFEST_FILE, TENSORS_FILE, sha256_file
+from bitfit.runtime import PackError, TaskPack, load_pack, read_pack_manifest, save_pack
+from bitfit.runtime.pack import MANIFEST_FILE, TENSORS_FILE
+from bitfit.runtime.fs import sha256_file
 
 
 def manifest_json(path: Path) -> dict:
@@ -80,7 +81,7 @@ def test_manifest_records_what_the_pack_holds(pack_all):
 def test_save_refuses_an_existing_path(pack_all, tmp_path):
     pack = load_pack(pack_all)
     save_pack(pack, tmp_path / "p")
-    with pytest.raises(PackError, match=r"already exists: choose another output path, or pass --overwrite"):
+    with pytest.raises(PackError, match=r"already exists: choose another output path \(--out\), or pass --overwrite"):
         save_pack(pack, tmp_path / "p")
 
 

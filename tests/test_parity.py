@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import ATOL, perturbed
-from runtime import TaskSession, load_pack
-from runtime.compiled import MODEL_FILE
-from training.biases import find_biases
-from training.model import load_encoder, load_tokenizer, model_from_pack
+from bitfit.runtime import TaskSession, load_pack
+from bitfit.runtime.compiled import MODEL_FILE
+from bitfit.encoder.biases import find_biases
+from bitfit.encoder.model import load_encoder, load_tokenizer, model_from_pack
 
 KINDS = ("bert", "roberta", "distilbert", "mpnet", "electra")
 SHAPES = ((1, 5), (2, 7), (4, 23), (3, 60), (2, 64))

@@ -12,11 +12,11 @@ import pytest
 from onnx import TensorProto, helper
 from onnx_ir.passes import PostconditionError, PreconditionError
 
-from compiler.passes import BiasDefaultsPass, CheckBiasInputsPass, CheckTokenInputsPass, bias_inputs_live
-from runtime import CompiledModelError, read_manifest
-from runtime.compiled import MODEL_FILE
+from bitfit.compiler.passes import BiasDefaultsPass, CheckBiasInputsPass, CheckTokenInputsPass, bias_inputs_live
+from bitfit.runtime import CompiledModelError, read_manifest
+from bitfit.runtime.compiled import MODEL_FILE
 
-compile_module = importlib.import_module("compiler.compile")
+compile_module = importlib.import_module("bitfit.compiler.compile")
 
 
 def bias_shapes(compiled) -> dict[str, tuple[int, ...]]:
@@ -88,7 +88,7 @@ def test_baked_bias_in_compiled_graph_is_refused(bert_compiled):
 
 def test_why_it_matters_a_dead_input_ignores_swapped_values(bert_compiled, tmp_path, token_inputs):
     """On the baked graph, feeding another bq changes nothing; on the compiled graph it changes the output."""
-    from runtime import TaskSession
+    from bitfit.runtime import TaskSession
 
     model = ir.load(bert_compiled / MODEL_FILE)
     bake(model, "layer.0.bq")
@@ -198,9 +198,9 @@ def test_compile_refuses_a_graph_with_a_dead_bias_input(bert_model, tmp_path, mo
 
 
 def test_compile_refuses_existing_output(bert_model, bert_compiled, tmp_path):
-    from runtime import BitFitError
+    from bitfit.runtime import BitFitError
 
-    with pytest.raises(BitFitError, match=r"already exists: choose another --out, or pass --overwrite"):
+    with pytest.raises(BitFitError, match=r"already exists: choose another output path \(--out\), or pass --overwrite"):
         compile_module.compile(bert_model, bert_compiled, log=lambda s: None)
     other = tmp_path / "other"
     other.mkdir()

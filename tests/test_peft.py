@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import make_inputs
-from runtime import BitFitError, TaskSession, load_pack
-from training.model import model_from_pack
-from training.peft_import import import_peft
+from bitfit.runtime import BitFitError, TaskSession, load_pack
+from bitfit.encoder.model import model_from_pack
+from bitfit.training.peft_import import import_peft
 
 peft = pytest.importorskip("peft")
 

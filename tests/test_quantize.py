@@ -5,17 +5,17 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from bitfit.verification import TOLERANCES, verify
-from compiler.passes import bias_inputs_live
-from runtime import BitFitError, TaskPack, TaskSession, load_pack
-from runtime.compiled import MODEL_FILE
+from bitfit.compiler.verify import TOLERANCES, verify
+from bitfit.compiler.passes import bias_inputs_live
+from bitfit.runtime import BitFitError, TaskPack, TaskSession, load_pack
+from bitfit.runtime.compiled import MODEL_FILE
 
 QUIET = {"log": lambda s: None}
 
 
 @pytest.fixture(scope="module")
 def quantized(bert_model, tmp_path_factory):
-    from compiler.compile import compile as compile_model
+    from bitfit.compiler.compile import compile as compile_model
 
     out = tmp_path_factory.mktemp("quantized") / "int8"
     compile_model(bert_model, out, quantize="int8", log=lambda s: None)
@@ -65,14 +65,14 @@ def test_verify_auto_mode_uses_quantized_tolerance(quantized, pack_all):
 
 
 def test_verify_fp32_mode_on_a_quantized_graph_fails(quantized, pack_all):
-    report = verify(quantized, [pack_all], mode="fp32", **QUIET)
+    report = verify(quantized, [pack_all], mode="fp32", strict=False, **QUIET)
     assert report.atol == 1e-4
     assert not report.ok
     assert all(c.max_abs > 1e-4 for c in report.failures if not np.isnan(c.max_abs))
 
 
 def test_bad_modes_are_refused(bert_model, bert_compiled, tmp_path):
-    from compiler.compile import compile as compile_model
+    from bitfit.compiler.compile import compile as compile_model
 
     with pytest.raises(BitFitError, match=r"unknown quantize mode 'int4': use one of int8, int8-per-tensor"):
         compile_model(bert_model, tmp_path / "c", quantize="int4", log=lambda s: None)

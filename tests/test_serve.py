@@ -1,4 +1,4 @@
-"""The HTTP server (bitfit.serve) and its dynamic batcher (bitfit.batcher), on tiny BERT packs.
+"""The HTTP server (bitfit.serve) and its dynamic batcher (bitfit.serve.batcher), on tiny BERT packs.
 
 Every endpoint, every kind of bad request, predictions equal to `bitfit predict --json`, concurrent
 requests of several tasks batched together, and hot reloads of the packs directory (including under
@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 from starlette.testclient import TestClient
 
-from bitfit.batcher import BatchError, Batcher
 from bitfit.cli import main
+from bitfit.runtime.errors import BitFitError
 from bitfit.serve import ServeConfig, create_app
-from runtime import TaskSession, load_pack, read_pack_manifest, save_pack
-from runtime.pack import TENSORS_FILE
+from bitfit.serve.batcher import Batcher, ServiceUnavailable
+from bitfit.runtime import TaskSession, load_pack, read_pack_manifest, save_pack
+from bitfit.runtime.pack import TENSORS_FILE
 
 ATOL = 1e-4  # batching changes padding, which moves logits by ~1e-6
 WORDS = "good bad great awful movie film plot actor love hate fun boring what who the city money".split()
@@ -51,7 +52,7 @@ def names(packs) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def graphs(bert_compiled, bert_model, tmp_path_factory) -> dict[str, Path]:
     """The plain graph (one pass per task in a batch) and a mixed one (all tasks of a batch in one pass)."""
-    from compiler.compile import compile as compile_model
+    from bitfit.compiler.compile import compile as compile_model
 
     mixed = tmp_path_factory.mktemp("serve-mixed") / "graph"
     compile_model(bert_model, mixed, mixed=True, log=lambda s: None)
@@ -223,8 +224,6 @@ def test_body_too_large_and_bad_limits(bert_compiled, packs_dir, names):
     with TestClient(make_app(bert_compiled, packs_dir, max_body_bytes=1000)) as c:
         r = c.post("/v1/predict", json={"task": names["single"], "texts": ["good " * 300]})
         assert r.status_code == 413 and "over the limit of 1000 bytes" in r.json()["error"]
-    from runtime.errors import BitFitError
-
     with pytest.raises(BitFitError, match="max_texts must be a positive integer"):
         ServeConfig(max_texts=0)
     with pytest.raises(BitFitError, match="unknown server limits"):
@@ -314,8 +313,9 @@ def test_a_failing_request_does_not_fail_its_batch(bert_compiled, packs, referen
     assert all(r.pop("task") == "single" for r in good + more)  # run_mixed's records, task included
     assert same(good, expect(reference, "single", ["good movie"]))
     assert same(more, expect(reference, "single", ["bad plot", "fun"]))
-    assert isinstance(poisoned, BatchError) and "poisoned row" in str(poisoned) and poisoned.status == 500
-    assert isinstance(paired, BatchError) and paired.status == 422 and "single sentences" in str(paired)
+    # each request gets the error it raised, unchanged: the server maps types to statuses in one place
+    assert type(poisoned) is RuntimeError and "poisoned row" in str(poisoned)
+    assert isinstance(paired, BitFitError) and "single sentences" in str(paired)
     assert batcher.stats.failed_batches == 1
 
 
@@ -481,7 +481,7 @@ def test_server_imports_no_torch():
 
     proc = run_blocked("""
         import sys
-        import bitfit.serve, bitfit.batcher, bitfit.cli
+        import bitfit.serve.app, bitfit.serve.batcher, bitfit.serve.packdir, bitfit.cli
         blocked = ("torch", "transformers", "onnx", "onnx_ir", "onnxscript")
         print(sorted(m for m in sys.modules if m.split(".")[0] in blocked))
     """)
@@ -493,7 +493,7 @@ def test_server_imports_no_torch():
 @pytest.fixture(scope="module")
 def head_packs(bert_model, tmp_path_factory) -> dict[str, Path]:
     from head_data import write_qa_data, write_token_data
-    from training.train import train
+    from bitfit.training.train import train
 
     root = tmp_path_factory.mktemp("serve-heads")
     tags = train(bert_model, write_token_data(root / "tags.jsonl"), root / "tags", epochs=2, lr=5e-3, batch_size=8,

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import ATOL
-from runtime import TaskPack, TaskSession, load, load_pack
+from bitfit.runtime import TaskPack, TaskSession, load, load_pack
 
 
 @pytest.fixture
@@ -116,7 +116,7 @@ def test_registering_from_a_path_and_an_object_is_the_same(bert_compiled, pack_a
 def test_device_option(bert_compiled):
     import onnxruntime as ort
 
-    from runtime import BitFitError, TaskSession
+    from bitfit.runtime import BitFitError, TaskSession
 
     assert TaskSession(bert_compiled, device="auto").device == (
         "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu")

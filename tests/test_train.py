@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from conftest import QUIET
-from runtime import TaskSession, load_pack
-from runtime.errors import BitFitError, PackError
-from training.biases import find_biases
-from training.model import load_encoder, model_from_pack
-from training.train import train
+from bitfit.runtime import TaskSession, load_pack
+from bitfit.runtime.errors import BitFitError, PackError
+from bitfit.encoder.biases import find_biases
+from bitfit.encoder.model import load_encoder, model_from_pack
+from bitfit.training.train import train
 
-train_module = importlib.import_module("training.train")
+train_module = importlib.import_module("bitfit.training.train")
 
 
 @pytest.fixture(scope="module")
@@ -100,10 +100,10 @@ def test_same_seed_gives_identical_pack_files(bert_model, data_files, tmp_path):
 
 def test_trained_pack_matches_pytorch_dev_metrics(bert_model, pack_all, data_files):
     """The pack saves the best epoch; loading it back into PyTorch gives the recorded dev metric."""
-    from training.data import load_task_data
-    from training.metrics import evaluate
-    from training.model import load_tokenizer
-    from training.train import predict
+    from bitfit.training.data import load_task_data
+    from bitfit.training.metrics import evaluate
+    from bitfit.encoder.model import load_tokenizer
+    from bitfit.training.train import predict
 
     pack = load_pack(pack_all)
     m = pack.manifest
@@ -135,27 +135,27 @@ def test_sentence_pair_data_gives_a_pair_pack(bert_compiled, pack_pairs):
     assert pack.manifest.labels == ["contradict", "entail", "neutral"]
     session = TaskSession(bert_compiled)
     task = session.register(pack)
-    with pytest.raises(BitFitError, match=r"trained on sentence pairs: pass text_pairs too"):
+    with pytest.raises(BitFitError, match=r"takes sentence pairs: give text_pairs, one per text"):
         session.run(task, ["who is it", "a fun movie"])
     out = session.run(task, ["who is it", "a fun movie"], ["it is me", "not a fun movie"])
     assert out.logits.shape == (2, 3)
     assert set(out.labels) <= set(pack.manifest.labels)
     np.testing.assert_allclose(out.scores.sum(axis=1), 1.0, rtol=1e-6)
-    with pytest.raises(BitFitError, match=r"got 2 texts but 1 text_pairs: give one pair per text"):
+    with pytest.raises(BitFitError, match=r"text_pairs has 1 items but texts has 2: give one pair per text"):
         session.run(task, ["a", "b"], ["c"])
 
 
 def test_single_sentence_task_refuses_pairs(bert_compiled, pack_all):
     session = TaskSession(bert_compiled)
     task = session.register(pack_all)
-    with pytest.raises(BitFitError, match=r"trained on single sentences: do not pass text_pairs"):
+    with pytest.raises(BitFitError, match=r"takes single sentences: do not give text_pairs"):
         session.run(task, ["a"], ["b"])
     assert load_pack(pack_all).manifest.text_pair is False
 
 
 def test_pair_pack_matches_pytorch_on_pairs(bert_model, bert_compiled, pack_pairs):
-    from training.model import load_tokenizer
-    from training.train import Example, encode_batch
+    from bitfit.encoder.model import load_tokenizer
+    from bitfit.training.train import Example, encode_batch
 
     pack = load_pack(pack_pairs)
     session = TaskSession(bert_compiled)
@@ -209,7 +209,7 @@ def test_train_refuses_to_overwrite_without_overwrite(bert_model, data_files, tm
     out = tmp_path / "pack"
     train(bert_model, data_files["sentiment"], out, epochs=1, task_name="first", **QUIET)
     before = (out / "manifest.json").read_text()
-    with pytest.raises(PackError, match=r"already exists: choose another --out, or pass --overwrite"):
+    with pytest.raises(PackError, match=r"already exists: choose another output path \(--out\), or pass --overwrite"):
         train(bert_model, data_files["sentiment"], out, epochs=1, task_name="second", **QUIET)
     assert (out / "manifest.json").read_text() == before
     train(bert_model, data_files["sentiment"], out, epochs=1, task_name="second", overwrite=True, **QUIET)

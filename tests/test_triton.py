@@ -11,19 +11,19 @@ import onnxruntime as ort
 import pytest
 
 from bitfit.cli import main
-from bitfit.triton import CONFIG_FILE, TASKS_FILE, export_triton
+from bitfit.exporters.triton import CONFIG_FILE, TASKS_FILE, export_triton
 from conftest import QUIET
 from head_refs import numpy_head, variant_pack
-from runtime import TaskSession, load_pack
-from runtime.compiled import LOGITS, MODEL_FILE, OUTPUT_NAME, TASK_IDS, TOKEN_LOGITS, TOKENIZER_FILE, read_manifest
-from runtime.errors import BitFitError, CompiledModelError, IncompatibleError
+from bitfit.runtime import TaskSession, load_pack
+from bitfit.runtime.compiled import LOGITS, MODEL_FILE, OUTPUT_NAME, TASK_IDS, TOKEN_LOGITS, TOKENIZER_FILE, read_manifest
+from bitfit.runtime.errors import BitFitError, CompiledModelError, IncompatibleError
 
 TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
 def mixed(bert_model, tmp_path_factory):
-    from compiler.compile import compile as compile_model
+    from bitfit.compiler.compile import compile as compile_model
 
     return compile_model(bert_model, tmp_path_factory.mktemp("triton") / "mixed", mixed=True, log=QUIET["log"])
 
@@ -122,7 +122,7 @@ def test_refusals(mixed, bert_compiled, packs, pack_other_base, repo, tmp_path):
         export_triton(mixed, packs[:2], repo.parent, name=repo.name)
     assert (repo / TASKS_FILE).read_text() == before
     (tmp_path / "r" / "other").mkdir(parents=True)
-    with pytest.raises(BitFitError, match="not written by bitfit"):
+    with pytest.raises(BitFitError, match="not a model written by bitfit"):
         export_triton(mixed, packs[:1], tmp_path / "r", name="other", overwrite=True)
 
 
@@ -139,7 +139,7 @@ def test_cli_adds_a_task_by_re_exporting(mixed, pack_all, pack_pairs, tmp_path, 
 @pytest.mark.parametrize("precision", ["int8", "fp16"])
 def test_int8_and_fp16_mixed_graphs_carry_over(precision, bert_model, packs, token_inputs, tmp_path):
     """Compile choices carry over: the model runs the int8 / fp16 graph, with the fp32 per-row head."""
-    from compiler.compile import compile as compile_model
+    from bitfit.compiler.compile import compile as compile_model
 
     mixed = compile_model(bert_model, tmp_path / "mixed", mixed=True, quantize="int8" if precision == "int8" else None,
                           fp16=precision == "fp16", log=QUIET["log"])

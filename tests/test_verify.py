@@ -1,16 +1,18 @@
-"""bitfit.verify (bitfit/verification.py): parity of a compiled graph and its packs against PyTorch, as a report."""
+"""bitfit.verify (compiler/verify.py): parity of a compiled graph and its packs against PyTorch: fatal by default
+(ParityError listing every failed check), a report with strict=False; and `compile --verify`."""
 from __future__ import annotations
 
 import json
 import math
 
+import numpy as np
 import onnx_ir as ir
 import pytest
 
-from bitfit.verification import verify, write_report
-from runtime import IncompatibleError, TaskSession
-from runtime.compiled import MANIFEST_FILE, MODEL_FILE
-from runtime.pack import sha256_file
+from bitfit.compiler.verify import verify, write_report
+from bitfit.runtime import IncompatibleError, ParityError, TaskSession
+from bitfit.runtime.compiled import MANIFEST_FILE, MODEL_FILE
+from bitfit.runtime.fs import sha256_file
 
 QUIET = {"log": lambda s: None}
 TOKENIZER_ROW = "tokenizer ids vs transformers"
@@ -57,7 +59,7 @@ def test_every_pack_is_checked_on_sentences_grid_and_perturbed_biases(good_repor
 
 
 def test_classification_rows_report_probabilities_and_agreement(good_report, pack_scores):
-    from runtime import read_pack_manifest
+    from bitfit.runtime import read_pack_manifest
 
     regression = read_pack_manifest(pack_scores).task
     for c in good_report.checks:
@@ -78,7 +80,7 @@ def test_report_json(good_report, tmp_path):
 
 
 def test_impossible_tolerance_fails(bert_compiled, pack_all):
-    report = verify(bert_compiled, [pack_all], atol=1e-12, **QUIET)
+    report = verify(bert_compiled, [pack_all], atol=1e-12, strict=False, **QUIET)
     assert not report.ok
     failed = {c.case for c in report.failures}
     assert "real sentences" in failed or any(c.startswith("grid") for c in failed)
@@ -101,7 +103,7 @@ def test_dead_bias_input_is_caught_at_verify_time(bert_compiled, copy_dir):
     manifest["model_sha256"] = sha256_file(broken / MODEL_FILE)
     (broken / MANIFEST_FILE).write_text(json.dumps(manifest))
 
-    report = verify(broken, **QUIET)
+    report = verify(broken, strict=False, **QUIET)
     assert not report.ok
     assert len(report.failures) == 1
     failure = report.failures[0]
@@ -123,3 +125,66 @@ def test_reference_model_of_another_base_is_refused(bert_compiled, tiny_model):
 def test_other_architectures_verify(kind, compiled_dir, trained_pack):
     report = verify(compiled_dir(kind), [trained_pack(kind, "all", epochs=1)], **QUIET)
     assert report.ok, report.table()
+
+
+def _corrupt_a_weight(compiled, copy_dir):
+    """A copy of the graph with 0.5 added to one frozen weight matrix (checksum updated, so it loads)."""
+    broken = copy_dir(compiled)
+    model = ir.load(broken / MODEL_FILE)
+    # the first MLP matrix (hidden x intermediate, not square): every token's output goes through it
+    weight = next(v for v in model.graph.initializers.values() if v.const_value is not None
+                  and len(v.const_value.shape) == 2 and "embeddings" not in v.name
+                  and v.const_value.shape[0] != v.const_value.shape[1])
+    weight.const_value = ir.tensor(weight.const_value.numpy() + 0.5, name=weight.name)
+    ir.save(model, broken / MODEL_FILE)
+    manifest = json.loads((broken / MANIFEST_FILE).read_text())
+    manifest["model_sha256"] = sha256_file(broken / MODEL_FILE)
+    (broken / MANIFEST_FILE).write_text(json.dumps(manifest))
+    return broken, weight.name
+
+
+def test_a_corrupted_weight_raises_unless_a_report_is_asked_for(bert_compiled, pack_all, copy_dir):
+    broken, name = _corrupt_a_weight(bert_compiled, copy_dir)
+    with pytest.raises(ParityError, match=r"parity failed on .*: \d+ of \d+ checks \(graph / base model") as caught:
+        verify(broken, [pack_all], **QUIET)
+    report = caught.value.report
+    assert not report.ok and len(report.failures) >= 2  # the base-model row and the pack's rows
+    for c in report.failures:  # every failed check is named in the one error
+        assert f"{c.subject} / {c.case}" in str(caught.value)
+    again = verify(broken, [pack_all], strict=False, **QUIET)  # the same checks, returned instead
+    assert [(c.subject, c.case, c.passed) for c in again.checks] == [(c.subject, c.case, c.passed) for c in report.checks]
+
+
+def test_cli_verify_exits_1_on_a_mismatch(bert_compiled, pack_all, copy_dir, capsys):
+    from bitfit.cli import main
+
+    broken, _ = _corrupt_a_weight(bert_compiled, copy_dir)
+    assert main(["verify", "--compiled", str(broken), "--pack", str(pack_all)]) == 1
+    assert "FAIL:" in capsys.readouterr().out
+
+
+def test_compile_verify_never_puts_a_failing_graph_in_place(bert_model, bert_compiled, pack_all, copy_dir,
+                                                            monkeypatch, capsys):
+    """`compile --verify` checks the new directory before the swap: on a mismatch the old graph stays, byte
+    for byte, nothing is left beside it, and the command exits 1; on a match the new graph goes in."""
+    from bitfit.cli import main
+    from bitfit.compiler import verify as verify_module
+
+    target = copy_dir(bert_compiled, "graph")
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    monkeypatch.setitem(verify_module.TOLERANCES, "fp32", 1e-15)  # no real graph meets it
+    argv = ["compile", "--model", str(bert_model), "--out", str(target), "--overwrite", "--verify", str(pack_all)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "parity check failed" in err and f"{target} left as it was" in err and "real sentences" in err
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert sorted(p.name for p in target.parent.iterdir()) == ["graph"]
+    with pytest.raises(ParityError):
+        from bitfit.compiler.compile import compile as compile_model
+
+        compile_model(bert_model, target, overwrite=True, verify=[], log=lambda s: None)
+    monkeypatch.undo()
+    assert main(argv) == 0
+    assert "PASS." in capsys.readouterr().out
+    session = TaskSession(target)
+    assert np.array_equal(session.base_biases["layer.0.bq"], TaskSession(bert_compiled).base_biases["layer.0.bq"])

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.errors import BitFitError
+from bitfit.runtime.errors import BitFitError
 
 TEST_SIZE, DEV_SIZE = 1500, 500
 

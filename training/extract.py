@@ -25,22 +25,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from runtime.errors import BitFitError, IncompatibleError
-from runtime.pack import (
-    HEAD_BIAS,
-    HEAD_POOLER_BIAS,
-    HEAD_POOLER_WEIGHT,
-    HEAD_WEIGHT,
-    QA_LABELS,
-    PackManifest,
-    TaskPack,
-    TensorSpec,
-    save_pack,
-)
-from runtime.version import __version__
-
-from .biases import ALL_KINDS, find_biases, parse_subset
-from .model import base_fingerprint, count_parameters, load_encoder, max_positions
+from bitfit.runtime.errors import BitFitError, IncompatibleError
+from bitfit.encoder.biases import ALL_KINDS, find_biases, parse_subset
+from bitfit.encoder.model import base_fingerprint, count_parameters, load_encoder, max_positions
+from bitfit.runtime.heads import HEAD_BIAS, HEAD_POOLER_BIAS, HEAD_POOLER_WEIGHT, HEAD_WEIGHT
+from bitfit.runtime.kinds import KINDS
+from bitfit.runtime.pack import PackManifest, TaskPack, TensorSpec, save_pack
+from bitfit.runtime.version import __version__
 
 _ROBERTA_HEAD = ("classifier.dense", "classifier.out_proj")
 # class name -> (pooler module, classifier module); "{p}" is the model's base_model_prefix
@@ -354,7 +345,7 @@ def _labels(config: Any, kind: str, outputs: int, given: list[str] | None) -> tu
     if kind == "qa":
         if outputs != 2:
             raise BitFitError(f"a question-answering head has 2 outputs (start, end), this one has {outputs}")
-        return "question-answering", list(QA_LABELS)
+        return "question-answering", list(KINDS["question-answering"].labels)
     problem = getattr(config, "problem_type", None)
     if problem == "multi_label_classification":
         raise BitFitError(

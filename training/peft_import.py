@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import BitFitError
+from bitfit.runtime.errors import BitFitError
 
 from .extract import Extraction, _model_id, _names, pack_from_task_model
 
@@ -52,7 +52,7 @@ def import_peft(
     overwrite: bool = False,
 ) -> Extraction:
     """Map a bias-only PEFT adapter on `base` to a task pack at `out` (refusing what does not map exactly)."""
-    from runtime.pack import save_pack
+    from bitfit.runtime.pack import save_pack
 
     model, config = merged_task_model(base, adapter, labels=labels)
     result = pack_from_task_model(

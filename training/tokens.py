@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from runtime.errors import BitFitError
-from runtime.heads import (DEFAULT_MAX_ANSWER_TOKENS, answers_nothing, best_span, first_subtokens, null_score,
+from bitfit.runtime.errors import BitFitError
+from bitfit.runtime.heads import (DEFAULT_MAX_ANSWER_TOKENS, answers_nothing, best_span, first_subtokens, null_score,
                            word_logits)
 
 from .data import QAExample, TaskData, TokenExample, is_bio

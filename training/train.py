@@ -13,14 +13,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from runtime.errors import BitFitError, PackError
-from runtime.pack import MANIFEST_FILE, POOLINGS, TOKEN_KINDS, PackManifest, TaskPack, TensorSpec, save_pack
+from bitfit.runtime.errors import BitFitError, PackError
+from bitfit.runtime.fs import check_target
+from bitfit.runtime.pack import MANIFEST_FILE, PackManifest, TaskPack, TensorSpec, save_pack
+from bitfit.runtime.heads import POOLINGS
+from bitfit.runtime.kinds import TOKEN_KINDS
 
-from runtime.version import __version__
-from .biases import BiasSlot, find_biases, parse_subset
+from bitfit.runtime.version import __version__
+from bitfit.encoder.biases import BiasSlot, find_biases, parse_subset
 from .data import Example, TaskData, load_task_data
 from .metrics import evaluate
-from .model import (BitFitModel, base_fingerprint, count_parameters, load_encoder, load_pooler, load_tokenizer,
+from bitfit.encoder.model import (BitFitModel, base_fingerprint, count_parameters, load_encoder, load_pooler, load_tokenizer,
                     max_positions)
 from .tokens import IGNORE, encode_train_batch, evaluate_token_task, token_loss, trains_no_answer
 
@@ -189,8 +192,8 @@ def train(
     if select is not None and out is not None:
         raise BitFitError("a run with select= trains more than biases and makes no task pack: pass out=None")
     started = time.perf_counter()
-    if out is not None and Path(out).exists() and not overwrite:
-        raise PackError(f"{out} already exists: choose another --out, or pass --overwrite to replace it")
+    if out is not None:  # before any work: an existing pack without overwrite, or an unwritable place
+        check_target(out, overwrite=overwrite, marker=MANIFEST_FILE, what="task pack", error=PackError)
     if epochs < 1 or batch_size < 1 or lr <= 0 or not 0 <= warmup < 1:
         raise BitFitError("need epochs >= 1, batch_size >= 1, lr > 0 and 0 <= warmup < 1")
     if pooling != "auto" and pooling not in POOLINGS:

@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from runtime import TaskSession, load_pack
-from runtime.errors import BitFitError, IncompatibleError
-from runtime.pack import TaskPack
-from runtime.heads import softmax
+from bitfit.runtime import TaskSession, load_pack
+from bitfit.runtime.errors import BitFitError, IncompatibleError, ParityError
+from bitfit.runtime.fs import write_file
+from bitfit.runtime.pack import TaskPack
+from bitfit.runtime.heads import softmax
 
 SENTENCES = [
     "A gripping, beautifully acted film that stays with you long after the credits.",
@@ -91,6 +92,16 @@ class VerifyReport:
                     f"case and labels agree on >= {self.min_agreement:g}% of all rows per pack")
         return "\n".join(lines) + f"\n\n{verdict}. {rule}; rel diff where |ref| >= 1e-2"
 
+    def failure_summary(self) -> str:
+        """One line naming every failed check with its figure and tolerance."""
+        def one(c: Check) -> str:
+            figure = "" if np.isnan(c.max_abs) else f": max |dlogit| {c.max_abs:.2e} (tolerance {c.tolerance:.2e})"
+            return f"{c.subject} / {c.case}{figure}{f' [{c.note}]' if c.note else ''}"
+
+        return (f"parity failed on {self.compiled}: {len(self.failures)} of {len(self.checks)} checks ("
+                + "; ".join(one(c) for c in self.failures) + "): the compiled graph or a pack does not compute what "
+                "PyTorch does; compile again, or call verify(..., strict=False) for the report")
+
     def to_json(self) -> dict[str, Any]:
         return {"compiled": self.compiled, "atol": self.atol, "mode": self.mode, "precision": self.precision,
                 "min_agreement": None if np.isnan(self.min_agreement) else self.min_agreement, "ok": self.ok,
@@ -127,8 +138,8 @@ class _Reference:
     """The base encoder in PyTorch; packs are written into its bias parameters one at a time."""
 
     def __init__(self, model: str | os.PathLike, fingerprint: str):
-        from training.biases import find_biases
-        from training.model import base_fingerprint, load_encoder
+        from bitfit.encoder.biases import find_biases
+        from bitfit.encoder.model import base_fingerprint, load_encoder
 
         self.encoder = load_encoder(model)
         fp = base_fingerprint(self.encoder)
@@ -153,7 +164,7 @@ class _Reference:
     @torch.no_grad()
     def logits(self, pack: TaskPack, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """The pack's head in PyTorch (training.model's BitFitModel) on the encoder with the pack's biases."""
-        from training.model import attach_head
+        from bitfit.encoder.model import attach_head
 
         self.set_biases(pack.biases)
         return attach_head(self.encoder, pack)(**{k: torch.from_numpy(v) for k, v in inputs.items()}).numpy()
@@ -171,14 +182,17 @@ def verify(
     grid: Sequence[tuple[int, int]] = GRID,
     seed: int = 0,
     log: Callable[[str], None] = print,
+    strict: bool = True,
 ) -> VerifyReport:
-    """Check the compiled graph and every pack against PyTorch; `report.ok` is False if any check fails.
+    """Check the compiled graph and every pack against PyTorch. Every check runs; then, if any failed, a
+    ParityError lists them all (its `report` has the figures), unless strict=False, which returns the
+    report as it is (`report.ok` False) for the caller to look at.
 
     mode: "fp32" (every logit within atol, default 1e-4); "fp16" or "int8" (logits within atol, default
     2e-2 / 1.5, and labels agreeing with fp32 PyTorch on >= min_agreement % of all rows per pack); or
     "auto", the mode of the graph's precision.
     """
-    from training.model import load_tokenizer
+    from bitfit.encoder.model import load_tokenizer
 
     session = TaskSession(compiled)
     cm = session.manifest
@@ -243,7 +257,7 @@ def verify(
                 ours_logits, ref_logits = ours_logits[real], ref_logits[real]
             pooled.append((ours_logits, ref_logits))
             report.checks.append(_compare(label, case, ours_logits, ref_logits, pack, atol))
-        if mode != "fp32" and pack.manifest.task_kind in ("classification", "token-classification"):
+        if mode != "fp32" and pack.manifest.kind.argmax:
             ours_all = np.concatenate([o for o, _ in pooled])
             ref_all = np.concatenate([r for _, r in pooled])
             agree = float((ours_all.argmax(-1) == ref_all.argmax(-1)).mean() * 100)
@@ -270,13 +284,15 @@ def verify(
         session.remove(other_name)
         session.remove(name)
     ref.set_biases({})
+    if strict and not report.ok:
+        raise ParityError(report.failure_summary(), report)
     return report
 
 
 def _compare(subject: str, case: str, ours: np.ndarray, ref: np.ndarray, pack: TaskPack, atol: float) -> Check:
     """Token kinds come here as [real tokens, K]: agreement is then per token."""
     a, r = diff(ours, ref)
-    if pack.manifest.task_kind in ("classification", "token-classification"):
+    if pack.manifest.kind.argmax:
         p = float(np.abs(softmax(ours) - softmax(ref)).max())
         agree = float((ours.argmax(-1) == ref.argmax(-1)).mean() * 100)
     else:
@@ -287,6 +303,4 @@ def _compare(subject: str, case: str, ours: np.ndarray, ref: np.ndarray, pack: T
 def write_report(report: VerifyReport, path: str | os.PathLike) -> Path:
     import json
 
-    path = Path(path)
-    path.write_text(json.dumps(report.to_json(), indent=2) + "\n")
-    return path
+    return write_file(path, json.dumps(report.to_json(), indent=2) + "\n", what="report")

@@ -7,8 +7,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from runtime.errors import BitFitError, IncompatibleError
-from runtime.pack import HEAD_BIAS, HEAD_POOLER_BIAS, HEAD_POOLER_WEIGHT, HEAD_WEIGHT, POOLINGS, TaskPack
+from bitfit.runtime.errors import BitFitError, IncompatibleError
+from bitfit.runtime.pack import TaskPack
+from bitfit.runtime.heads import HEAD_BIAS, HEAD_POOLER_BIAS, HEAD_POOLER_WEIGHT, HEAD_WEIGHT, POOLINGS
 
 from .biases import all_bias_sources, find_biases
 

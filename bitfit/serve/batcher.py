@@ -8,8 +8,9 @@ serialised with them, so a request never sees half of a task swap). Each request
 the results back.
 
 - A request with more rows than `max_batch_rows` is run alone, never split, never refused here.
-- Requests are checked again on the inference thread just before the call (the task may have been
-  swapped since the server validated it); a request that no longer fits fails alone.
+- Each request is checked by the session's own validator (`TaskSession.check_call`) on the inference
+  thread just before the call, so it is checked against the packs the call will use; a request that does
+  not fit fails alone, with the session's error, unchanged (the server maps error types to statuses).
 - If `run_mixed` fails for a whole batch anyway, each request of that batch is run on its own, so only
   the requests that really fail get the error.
 - With batching off, every request is its own `run_mixed` call on the same thread.
@@ -27,25 +28,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.errors import BitFitError, UnknownTaskError
-from runtime.session import TaskSession
+from bitfit.runtime.errors import BitFitError
+from bitfit.runtime.session import TaskSession
 
 
-class BatchError(Exception):
-    """A request failed inside a batch. `status` is the HTTP status a server should answer with."""
-
-    def __init__(self, message: str, status: int = 500) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def error_status(e: BaseException) -> int:
-    """HTTP status for an error raised by the runtime: unknown task 404, other bad input 422, else 500."""
-    if isinstance(e, UnknownTaskError):
-        return 404
-    if isinstance(e, BitFitError):
-        return 422
-    return 500
+class ServiceUnavailable(Exception):
+    """The batcher is stopping or stopped: the request was not run (a server answers 503)."""
 
 
 @dataclass
@@ -129,7 +117,7 @@ class Batcher:
         self.enabled = bool(enabled)
         self.on_batch = on_batch
         self.stats = BatchStats()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bitfit-infer")
+        self._executor = _executor()
         self._stats_lock = threading.Lock()
         self._records: list[BatchRecord] = []
         # event-loop state, (re)made by _ensure_started on the loop that uses the batcher
@@ -142,10 +130,12 @@ class Batcher:
 
     # -- public -------------------------------------------------------------------------------
     async def start(self) -> None:
+        if self._closed:  # started again after close() (an app served a second time)
+            self._executor, self._closed = _executor(), False
         self._ensure_started()
 
     async def stop(self) -> None:
-        """Stop the worker; requests still queued fail with 503."""
+        """Stop the worker; requests still queued fail with ServiceUnavailable."""
         worker, self._worker = self._worker, None
         if worker is not None and not worker.done():
             worker.cancel()
@@ -156,29 +146,28 @@ class Batcher:
         while self._pending:
             request = self._pending.popleft()
             if not request.future.done():
-                request.future.set_exception(BatchError("the server is shutting down", 503))
+                request.future.set_exception(ServiceUnavailable("the server is shutting down"))
         self._pending_rows = 0
 
     def close(self) -> None:
-        """Release the inference thread (after `stop`)."""
+        """Release the inference thread (after `stop`); `start` makes a new one."""
         self._closed = True
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run fn(*args) on the inference thread, between batches (used to register packs)."""
+        """Run fn(*args) on the inference thread, between batches (pack registrations, token and QA calls)."""
+        if self._closed:
+            raise ServiceUnavailable("the server is shutting down")
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def submit(self, task: str, texts: Sequence[str], text_pairs: Sequence[str] | None = None) -> list[dict]:
         """Predict `texts` (and `text_pairs`) with `task`: one record per text, as `run_mixed` gives them
-        (task, label, scores, logits). Raises BatchError with an HTTP status on failure."""
+        (task, label, scores, logits). Raises what the session raised for this request (UnknownTaskError,
+        WrongCallError, BitFitError, ...), or ServiceUnavailable when stopping."""
         if self._closed:
-            raise BatchError("the server is shutting down", 503)
+            raise ServiceUnavailable("the server is shutting down")
         texts = list(texts)
         pairs = None if text_pairs is None else list(text_pairs)
-        if not texts:
-            raise BatchError("texts is empty: give at least one text", 422)
-        if pairs is not None and len(pairs) != len(texts):
-            raise BatchError(f"text_pairs has {len(pairs)} items but texts has {len(texts)}", 422)
         loop = asyncio.get_running_loop()
         request = _Request(task, texts, pairs, loop.create_future(), loop.time())
         if not self.enabled:
@@ -230,10 +219,10 @@ class Batcher:
             except asyncio.CancelledError:
                 for request in batch:
                     if not request.future.done():
-                        request.future.set_exception(BatchError("the server is shutting down", 503))
+                        request.future.set_exception(ServiceUnavailable("the server is shutting down"))
                 raise
-            except BaseException as e:  # the executor itself failed: fail this batch, keep serving
-                results = [BatchError(f"inference failed: {e}", 500)] * len(batch)
+            except Exception as e:  # the executor itself failed: fail this batch, keep serving
+                results = [e] * len(batch)
             self._finish(batch, results)
 
     def _take(self) -> list[_Request]:
@@ -273,14 +262,6 @@ class Batcher:
                     pass
 
     # -- inference thread ---------------------------------------------------------------------
-    def _check(self, request: _Request) -> None:
-        """The request still fits its task (on the inference thread: no swap can happen meanwhile)."""
-        m = self.session.pack(request.task).manifest  # UnknownTaskError if it was removed
-        if m.text_pair and request.pairs is None:
-            raise BitFitError(f"task {request.task!r} takes sentence pairs: give text_pairs too")
-        if not m.text_pair and request.pairs is not None:
-            raise BitFitError(f"task {request.task!r} takes single sentences: do not give text_pairs")
-
     def _call(self, batch: list[_Request]) -> list[list[dict]]:
         rows: list[tuple] = []
         for request in batch:
@@ -304,29 +285,35 @@ class Batcher:
         return results
 
     def _run_batch(self, batch: list[_Request]) -> list[Any]:
-        """One run_mixed call for the requests that still fit; a result list or a BatchError per request."""
+        """One run_mixed call for the requests that fit; per request a result list or the exception it raised.
+        Runs on the inference thread, so no pack swap happens between the checks and the call."""
         results: list[Any] = [None] * len(batch)
         ok: list[int] = []
         for i, request in enumerate(batch):
             try:
-                self._check(request)
+                self.session.check_call("run_mixed", request.task, request.texts, request.pairs)
                 ok.append(i)
-            except Exception as e:
-                results[i] = BatchError(str(e), error_status(e))
+            except Exception as e:  # noqa: BLE001 - handed to the request, whatever it is
+                results[i] = e
         if not ok:
             return results
         try:
             for i, r in zip(ok, self._call([batch[i] for i in ok])):
                 results[i] = r
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001
             if len(ok) == 1:
-                results[ok[0]] = BatchError(str(e), error_status(e))
+                results[ok[0]] = e
                 return results
             with self._stats_lock:
                 self.stats.failed_batches += 1
             for i in ok:  # isolate the culprit: each request alone
                 try:
                     results[i] = self._call([batch[i]])[0]
-                except Exception as e1:
-                    results[i] = BatchError(str(e1), error_status(e1))
+                except Exception as e1:  # noqa: BLE001
+                    results[i] = e1
         return results
+
+
+def _executor() -> ThreadPoolExecutor:
+    # one thread: session calls never overlap, and registrations through `call` fall between batches
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="bitfit-infer")

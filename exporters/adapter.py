@@ -23,10 +23,12 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from runtime import compiled as cm
-from runtime.errors import BitFitError, CompiledModelError, IncompatibleError, PackError
-from runtime.pack import TaskPack, load_pack, sha256_file
-from runtime.version import __version__
+from bitfit.runtime import compiled as cm
+from bitfit.runtime.compiled import CompiledModel
+from bitfit.runtime.errors import BitFitError, CompiledModelError, IncompatibleError, PackError
+from bitfit.runtime.fs import write_file
+from bitfit.runtime.pack import TaskPack, load_pack
+from bitfit.runtime.version import __version__
 
 SIDECAR_FORMAT = "bitfit-adapter"
 SIDECAR_VERSION = 1
@@ -76,25 +78,21 @@ def export_adapter(
             raise BitFitError(f"{path} already exists: choose another --out, or pass --overwrite to replace it")
         if path.is_dir():
             raise BitFitError(f"{path} is a directory: choose a file name for --out")
-    compiled_dir = Path(compiled_dir)
-    manifest = cm.read_manifest(compiled_dir)
+    opened = CompiledModel.open(compiled_dir)
+    manifest = opened.manifest
     if manifest.mixed:
-        raise CompiledModelError(f"{compiled_dir} is a --mixed graph (bias tables + task_ids): adapters feed one "
+        raise CompiledModelError(f"{opened.directory} is a --mixed graph (bias tables + task_ids): adapters feed one "
                                  "task's vectors; compile without --mixed")
     if not manifest.head_inputs:
-        raise CompiledModelError(f"{compiled_dir} has no in-graph head (compiled with --no-head or by an older "
+        raise CompiledModelError(f"{opened.directory} has no in-graph head (compiled with --no-head or by an older "
                                  "bitfit): compile again without --no-head")
     if not isinstance(pack, TaskPack):
         pack = load_pack(pack)
     pack.validate(f"task pack {pack.name!r}")
-    cm.check_pack_fits(manifest, pack)
-    model_path = compiled_dir / cm.MODEL_FILE
-    graph_sha = sha256_file(model_path)
-    if manifest.model_sha256 and graph_sha != manifest.model_sha256:
-        raise CompiledModelError(f"{model_path} does not match the checksum in its manifest: compile again")
+    opened.check_pack(pack)
     tensors = adapter_tensors(pack)
-    session = _session(model_path)
-    _check_optional_inputs(session, tensors, model_path)
+    session = _session(opened.model_path)
+    _check_optional_inputs(session, tensors, opened.model_path)
 
     m = pack.manifest
     adapter = ort.AdapterFormat()
@@ -102,20 +100,19 @@ def export_adapter(
     adapter.set_adapter_version(fingerprint_version(m.tensors_sha256 or "0"))
     # OrtValues through set_parameters: assigning the attributes directly writes an empty file (shared notes)
     adapter.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in tensors.items()})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
+    # onnxruntime writes the file itself: to a scratch name, checked, then moved in with write_file's rename
+    scratch = out.with_name(f".{out.name}.bitfit-export-{os.getpid()}")
     try:
-        adapter.export_adapter(str(tmp))
-        _check_round_trip(tmp, tensors)
-        _check_applies(session, tmp, tensors, manifest)
-        record = sidecar(manifest, pack, graph_sha, tensors)
-        side_tmp = side.with_name(f".{side.name}.tmp")
-        side_tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, out)
-        os.replace(side_tmp, side)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        adapter.export_adapter(str(scratch))
+        _check_round_trip(scratch, tensors)
+        _check_applies(session, scratch, tensors, manifest)
+        data = scratch.read_bytes()
     finally:
-        tmp.unlink(missing_ok=True)
-        side.with_name(f".{side.name}.tmp").unlink(missing_ok=True)
+        scratch.unlink(missing_ok=True)
+    record = sidecar(manifest, pack, manifest.model_sha256, tensors)
+    write_file(out, data, overwrite=overwrite, what="adapter file")
+    write_file(side, json.dumps(record, indent=2) + "\n", overwrite=overwrite, what="adapter sidecar")
     return out
 
 

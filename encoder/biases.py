@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from runtime.errors import BitFitError
+from bitfit.runtime.errors import BitFitError
 
 LAYER_KINDS = ("bq", "bk", "bv", "bm1", "bLN1", "bm2", "bm3", "bLN2")
 EMBEDDING_KIND = "bLNe"

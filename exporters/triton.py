@@ -19,16 +19,18 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from runtime import compiled as cm
-from runtime.errors import BitFitError, CompiledModelError, IncompatibleError
-from runtime.pack import HEAD_BIAS, HEAD_POOLER_BIAS, HEAD_POOLER_WEIGHT, HEAD_WEIGHT, TaskPack, load_pack, replace_dir, sha256_file
-from runtime.version import __version__
+from bitfit.runtime import compiled as cm
+from bitfit.runtime.compiled import CompiledModel
+from bitfit.runtime.errors import BitFitError, CompiledModelError, IncompatibleError
+from bitfit.runtime.fs import check_target, output_dir, sha256_file
+from bitfit.runtime.heads import HEAD_BIAS, HEAD_POOLER_BIAS, HEAD_POOLER_WEIGHT, HEAD_WEIGHT
+from bitfit.runtime.pack import TaskPack, load_pack
+from bitfit.runtime.version import __version__
 
 TASKS_FILE = "tasks.json"
 CONFIG_FILE = "config.pbtxt"
@@ -103,9 +105,10 @@ def export_triton(
 ) -> Path:
     """Write a Triton model repository `out` with one model `name` serving every pack in `packs` (task ids in
     the given order). Returns out/name. Needs a graph compiled with --mixed; onnx-ir (the compile extra)."""
-    from compiler.head import AddTaskHeadsPass, BakeBiasTablesPass
-    from compiler.passes import run_passes
     import onnx_ir as ir
+
+    from bitfit.compiler.head import AddTaskHeadsPass, BakeBiasTablesPass
+    from bitfit.compiler.passes import run_passes
 
     compiled_dir, out = Path(compiled_dir), Path(out)
     if not _NAME.match(name):
@@ -116,50 +119,39 @@ def export_triton(
         raise BitFitError(f"instance kind must be one of {sorted(INSTANCE_KINDS)} and count >= 1")
     if not packs:
         raise BitFitError("give at least one task pack")
-    target = out / name
-    if target.exists():
-        if not overwrite:
-            raise BitFitError(f"{target} already exists: choose another --out or --name, or pass --overwrite")
-        if not (target / TASKS_FILE).is_file():
-            raise BitFitError(f"{target} exists and was not written by bitfit export-triton: refusing to replace it")
-    manifest = cm.read_manifest(compiled_dir)
+    target = check_target(out / name, overwrite=overwrite, marker=TASKS_FILE, what="model written by bitfit export-triton")
+    opened = CompiledModel.open(compiled_dir)
+    manifest, base = opened.manifest, opened.base_biases
     if not manifest.mixed:
         raise CompiledModelError(
             f"{compiled_dir} is not a --mixed graph: a Triton batch may hold rows of several tasks, which needs bias "
             f"tables picked per row; compile with `bitfit compile --mixed` (any --quantize/--fp16 carries over)")
-    model_path = compiled_dir / cm.MODEL_FILE
-    if manifest.model_sha256 and sha256_file(model_path) != manifest.model_sha256:
-        raise CompiledModelError(f"{model_path} does not match the checksum in its manifest: compile again")
     loaded = [p if isinstance(p, TaskPack) else load_pack(p) for p in packs]
     for p in loaded:
         p.validate(f"task pack {p.name!r}")
-        cm.check_pack_fits(manifest, p)
+        opened.check_pack(p)
     names = [p.name for p in loaded]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise IncompatibleError(f"tasks {dupes} are given twice: each task name must be unique (rename the pack)")
-    from safetensors.numpy import load_file
-
-    base = load_file(str(compiled_dir / cm.BASE_BIASES_FILE))
     heads = head_tables(loaded, manifest.hidden_size)
     max_logits = int(heads[HEAD_WEIGHT].shape[1])
 
-    model = ir.load(model_path)
+    model = ir.load(opened.model_path)
     run_passes(model, [BakeBiasTablesPass(stacked_tables(manifest, base, loaded)), AddTaskHeadsPass(heads)],
                f"building the Triton model from {compiled_dir}", "compile again with --mixed")
     left = sorted({v.name for v in model.graph.inputs} - {*manifest.token_inputs, cm.TASK_IDS})
     if left:
         raise CompiledModelError(f"the Triton model still has inputs {left}: the graph differs from its manifest")
 
-    out.mkdir(parents=True, exist_ok=True)
     # Built beside the repository, not in it: a Triton polling REPO would try to load a half-written model.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-{name}.", dir=out.parent))
-    try:
+    with output_dir(target, overwrite=overwrite, marker=TASKS_FILE, what="model written by bitfit export-triton",
+                    staging=out.parent) as tmp:
         (tmp / VERSION).mkdir()
         ir.save(model, tmp / VERSION / cm.MODEL_FILE)
         (tmp / CONFIG_FILE).write_text(config_text(name, manifest, max_logits, max_batch_size=max_batch_size,
                                                    instance_kind=instance_kind, instances=instances))
-        shutil.copyfile(compiled_dir / cm.TOKENIZER_FILE, tmp / cm.TOKENIZER_FILE)
+        shutil.copyfile(opened.tokenizer_path, tmp / cm.TOKENIZER_FILE)
         tasks = {
             "format": TASKS_FORMAT,
             "format_version": 1,
@@ -175,10 +167,6 @@ def export_triton(
             "tool_version": __version__,
         }
         (tmp / TASKS_FILE).write_text(json.dumps(tasks, indent=2) + "\n")
-        # the old version waits outside the repository, where Triton never mistakes it for a model
-        replace_dir(tmp, target, out.parent / f".{out.name}-{name}.old")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -1,0 +1,22 @@
+"""`bitfit serve`: the HTTP server (`app`: routes and the one error handler), its pack-directory scanner
+(`packdir`, no web imports), its metrics (`metrics`) and its cross-task batcher (`batcher`).
+
+`from bitfit.serve import create_app, serve, ServeConfig` loads the web app; importing the package alone
+(or `bitfit.serve.packdir`) does not, so the scanner works without starlette.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+_APP = ("ServeConfig", "create_app", "serve")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _APP:
+        from . import app
+
+        return getattr(app, name)
+    raise AttributeError(f"module 'bitfit.serve' has no attribute {name!r}")
+
+
+__all__ = list(_APP)

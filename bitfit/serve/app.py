@@ -1,0 +1,354 @@
+"""`bitfit serve`: an HTTP server for every task pack in a directory, on one compiled graph.
+
+Endpoints (JSON in and out; errors are 4xx {"error": message}, never a crash):
+
+    GET  /v1/tasks          {"tasks": [{"name", "task_kind", "labels", "text_pair", "max_length"}, ...]}
+    POST /v1/predict        {"task": NAME, "texts": [...], "text_pairs": [...]?}
+                            -> {"predictions": [{"label", "scores", "logits"}, ...]}
+                               (the numbers `bitfit predict --json` prints for that pack)
+    POST /v1/tokens         token classification: {"task": NAME, "texts": [...]}
+                            -> {"predictions": [{"tokens", "labels", "scores", "offsets", "truncated"}, ...]}
+                               (TaskSession.run_tokens: a label per word, words with character offsets)
+    POST /v1/answer         extractive QA: {"task": NAME, "questions": [...], "contexts": [...]}
+                            -> {"answers": [{"answer", "start", "end", "score", "truncated"}, ...]}
+                               (TaskSession.answer: the best span of each context)
+    GET  /healthz           {"status": "ok", "tasks": N}  (503 while no task is registered)
+    GET  /metrics           Prometheus text (bitfit.serve.metrics)
+    POST /v1/admin/reload   rescan the packs directory -> {"added", "replaced", "unchanged", "refused", "missing"}
+                            (the rules: bitfit.serve.packdir)
+
+Which endpoint serves a task is its kind's `route` (runtime.kinds). This layer checks only the JSON shape
+of a body and the server's limits; everything about the task (registered? this endpoint's kind? pairs?
+empty texts?) is the session's one validator (`TaskSession.check_call`), whose errors reach `error_response`,
+the one place that maps error types to statuses: unknown task 404, other bad input 422, over a limit 413,
+shutting down 503, anything else 500.
+
+The reload endpoint is an admin endpoint on the same port, without authentication: bind to loopback
+(the default, 127.0.0.1) or put the server behind a proxy that blocks /v1/admin/.
+
+Sequence requests are batched dynamically across tasks (bitfit.serve.batcher): rows of concurrent requests,
+of any tasks, go through one `TaskSession.run_mixed` call. Token and QA requests are not batched across
+requests (their rows have other shapes and decoders): each runs as one call on the same inference thread,
+between batches, so they never race a pack swap. Needs the runtime plus starlette, uvicorn and
+prometheus_client (`pip install 'bitfit-deploy[serve]'`); no torch.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from bitfit.runtime.errors import BitFitError, UnknownTaskError
+from bitfit.runtime.kinds import KINDS, WrongCallError
+from bitfit.runtime.pack import MANIFEST_FILE, TENSORS_FILE
+from bitfit.runtime.session import TaskSession
+
+from .batcher import Batcher, ServiceUnavailable
+from .metrics import Metrics, MetricsMiddleware
+from .packdir import PackDirectory, ReloadResult
+
+
+@dataclass
+class ServeConfig:
+    """Limits of one server. A request over a limit is refused with 413 (too many texts, a text too long,
+    a body too large); batching groups up to max_batch_rows rows, waiting at most max_wait_ms after the
+    first queued request."""
+
+    max_texts: int = 64  # texts per request
+    max_text_chars: int = 10_000  # characters per text (and per text_pair)
+    max_batch_rows: int = 32  # rows per session call when batching
+    max_wait_ms: float = 5.0  # how long the oldest queued request waits for others
+    batching: bool = True  # False: every request is its own session call
+    max_body_bytes: int | None = None  # default: enough for max_texts texts and pairs of max_text_chars
+
+    def __post_init__(self) -> None:
+        for name in ("max_texts", "max_text_chars", "max_batch_rows"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise BitFitError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.max_wait_ms, (int, float)) or not 0 <= self.max_wait_ms <= 10_000:
+            raise BitFitError(f"max_wait_ms must be between 0 and 10000, got {self.max_wait_ms!r}")
+        if self.max_body_bytes is None:
+            # utf-8 takes up to 4 bytes a character, JSON escapes up to 6 ("\\u1234"): be generous
+            self.max_body_bytes = 2 * self.max_texts * (6 * self.max_text_chars + 16) + 65_536
+
+    @classmethod
+    def from_limits(cls, **limits: Any) -> ServeConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(limits) - known)
+        if unknown:
+            raise BitFitError(f"unknown server limits {unknown}: known are {sorted(known)}")
+        return cls(**{k: v for k, v in limits.items() if v is not None})
+
+
+class RequestError(Exception):
+    """A request this layer refuses (bad JSON, wrong shape, over a limit): answered with `status`."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Body:
+    """The JSON shape of one POST endpoint: its fields (lists of strings but `task`), which are required,
+    the session call that serves it, and the key of the answer's list."""
+
+    fields: tuple[str, ...]
+    required: tuple[str, ...]
+    answer: str  # key of the list in the response
+
+
+BODIES = {
+    "/v1/predict": Body(("task", "texts", "text_pairs"), ("task", "texts"), "predictions"),
+    "/v1/tokens": Body(("task", "texts"), ("task", "texts"), "predictions"),
+    "/v1/answer": Body(("task", "questions", "contexts"), ("task", "questions", "contexts"), "answers"),
+}
+assert {k.route for k in KINDS.values()} <= set(BODIES), "every kind's route needs a body shape here"
+
+
+# -- errors -------------------------------------------------------------------------------------------
+def error_response(request: Request, exc: BaseException) -> Response:
+    """The one mapping of errors to HTTP answers (every handler raises; nothing else builds an error)."""
+    if isinstance(exc, RequestError):
+        return _error(exc.status, exc.message)
+    if isinstance(exc, WrongCallError):  # the session names a call; a client needs the route
+        route = KINDS[exc.kind].route
+        return _error(422, f"task {exc.task!r} is a {exc.kind} task: POST it to {route}, not {request.url.path}")
+    if isinstance(exc, UnknownTaskError):
+        return _error(404, str(exc))
+    if isinstance(exc, BitFitError):
+        return _error(422, str(exc))
+    if isinstance(exc, ServiceUnavailable):
+        return _error(503, str(exc))
+    if isinstance(exc, HTTPException):
+        return _error(exc.status_code, str(exc.detail))
+    return _error(500, f"internal error: {type(exc).__name__}: {exc}"[:500])
+
+
+def _error(status: int, message: str) -> Response:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _json(content: Any, status: int = 200) -> Response:
+    try:
+        body = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except ValueError:  # NaN or inf in an output: the pack is broken, not the request
+        return _error(500, "the model produced a non-finite value (NaN or inf): check the task pack")
+    return Response(body, status_code=status, media_type="application/json")
+
+
+# -- request bodies: JSON shape and limits only ---------------------------------------------------------
+async def read_json(request: Request, limit: int) -> Any:
+    length = request.headers.get("content-length")
+    if length is not None:
+        try:
+            too_large = int(length) > limit
+        except ValueError:
+            raise RequestError(400, f"invalid Content-Length header {length!r}") from None
+        if too_large:
+            raise RequestError(413, f"request body of {length} bytes is over the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    if not body.strip():
+        raise RequestError(400, "invalid JSON: the request body is empty")
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(400, f"invalid JSON: {e}") from None
+    except RecursionError:
+        raise RequestError(400, "invalid JSON: nested too deeply") from None
+
+
+def parse_body(data: Any, shape: Body, config: ServeConfig) -> dict[str, Any]:
+    """The body's fields, checked for shape and limits: a JSON object with known fields, `task` a non-empty
+    string, every other field a list of strings within the limits. RequestError otherwise."""
+    takes = ", ".join(shape.fields[:-1]) + " and " + shape.fields[-1]
+    if not isinstance(data, dict):
+        raise RequestError(422, f"the body must be a JSON object with {takes}, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(shape.fields))
+    if unknown:
+        raise RequestError(422, f"unknown fields {unknown}: the body takes {takes}"[:500])
+    for key in shape.required:
+        if key not in data:
+            raise RequestError(422, f"missing field {key!r}: the body takes {takes}")
+    task = data["task"]
+    if not isinstance(task, str) or not task:
+        raise RequestError(422, f"task must be a non-empty string, got {task!r}"[:300])
+    out: dict[str, Any] = {"task": task}
+    for key in shape.fields[1:]:
+        value = data.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, list):
+            raise RequestError(422, f"{key} must be a list of strings, got {type(value).__name__}")
+        if len(value) > config.max_texts:
+            raise RequestError(413, f"{key} has {len(value)} items, over the limit of {config.max_texts} per request")
+        for i, text in enumerate(value):
+            if not isinstance(text, str):
+                raise RequestError(422, f"{key}[{i}] must be a string, got {type(text).__name__}")
+            if len(text) > config.max_text_chars:
+                raise RequestError(413, f"{key}[{i}] has {len(text)} characters, over the limit of "
+                                        f"{config.max_text_chars}")
+        out[key] = value
+    return out
+
+
+# -- the app ------------------------------------------------------------------------------------------
+def create_app(
+    session: TaskSession, packs_dir: str | os.PathLike | None, config: ServeConfig | None = None
+) -> Starlette:
+    """The server app for `session`. With `packs_dir`, every valid pack in it is registered now (the outcome
+    is `app.state.initial_load`, a ReloadResult) and POST /v1/admin/reload rescans it. `app.state` also
+    holds session, config, batcher (its `stats` count batches, rows and mixed-task batches) and metrics."""
+    config = config or ServeConfig()
+    metrics = Metrics()
+    batcher = Batcher(session, max_batch_rows=config.max_batch_rows, max_wait_ms=config.max_wait_ms,
+                      enabled=config.batching, on_batch=metrics.batch)
+    packs = PackDirectory(packs_dir, session) if packs_dir is not None else None
+    initial = packs.reload() if packs is not None else ReloadResult(unchanged=list(session.tasks))
+    reload_lock = asyncio.Lock()
+    metrics.tasks.set_function(lambda: len(session.tasks))
+
+    async def tasks(request: Request) -> Response:
+        out = []
+        for name in session.tasks:
+            try:
+                m = session.pack(name).manifest
+            except UnknownTaskError:  # removed since the listing
+                continue
+            out.append({"name": name, "task_kind": m.task_kind, "labels": list(m.labels),
+                        "text_pair": bool(m.text_pair), "max_length": int(m.max_length)})
+        return _json({"tasks": out})
+
+    async def post(request: Request) -> Response:
+        """Every POST endpoint of a kind: the body's shape here, the rest is the session's."""
+        shape = BODIES[request.url.path]
+        body = parse_body(await read_json(request, int(config.max_body_bytes or 0)), shape, config)
+        task = body["task"]
+        if shape.answer == "answers":
+            result = await batcher.call(session.answer, task, body["questions"], body["contexts"])
+        elif "text_pairs" in shape.fields:  # sequence kinds: batched with every other such request
+            records = await batcher.submit(task, body["texts"], body.get("text_pairs"))
+            return _json({"predictions": [{k: r[k] for k in ("label", "scores", "logits")} for r in records]})
+        else:
+            result = await batcher.call(session.run_tokens, task, body["texts"])
+        return _json({shape.answer: result.records()})
+
+    async def healthz(request: Request) -> Response:
+        n = len(session.tasks)
+        if n == 0:
+            return _json({"status": "no tasks", "tasks": 0}, 503)
+        return _json({"status": "ok", "tasks": n})
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def reload(request: Request) -> Response:
+        if packs is None:
+            raise RequestError(409, "this server was started without a packs directory: nothing to reload")
+        async with reload_lock:  # one reload at a time
+            try:
+                loaded, result = await asyncio.to_thread(packs.prepare)
+            except OSError as e:
+                raise RequestError(500, f"cannot read the packs directory: {e}") from e
+            # all swaps of one reload happen together, between two batches
+            result = await batcher.call(packs.commit, loaded, result)
+        for outcome in ("added", "replaced"):
+            metrics.reloads.labels(outcome).inc(len(getattr(result, outcome)))
+        metrics.reloads.labels("refused").inc(len(result.refused))
+        return _json(result.to_json())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        await batcher.start()
+        try:
+            yield
+        finally:
+            await batcher.stop()
+            batcher.close()  # the inference thread goes with the app
+
+    app = Starlette(
+        routes=[
+            Route("/v1/tasks", tasks, methods=["GET"]),
+            *(Route(path, post, methods=["POST"]) for path in BODIES),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/metrics", metrics_endpoint, methods=["GET"]),
+            Route("/v1/admin/reload", reload, methods=["POST"]),
+        ],
+        middleware=[Middleware(MetricsMiddleware, metrics=metrics)],
+        # one handler for all: the expected errors by type, and Exception (answered 500, and logged by uvicorn)
+        exception_handlers={t: error_response for t in (RequestError, BitFitError, ServiceUnavailable, HTTPException,
+                                                         Exception)},
+        lifespan=lifespan,
+    )
+    app.state.session = session
+    app.state.config = config
+    app.state.batcher = batcher
+    app.state.metrics = metrics
+    app.state.packs = packs
+    app.state.initial_load = initial
+    return app
+
+
+def serve(
+    compiled: str | os.PathLike,
+    packs: str | os.PathLike,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    threads: int | None = None,
+    device: str = "cpu",
+    log_level: str = "warning",
+    **limits: Any,
+) -> None:
+    """Serve every pack in `packs` on the graph in `compiled` until interrupted. `limits` are ServeConfig
+    fields (max_texts, max_text_chars, max_batch_rows, max_wait_ms, batching). Raises BitFitError (before
+    listening) when the compiled directory is bad or no pack in `packs` is valid."""
+    import uvicorn
+
+    config = ServeConfig.from_limits(**limits)
+    if not 0 <= int(port) <= 65535:
+        raise BitFitError(f"port must be between 0 and 65535, got {port}")
+    packs_dir = Path(packs)
+    if not packs_dir.is_dir():
+        raise BitFitError(f"no packs directory at {packs_dir}: give a directory holding task packs")
+    # The event loop (HTTP parsing, JSON) needs a core of its own: onnxruntime on every core starved it on 2
+    # cores (measured with benchmarks/load_test.py: client p99 600 ms with 2 threads, 180 ms with 1, at the
+    # same throughput). Spinning off for the same reason.
+    threads = threads or max(1, (os.cpu_count() or 2) - 1)
+    session = TaskSession(compiled, threads=threads, device=device, spinning=False)
+    app = create_app(session, packs_dir, config)
+    initial: ReloadResult = app.state.initial_load
+    for name, message in initial.refused.items():
+        print(f"bitfit serve: refused {name}: {message}", file=sys.stderr)
+    if not session.tasks:
+        raise BitFitError(f"no valid task pack in {packs_dir} (each pack is a subdirectory holding {MANIFEST_FILE} "
+                          f"and {TENSORS_FILE}): nothing to serve")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"bitfit serve: warning: listening on {host}: POST /v1/admin/reload has no authentication",
+              file=sys.stderr)
+    batching = (f"batching up to {config.max_batch_rows} rows, {config.max_wait_ms:g} ms" if config.batching
+                else "batching off")
+    print(f"bitfit serve: {len(session.tasks)} tasks ({', '.join(session.tasks)}) on http://{host}:{port} "
+          f"({batching}, {threads} onnxruntime threads)", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=host, port=int(port), log_level=log_level, access_log=False)

@@ -1,0 +1,70 @@
+"""Prometheus metrics of the server: requests by endpoint and status, latencies, rows and tasks per batch,
+registered tasks and reloads (prometheus_client only, no web framework)."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from bitfit.runtime.kinds import KINDS
+
+from .batcher import BatchRecord
+
+# every route the server answers; anything else is counted as "other"
+ENDPOINTS = ("/v1/tasks", *dict.fromkeys(k.route for k in KINDS.values()), "/healthz", "/metrics", "/v1/admin/reload")
+
+
+class Metrics:
+    """Prometheus metrics of one app, in their own registry (so many apps can live in one process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("bitfit_requests", "HTTP requests by endpoint and status",
+                                ["endpoint", "status"], registry=self.registry)
+        self.request_seconds = Histogram("bitfit_request_seconds", "HTTP request latency by endpoint",
+                                         ["endpoint"], registry=self.registry,
+                                         buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+        self.batch_rows = Histogram("bitfit_batch_rows", "rows per session call", registry=self.registry,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.batch_tasks = Histogram("bitfit_batch_tasks", "distinct tasks per session call",
+                                     registry=self.registry, buckets=(1, 2, 3, 4, 6, 8, 16, 32))
+        self.batch_seconds = Histogram("bitfit_batch_seconds", "latency of one session call",
+                                       registry=self.registry,
+                                       buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5))
+        self.tasks = Gauge("bitfit_tasks", "registered tasks", registry=self.registry)
+        self.reloads = Counter("bitfit_reloads", "pack reloads by outcome (added, replaced, refused)",
+                               ["outcome"], registry=self.registry)
+
+    def batch(self, record: BatchRecord) -> None:
+        self.batch_rows.observe(record.rows)
+        self.batch_tasks.observe(len(record.tasks))
+        self.batch_seconds.observe(record.seconds)
+
+
+class MetricsMiddleware:
+    """Counts every HTTP request by endpoint and status, and times it (pure ASGI)."""
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        endpoint = scope.get("path", "") if scope.get("path") in ENDPOINTS else "other"
+        status = 500
+
+        async def send_status(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        start = time.perf_counter()
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - start)

@@ -1,0 +1,228 @@
+"""Files on disk: one writer for output directories and files, and checksums.
+
+Every command that writes a directory (train, compile, extract, import-peft, export-bank, export-triton)
+goes through `output_dir`: it builds the new directory beside the target, fsyncs it, and swaps it in by
+renames. The old copy is moved aside, never deleted, until the new one is in place, so a crash or a failed
+rename leaves one complete version, never a mix and never nothing. Temporary names carry the writer's pid:
+leftovers of a killed run are recognised by that pid being gone, and cleaned (an orphaned old copy whose
+target is missing is moved back first). New files and directories get the permissions the umask gives,
+as any other program's output would (tempfile's 0700 / 0600 would hide packs from a service account).
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import BitFitError
+
+_TMP, _OLD = "bitfit-tmp", "bitfit-old"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _prefix(target: Path, parent: Path) -> str:
+    # staged elsewhere (beside a watched repository), the name also says which directory the target is in
+    return f".{target.name}." if parent == target.parent else f".{target.parent.name}-{target.name}."
+
+
+def _sibling(target: Path, tag: str, parent: Path | None = None) -> Path:
+    parent = parent or target.parent
+    return parent / f"{_prefix(target, parent)}{tag}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _leftovers(target: Path, parent: Path) -> list[tuple[str, Path]]:
+    """(tag, path) of temporary siblings of `target` whose writer process is gone."""
+    out = []
+    prefix = _prefix(target, parent)
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return []
+    for p in entries:
+        if not p.name.startswith(prefix):
+            continue
+        tag, _, rest = p.name[len(prefix):].partition("-")
+        pid = rest.split("-")[0]
+        if tag in (_TMP, _OLD) and pid.isdigit() and not _alive(int(pid)):
+            out.append((tag, p))
+    return out
+
+
+def clean_leftovers(target: str | os.PathLike, parent: str | os.PathLike | None = None) -> list[Path]:
+    """Remove what a killed writer left beside `target` (its temporary and old copies). An old copy whose
+    target is missing is the only complete version: it is moved back to `target` instead. Returns the paths
+    removed or restored."""
+    target = Path(target)
+    done = []
+    for tag, path in sorted(_leftovers(target, Path(parent) if parent else target.parent)):
+        if tag == _OLD and not target.exists():
+            os.replace(path, target)
+        else:
+            _remove(path)
+        done.append(path)
+    return done
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and directory under root to disk before it is renamed into place."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            with open(os.path.join(dirpath, name), "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened for fsync
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def check_target(
+    target: str | os.PathLike, *, overwrite: bool, marker: str, what: str, error: type[BitFitError] = BitFitError
+) -> Path:
+    """Refuse, before any work, a target that exists without overwrite, or that is not a `what` (it lacks
+    `marker`) and so must never be replaced; and an output directory that cannot be written."""
+    target = Path(target)
+    if target.exists() or target.is_symlink():
+        if not overwrite:
+            raise error(f"{target} already exists: choose another output path (--out), or pass --overwrite to "
+                        "replace it")
+        if target.is_symlink() or not target.is_dir() or not (target / marker).is_file():
+            raise error(f"{target} exists and is not a {what}: refusing to replace it; choose another path")
+    parent = target.parent
+    existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
+    if existing is not None and (not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK)):
+        raise error(f"cannot write {target}: {existing} is not a writable directory; choose another output path")
+    return target
+
+
+@contextlib.contextmanager
+def output_dir(
+    target: str | os.PathLike,
+    *,
+    overwrite: bool,
+    marker: str,
+    what: str,
+    staging: str | os.PathLike | None = None,
+    error: type[BitFitError] = BitFitError,
+) -> Iterator[Path]:
+    """Write a directory atomically: `with output_dir(out, overwrite=..., marker="manifest.json", what="task
+    pack") as tmp:` fill `tmp`; on leaving the block it replaces `out`. `marker` is a file every directory of
+    this kind holds: an existing target without it is refused, never replaced. `staging` is where the
+    temporary directory is made (default: beside the target; it must be on the same filesystem), for targets
+    inside a directory that another program watches (a Triton model repository)."""
+    target = check_target(target, overwrite=overwrite, marker=marker, what=what, error=error)
+    parent = Path(staging) if staging is not None else target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(target, parent)
+    tmp = _sibling(target, _TMP, parent)
+    os.mkdir(tmp, 0o777)  # mode & ~umask: what the user's umask allows, like any other output
+    try:
+        yield tmp
+        _chmod_tree(tmp)
+        _fsync_tree(tmp)
+        # checked again: the target may have appeared (or changed) while the new version was being built
+        check_target(target, overwrite=overwrite, marker=marker, what=what, error=error)
+        _swap(tmp, target, parent)
+    finally:
+        if tmp.exists():
+            _remove(tmp)
+
+
+def _chmod_tree(root: Path) -> None:
+    """Files some writers make with 0600 (onnx, tempfile) get what the umask gives, as the rest."""
+    mask = _umask()
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), 0o666 & ~mask)
+        for name in dirnames:
+            os.chmod(os.path.join(dirpath, name), 0o777 & ~mask)
+    os.chmod(root, 0o777 & ~mask)
+
+
+def _swap(tmp: Path, target: Path, parent: Path) -> None:
+    if not target.exists():
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+        return
+    old = _sibling(target, _OLD, parent)
+    os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        os.replace(old, target)  # the new one could not go in: the old one comes back
+        raise
+    _fsync_dir(target.parent)
+    _remove(old)
+
+
+def write_file(
+    path: str | os.PathLike, data: bytes | str, *, overwrite: bool = True, what: str = "file"
+) -> Path:
+    """Write one file atomically (a temporary sibling, fsync, rename). overwrite=False refuses an existing
+    file; a directory at `path` is always refused."""
+    path = Path(path)
+    if path.is_dir():
+        raise BitFitError(f"{path} is a directory: give a file name for the {what}")
+    if path.exists() and not overwrite:
+        raise BitFitError(f"{path} already exists: choose another path, or pass --overwrite to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(path)
+    tmp = _sibling(path, _TMP)
+    raw = data.encode() if isinstance(data, str) else data
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(raw)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+            raise BitFitError(f"cannot write {path} ({e.strerror}): choose another path") from e
+        raise
+    _fsync_dir(path.parent)
+    return path
