@@ -101,11 +101,6 @@ class CheckTokenInputsPass(InPlacePass):
         return PassResult(model, modified=False)
 
 
-def bias_inputs_live(model: ir.Model, shapes: Mapping[str, tuple[int, ...]]) -> None:
-    """Raise PostconditionError unless every bias in `shapes` is a live input of `model`."""
-    CheckBiasInputsPass(shapes)(model)
-
-
 def run_passes(model: ir.Model, passes: list[InPlacePass], what: str, hint: str = "") -> None:
     """Run `passes` in order; a failure becomes a CompiledModelError naming the pass's own message."""
     try:

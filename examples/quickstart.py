@@ -24,7 +24,7 @@ from bitfit.runtime import TaskSession
 from bitfit.training.data import load_builtin
 from bitfit.training.metrics import evaluate
 from bitfit.encoder.model import load_tokenizer, model_from_pack
-from bitfit.training.train import predict as torch_predict
+from bitfit.training.sequence import predict as torch_predict
 
 TASKS = ("movie-sentiment", "trec6", "sms-spam")
 DEMO = [

@@ -1,6 +1,7 @@
 """Deployment runtime: numpy, onnxruntime, safetensors and tokenizers only (no torch, no transformers)."""
 from .compiled import CompiledManifest, CompiledModel, check_pack_fits, read_manifest
 from .errors import BitFitError, CompiledModelError, IncompatibleError, PackError, ParityError, UnknownTaskError
+from . import decode
 from .kinds import KINDS, TaskKind, WrongCallError
 from .pack import PackManifest, TaskPack, TensorSpec, load_pack, read_manifest as read_pack_manifest, save_pack
 from .results import Answers, Predictions, TokenPredictions
@@ -8,7 +9,7 @@ from .session import TaskSession, load
 from .version import __version__
 
 __all__ = [
-    "KINDS", "Answers", "BitFitError", "CompiledManifest", "CompiledModel", "CompiledModelError", "IncompatibleError",
+    "KINDS", "Answers", "decode", "BitFitError", "CompiledManifest", "CompiledModel", "CompiledModelError", "IncompatibleError",
     "PackError", "PackManifest", "ParityError", "Predictions", "TaskKind", "TaskPack", "TaskSession", "TensorSpec", "TokenPredictions",
     "UnknownTaskError", "WrongCallError", "check_pack_fits", "load", "load_pack", "read_manifest", "read_pack_manifest",
     "save_pack", "__version__",

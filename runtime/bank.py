@@ -108,8 +108,7 @@ class Bank:
                                   "heads": [BankTensor.from_json(h) for h in t["heads"]]}) for t in layout["tasks"]]
         self.block_bytes = int(layout["block_bytes"])
         self.base_fingerprint = str(layout["base_fingerprint"])
-        self._data = data
-        self._floats = data.view(DTYPE)
+        self._floats = data.view(DTYPE)  # a view keeps the memory map open
         self._by_name = {t.name: t for t in self.tasks}
 
     @property

@@ -67,12 +67,11 @@ def _leftovers(target: Path, parent: Path) -> list[tuple[str, Path]]:
     except OSError:
         return []
     for p in entries:
-        if not p.name.startswith(prefix):
-            continue
-        tag, _, rest = p.name[len(prefix):].partition("-")
-        pid = rest.split("-")[0]
-        if tag in (_TMP, _OLD) and pid.isdigit() and not _alive(int(pid)):
-            out.append((tag, p))
+        for tag in (_TMP, _OLD):
+            head = f"{prefix}{tag}-"
+            pid = p.name[len(head):].split("-")[0] if p.name.startswith(head) else ""
+            if pid.isdigit() and not _alive(int(pid)):
+                out.append((tag, p))
     return out
 
 

@@ -6,7 +6,7 @@ import onnx_ir as ir
 import pytest
 
 from bitfit.compiler.verify import TOLERANCES, verify
-from bitfit.compiler.passes import bias_inputs_live
+from bitfit.compiler.passes import CheckBiasInputsPass
 from bitfit.runtime import BitFitError, TaskPack, TaskSession, load_pack
 from bitfit.runtime.compiled import MODEL_FILE, read_manifest
 
@@ -26,7 +26,7 @@ def test_weights_are_fp16_and_bias_inputs_stay_fp32_with_defaults(half):
     model = ir.load(half / MODEL_FILE)
     m = read_manifest(half)
     assert m.precision == "fp16"
-    bias_inputs_live(model, {b.name: b.shape for b in m.bias_inputs})
+    CheckBiasInputsPass({b.name: b.shape for b in m.bias_inputs})(model)
     inputs = {v.name: v for v in model.graph.inputs}
     for b in m.bias_inputs:
         assert inputs[b.name].dtype == ir.DataType.FLOAT

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -25,8 +26,12 @@ PARTS = ("runtime", "encoder", "compiler", "training", "exporters", "serve")
 def installed(tmp_path_factory) -> Path:
     """The wheel of this checkout, installed (without dependencies) into a directory of its own."""
     root = tmp_path_factory.mktemp("wheel")
+    # built from a copy: a build writes build/ and *.egg-info into the tree it builds
+    source = root / "source"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "runs", "*.egg-info",
+                                                                "__pycache__", ".pytest_cache"))
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "-w", str(root / "dist"), str(REPO)], check=True, timeout=300,
+    subprocess.run([*pip, "wheel", "--no-deps", "-w", str(root / "dist"), str(source)], check=True, timeout=300,
                    capture_output=True)
     (wheel,) = (root / "dist").glob("*.whl")
     subprocess.run([*pip, "install", "--no-deps", "--target", str(root / "site"), str(wheel)], check=True,

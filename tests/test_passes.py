@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper
 from onnx_ir.passes import PostconditionError, PreconditionError
 
-from bitfit.compiler.passes import BiasDefaultsPass, CheckBiasInputsPass, CheckTokenInputsPass, bias_inputs_live
+from bitfit.compiler.passes import BiasDefaultsPass, CheckBiasInputsPass, CheckTokenInputsPass
 from bitfit.runtime import CompiledModelError, read_manifest
 from bitfit.runtime.compiled import MODEL_FILE
 
@@ -50,7 +50,7 @@ def test_compiled_graph_passes_every_check(bert_compiled):
     model = ir.load(bert_compiled / MODEL_FILE)
     shapes = bias_shapes(bert_compiled)
     assert len(shapes) == 17
-    bias_inputs_live(model, shapes)
+    CheckBiasInputsPass(shapes)(model)
     CheckBiasInputsPass(shapes)(model)
     CheckTokenInputsPass(read_manifest(bert_compiled).token_inputs)(model)
     assert read_manifest(bert_compiled).passes == [
@@ -73,9 +73,9 @@ def test_onnxruntime_transformer_optimizer_output_is_checked(bert_compiled, tmp_
         model = ir.load(path)
         if dead:
             with pytest.raises(PostconditionError, match=rf"{dead[0]} is an input that no node reads"):
-                bias_inputs_live(model, shapes)
+                CheckBiasInputsPass(shapes)(model)
         else:
-            bias_inputs_live(model, shapes)
+            CheckBiasInputsPass(shapes)(model)
 
 
 def test_baked_bias_in_compiled_graph_is_refused(bert_compiled):
@@ -83,7 +83,7 @@ def test_baked_bias_in_compiled_graph_is_refused(bert_compiled):
     bake(model, "layer.0.bq")
     with pytest.raises(PostconditionError, match=r"1 bias inputs are not live: layer\.0\.bq is an input that no node "
                                                  r"reads \(baked into a fused kernel\?\)"):
-        bias_inputs_live(model, bias_shapes(bert_compiled))
+        CheckBiasInputsPass(bias_shapes(bert_compiled))(model)
 
 
 def test_why_it_matters_a_dead_input_ignores_swapped_values(bert_compiled, tmp_path, token_inputs):
@@ -122,9 +122,9 @@ def test_hand_built_graph_with_an_unread_bias_input():
         [helper.make_node("Add", ["x", "b"], ["y"])],
         [helper.make_tensor("unused", TensorProto.FLOAT, [4], [0.1, 0.2, 0.3, 0.4])],
     )
-    bias_inputs_live(model, {"b": (4,)})  # a read input is fine
+    CheckBiasInputsPass({"b": (4,)})(model)  # a read input is fine
     with pytest.raises(PostconditionError, match=r"1 bias inputs are not live: unused is an input that no node reads"):
-        bias_inputs_live(model, {"b": (4,), "unused": (4,)})
+        CheckBiasInputsPass({"b": (4,), "unused": (4,)})(model)
 
 
 def test_hand_built_graph_with_wrong_dtype_shape_or_missing_input():
@@ -139,7 +139,7 @@ def test_hand_built_graph_with_wrong_dtype_shape_or_missing_input():
         [helper.make_tensor("starts", TensorProto.INT64, [1], [0]), helper.make_tensor("ends", TensorProto.INT64, [1], [4])],
     )
     with pytest.raises(PostconditionError) as info:
-        bias_inputs_live(model, {"b64": (4,), "b5": (4,), "nowhere": (4,)})
+        CheckBiasInputsPass({"b64": (4,), "b5": (4,), "nowhere": (4,)})(model)
     message = str(info.value)
     assert message.startswith("3 bias inputs are not live")
     assert "b64 is DOUBLE, not float32" in message

@@ -6,7 +6,7 @@ import onnx_ir as ir
 import pytest
 
 from bitfit.compiler.verify import TOLERANCES, verify
-from bitfit.compiler.passes import bias_inputs_live
+from bitfit.compiler.passes import CheckBiasInputsPass
 from bitfit.runtime import BitFitError, TaskPack, TaskSession, load_pack
 from bitfit.runtime.compiled import MODEL_FILE
 
@@ -30,7 +30,7 @@ def test_manifest_and_graph_are_int8_with_live_fp32_bias_inputs(quantized, bert_
     model = ir.load(quantized / MODEL_FILE)
     ops = {n.op_type for n in model.graph}
     assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
-    bias_inputs_live(model, {b.name: b.shape for b in m.bias_inputs})
+    CheckBiasInputsPass({b.name: b.shape for b in m.bias_inputs})(model)
     overridable = {i.name: i.type for i in session.session.get_overridable_initializers()}
     assert overridable == {b.name: "tensor(float)" for b in [*m.bias_inputs, *m.head_inputs]}
     assert (quantized / MODEL_FILE).stat().st_size < (bert_compiled / MODEL_FILE).stat().st_size

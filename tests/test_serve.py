@@ -20,7 +20,7 @@ from starlette.testclient import TestClient
 from bitfit.cli import main
 from bitfit.runtime.errors import BitFitError
 from bitfit.serve import ServeConfig, create_app
-from bitfit.serve.batcher import Batcher, ServiceUnavailable
+from bitfit.serve.batcher import Batcher
 from bitfit.runtime import TaskSession, load_pack, read_pack_manifest, save_pack
 from bitfit.runtime.pack import TENSORS_FILE
 
@@ -317,6 +317,28 @@ def test_a_failing_request_does_not_fail_its_batch(bert_compiled, packs, referen
     assert type(poisoned) is RuntimeError and "poisoned row" in str(poisoned)
     assert isinstance(paired, BitFitError) and "single sentences" in str(paired)
     assert batcher.stats.failed_batches == 1
+
+
+def test_shutdown_joins_the_inference_thread_and_later_requests_get_503(bert_compiled, packs_dir, names):
+    app = make_app(bert_compiled, packs_dir)
+    body = {"task": names["single"], "texts": ["good fun"]}
+    with TestClient(app) as c:
+        assert c.post("/v1/predict", json=body).status_code == 200
+        workers = list(app.state.batcher._executor._threads)  # this app's inference thread
+        assert workers and all(t.is_alive() for t in workers)
+    assert not any(t.is_alive() for t in workers)  # the lifespan's end joined the inference thread
+
+    async def after_shutdown():  # no lifespan here: the app as the server left it
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.post("/v1/predict", json=body), await client.post(
+                "/v1/tokens", json={"task": names["single"], "texts": ["x"]})
+
+    predict, tokens = asyncio.run(after_shutdown())
+    assert predict.status_code == tokens.status_code == 503
+    assert "shutting down" in predict.json()["error"]
+    with TestClient(app) as c:  # served again: a new inference thread
+        assert c.post("/v1/predict", json=body).status_code == 200
 
 
 # -- reloads ------------------------------------------------------------------------------------------

@@ -103,7 +103,7 @@ def test_trained_pack_matches_pytorch_dev_metrics(bert_model, pack_all, data_fil
     from bitfit.training.data import load_task_data
     from bitfit.training.metrics import evaluate
     from bitfit.encoder.model import load_tokenizer
-    from bitfit.training.train import predict
+    from bitfit.training.sequence import predict
 
     pack = load_pack(pack_all)
     m = pack.manifest
@@ -155,7 +155,8 @@ def test_single_sentence_task_refuses_pairs(bert_compiled, pack_all):
 
 def test_pair_pack_matches_pytorch_on_pairs(bert_model, bert_compiled, pack_pairs):
     from bitfit.encoder.model import load_tokenizer
-    from bitfit.training.train import Example, encode_batch
+    from bitfit.training.data import Example
+    from bitfit.training.sequence import encode_batch
 
     pack = load_pack(pack_pairs)
     session = TaskSession(bert_compiled)

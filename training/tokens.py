@@ -75,65 +75,87 @@ def encode_qa(tokenizer, batch: list[QAExample], max_length: int):
     return _inputs(enc), targets, enc
 
 
-def encode_train_batch(task: TaskData, tokenizer, batch: list, max_length: int):
-    """(inputs, targets) for one training batch of a token-level task."""
-    if task.kind == "token-classification":
-        inputs, targets, _ = encode_tokens(tokenizer, batch, task.labels, max_length)
-    else:
-        inputs, targets, _ = encode_qa(tokenizer, batch, max_length)
+def encode_tags_batch(task: TaskData, tokenizer, batch: list[TokenExample], max_length: int):
+    """(inputs, targets [B, T]) for one training batch of token classification."""
+    inputs, targets, _ = encode_tokens(tokenizer, batch, task.labels, max_length)
     return inputs, targets
 
 
-def token_loss(kind: str, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Token classification: cross-entropy over labelled tokens. QA: mean of start and end cross-entropy
-    over the sequence positions."""
-    if kind == "token-classification":
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)
+def encode_spans_batch(task: TaskData, tokenizer, batch: list[QAExample], max_length: int):
+    """(inputs, targets [B, 2]) for one training batch of extractive QA."""
+    inputs, targets, _ = encode_qa(tokenizer, batch, max_length)
+    return inputs, targets
+
+
+def tags_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the labelled tokens (each word's first sub-token)."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)
+
+
+def spans_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean of the start and end cross-entropy over the sequence positions."""
     return (F.cross_entropy(logits[..., 0], targets[:, 0]) + F.cross_entropy(logits[..., 1], targets[:, 1])) / 2
+
+
+def labelled_tokens(targets: torch.Tensor) -> int:
+    """How many terms a token-classification batch's mean loss averages."""
+    return int((targets != IGNORE).sum())
 
 
 # -- evaluation --------------------------------------------------------------------------------------
 def trains_no_answer(task: TaskData) -> bool:
     """SQuAD 2.0: some training question has no answer, so the model learns to point at CLS for those, and
     a span must beat CLS (the "no answer" score) to be given."""
-    return task.kind == "question-answering" and any(not e.answers for e in task.train)
+    return any(isinstance(e, QAExample) and not e.answers for e in task.train)
 
 
-@torch.no_grad()
-def evaluate_token_task(model, tokenizer, task: TaskData, examples: list, max_length: int,
-                        batch_size: int = 64) -> dict[str, float]:
-    """Metrics in percent: token classification accuracy (+ entity_f1 for BIO tags); QA exact_match and f1."""
+def _logits_by_batch(model, examples: list, batch_size: int, encode):
+    """(batch, its logits as numpy, its encoding) over `examples`, the model in eval mode meanwhile."""
     was_training = model.training
     model.eval()
+    try:
+        for s in range(0, len(examples), batch_size):
+            batch = examples[s : s + batch_size]
+            inputs, _, enc = encode(batch)
+            with torch.no_grad():
+                yield batch, inputs, model(**inputs).float().numpy(), enc
+    finally:
+        model.train(was_training)
+
+
+def evaluate_tags(model, tokenizer, task: TaskData, examples: list[TokenExample], max_length: int,
+                  batch_size: int = 64) -> dict[str, float]:
+    """Token classification in percent: word accuracy (+ entity_f1 for BIO tags)."""
+    gold, pred = [], []
+    for batch, _, logits, enc in _logits_by_batch(
+            model, examples, batch_size, lambda b: encode_tokens(tokenizer, b, task.labels, max_length)):
+        for i, e in enumerate(batch):
+            wl = word_logits(logits[i], enc.word_ids(i), len(e.tokens))
+            pred.append([None if np.isnan(row[0]) else task.labels[int(row.argmax())] for row in wl])
+            gold.append(list(e.tags))
+    out = {"accuracy": word_accuracy(pred, gold)}
+    if is_bio(task.labels):
+        out["entity_f1"] = entity_f1(pred, gold)
+    return out
+
+
+def evaluate_spans(model, tokenizer, task: TaskData, examples: list[QAExample], max_length: int,
+                   batch_size: int = 64) -> dict[str, float]:
+    """Extractive QA in percent: SQuAD exact_match and f1 (SQuAD 2.0 rules when trained with unanswerable
+    questions), decoded with the runtime's own functions."""
     gold, pred = [], []
     no_answer = trains_no_answer(task)
-    for s in range(0, len(examples), batch_size):
-        batch = examples[s : s + batch_size]
-        if task.kind == "token-classification":
-            inputs, _, enc = encode_tokens(tokenizer, batch, task.labels, max_length)
-            logits = model(**inputs).float().numpy()
-            for i, e in enumerate(batch):
-                wl = word_logits(logits[i], enc.word_ids(i), len(e.tokens))
-                pred.append([None if np.isnan(row[0]) else task.labels[int(row.argmax())] for row in wl])
-                gold.append(list(e.tags))
-        else:
-            inputs, _, enc = encode_qa(tokenizer, batch, max_length)
-            logits = model(**inputs).float().numpy()
-            mask = inputs["attention_mask"].numpy() == 1
-            for i, e in enumerate(batch):
-                allowed = np.array([s == 1 for s in enc.sequence_ids(i)]) & mask[i]
-                start, end, score = best_span(logits[i, :, 0], logits[i, :, 1], allowed, DEFAULT_MAX_ANSWER_TOKENS)
-                offsets = enc["offset_mapping"][i].tolist()
-                null = null_score(logits[i, :, 0], logits[i, :, 1])
-                answered = allowed.any() and not (no_answer and answers_nothing(null, score))
-                pred.append(e.context[offsets[start][0] : offsets[end][1]] if answered else "")
-                gold.append(list(e.answers))
-    model.train(was_training)
-    if task.kind == "token-classification":
-        out = {"accuracy": word_accuracy(pred, gold)}
-        if is_bio(task.labels):
-            out["entity_f1"] = entity_f1(pred, gold)
-        return out
+    for batch, inputs, logits, enc in _logits_by_batch(
+            model, examples, batch_size, lambda b: encode_qa(tokenizer, b, max_length)):
+        mask = inputs["attention_mask"].numpy() == 1
+        for i, e in enumerate(batch):
+            allowed = np.array([s == 1 for s in enc.sequence_ids(i)]) & mask[i]
+            start, end, score = best_span(logits[i, :, 0], logits[i, :, 1], allowed, DEFAULT_MAX_ANSWER_TOKENS)
+            offsets = enc["offset_mapping"][i].tolist()
+            null = null_score(logits[i, :, 0], logits[i, :, 1])
+            answered = allowed.any() and not (no_answer and answers_nothing(null, score))
+            pred.append(e.context[offsets[start][0] : offsets[end][1]] if answered else "")
+            gold.append(list(e.answers))
     return squad_metrics(pred, gold)
 
 

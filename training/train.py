@@ -13,19 +13,21 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from bitfit.encoder.biases import BiasSlot, find_biases, parse_subset
+from bitfit.encoder.model import (BitFitModel, base_fingerprint, count_parameters, load_encoder, load_pooler,
+                                  load_tokenizer, max_positions)
 from bitfit.runtime.errors import BitFitError, PackError
 from bitfit.runtime.fs import check_target
-from bitfit.runtime.pack import MANIFEST_FILE, PackManifest, TaskPack, TensorSpec, save_pack
 from bitfit.runtime.heads import POOLINGS
-from bitfit.runtime.kinds import TOKEN_KINDS
+from bitfit.runtime.kinds import kind
+from bitfit.runtime.pack import MANIFEST_FILE, PackManifest, TaskPack, TensorSpec, save_pack
 
 from bitfit.runtime.version import __version__
-from bitfit.encoder.biases import BiasSlot, find_biases, parse_subset
-from .data import Example, TaskData, load_task_data
-from .metrics import evaluate
-from bitfit.encoder.model import (BitFitModel, base_fingerprint, count_parameters, load_encoder, load_pooler, load_tokenizer,
-                    max_positions)
-from .tokens import IGNORE, encode_train_batch, evaluate_token_task, token_loss, trains_no_answer
+
+from .data import TaskData, load_task_data
+from .objectives import objective
+from .sequence import batches
+from .tokens import trains_no_answer
 
 
 @dataclass
@@ -62,32 +64,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def batches(examples: list[Example], size: int, order: list[int] | None = None) -> list[list[Example]]:
-    idx = order if order is not None else list(range(len(examples)))
-    return [[examples[i] for i in idx[s : s + size]] for s in range(0, len(idx), size)]
-
-
-def encode_batch(tokenizer, batch: list[Example], max_length: int) -> dict[str, torch.Tensor]:
-    texts = [e.text for e in batch]
-    pairs = [e.text_pair or "" for e in batch] if any(e.text_pair is not None for e in batch) else None
-    # token_type_ids always: the runtime feeds them to models that read them, so training must see the same
-    enc = tokenizer(texts, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt",
-                    return_token_type_ids=True)
-    return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
-
-
-@torch.no_grad()
-def predict(model: BitFitModel, tokenizer, examples: list[Example], max_length: int, batch_size: int = 64) -> np.ndarray:
-    """Model outputs (logits, or the value for regression) for `examples`, in eval mode."""
-    was_training = model.training
-    model.eval()
-    outs = [model(**encode_batch(tokenizer, b, max_length)).float().numpy() for b in batches(examples, batch_size)]
-    model.train(was_training)
-    return np.concatenate(outs)
-
-
 class OnDevice(torch.nn.Module):
-    """`net` fed CPU batches and answering on the CPU, as predict() and evaluate_token_task expect, while
+    """`net` fed CPU batches and answering on the CPU, as the objectives' evaluate functions expect, while
     it lives on a GPU."""
 
     def __init__(self, net: torch.nn.Module, device: torch.device):
@@ -115,7 +93,7 @@ def make_accelerator():
 def loss_terms(kind: str, target: torch.Tensor) -> int:
     """How many terms a batch's mean loss averages: labelled tokens, else rows (QA averages start and end
     within each row)."""
-    return int((target != IGNORE).sum()) if kind == "token-classification" else len(target)
+    return objective(kind).terms(target)
 
 
 def shard(inputs: dict[str, torch.Tensor], target: torch.Tensor, kind: str, rank: int,
@@ -202,7 +180,8 @@ def train(
     task = data if isinstance(data, TaskData) else load_task_data(data, dev=dev, task_kind=task_kind, train_size=train_size)
     if not task.train or not task.dev:
         raise BitFitError(f"{task.name}: need non-empty train and dev splits")
-    token_level = task.kind in TOKEN_KINDS
+    token_level = kind(task.kind).token_level
+    trains = objective(task.kind)
     if pooling == "auto":
         pooling = "none" if token_level else "mean"
     if token_level != (pooling == "none"):
@@ -224,7 +203,7 @@ def train(
         log(f"max_length {max_length} is more than {model} takes: using {limit}")
         max_length = limit
     slots = find_biases(encoder, kinds)
-    num_outputs = 1 if task.kind == "regression" else len(task.labels)
+    num_outputs = kind(task.kind).outputs(task.labels)
     net = BitFitModel(encoder, num_outputs, pooling, pooler=load_pooler(model) if pooling == "pooler" else None)
     masks: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
     if select is None:
@@ -262,25 +241,11 @@ def train(
     steps = epochs * ((len(task.train) + batch_size - 1) // batch_size)
     # not prepared: accelerate would step it once per process, but `steps` counts global batches
     scheduler = get_linear_schedule_with_warmup(optimizer.optimizer, int(warmup * steps), steps)
-    loss_fn = torch.nn.MSELoss() if task.kind == "regression" else torch.nn.CrossEntropyLoss()
-
-    def encode_train(batch: list) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        if token_level:
-            return encode_train_batch(task, tokenizer, batch, max_length)
-        return encode_batch(tokenizer, batch, max_length), torch.from_numpy(task.targets(batch))
-
-    def compute_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if token_level:
-            return token_loss(task.kind, output, target)
-        return loss_fn(output[:, 0], target) if task.kind == "regression" else loss_fn(output, target)
-
     scorer = net if device.type == "cpu" else OnDevice(net, device)
 
     def score(examples: list) -> dict[str, float]:
         # every process scores the whole split alike, so all agree on the best epoch
-        if token_level:
-            return evaluate_token_task(scorer, tokenizer, task, examples, max_length)
-        return evaluate(task.metric, predict(scorer, tokenizer, examples, max_length), task.targets(examples))
+        return trains.evaluate(scorer, tokenizer, task, examples, max_length)
 
     generator = torch.Generator().manual_seed(seed)
 
@@ -295,12 +260,12 @@ def train(
                    disable=not progress, leave=False)
         for batch in bar:
             # the whole global batch is encoded, so the shards keep its padding, as one process would
-            inputs, target, weight = shard(*encode_train(batch), task.kind, rank, world)
+            inputs, target, weight = shard(*trains.encode(task, tokenizer, batch, max_length), task.kind, rank, world)
             output = ddp(**{k: v.to(device) for k, v in inputs.items()})
             if weight == 0:  # a stand-in row: it joins the gradient exchange and adds nothing
                 loss = output.sum() * 0.0
             else:
-                loss = compute_loss(output, target.to(device)) * weight
+                loss = trains.loss(output, target.to(device)) * weight
             batch_loss = accelerator.reduce(loss.detach(), "mean")  # the global batch's mean loss, everywhere
             if not torch.isfinite(batch_loss):  # all processes stop alike
                 raise BitFitError(f"the loss became {batch_loss.item()} at epoch {epoch}: lower the learning "

@@ -1,0 +1,71 @@
+"""Task kinds as data (runtime/kinds.py): the registry is complete where other parts key on it, and a new
+kind is one entry plus its decoder: packs of it validate, register, run through the session, `predict`
+and the CLI without another edit."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from bitfit.runtime import KINDS, TaskKind, TaskPack, TaskSession, WrongCallError, decode, load_pack
+from bitfit.runtime.errors import PackError
+from bitfit.runtime.results import Predictions
+
+
+def test_every_kind_is_served_and_trainable():
+    from bitfit.serve.app import BODIES
+    from bitfit.training.objectives import OBJECTIVES
+
+    assert set(OBJECTIVES) == set(KINDS)
+    for k in KINDS.values():
+        assert k.route in BODIES
+        assert hasattr(TaskSession, k.call)
+        assert (k.decode is not None) == (not k.token_level)  # sequence kinds decode [n, k] logits
+
+
+def sigmoid_labels(task, manifest, logits) -> Predictions:
+    """Multi-label: an independent probability per label; the labels over one half are the prediction."""
+    scores = 1 / (1 + np.exp(-logits))
+    labels = [",".join(n for n, s in zip(manifest.labels, row) if s > 0.5) for row in scores]
+    return Predictions(task, manifest.task_kind, list(manifest.labels), logits, scores, labels)
+
+
+MULTI = TaskKind("multi-label", "run", "/v1/predict", False, "names", "accuracy", False, decode.run_sequence,
+                 decode.check_sequence, lambda record, text: f"[{record['label']}]\t{text}", decode=sigmoid_labels)
+
+
+@pytest.fixture
+def multi_label(monkeypatch, pack_all):
+    monkeypatch.setitem(KINDS, MULTI.name, MULTI)
+    pack = load_pack(pack_all)
+    manifest = type(pack.manifest).from_json({**pack.manifest.to_json(), "task_kind": MULTI.name, "task": "multi"})
+    return TaskPack(manifest, pack.tensors)
+
+
+def test_a_new_kind_is_one_entry(multi_label, bert_compiled, tmp_path, capsys):
+    from bitfit.cli import main
+    from bitfit.runtime import save_pack
+
+    session = TaskSession(bert_compiled)
+    session.register(multi_label)
+    texts = ["a good fun movie", "awful boring plot"]
+    out = session.predict("multi", texts)
+    expect = 1 / (1 + np.exp(-session.logits("multi", session.encode(texts, max_length=128))))
+    np.testing.assert_allclose(out.scores, expect, rtol=0, atol=1e-6)
+    mixed = session.run_mixed([("multi", t) for t in texts])
+    assert [r["label"] for r in mixed] == out.labels
+    with pytest.raises(WrongCallError, match=r"'multi' is a multi-label task: call run\(\) for it, not run_tokens"):
+        session.run_tokens("multi", texts)
+
+    path = save_pack(multi_label, tmp_path / "multi")
+    assert main(["predict", "--compiled", str(bert_compiled), "--pack", str(path), "--text", texts[0]]) == 0
+    assert capsys.readouterr().out.startswith(f"[{out.labels[0]}]\t{texts[0]}")
+    assert main(["predict", "--compiled", str(bert_compiled), "--pack", str(path), "--text", texts[0], "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["scores"].keys() == set(multi_label.manifest.labels)
+
+
+def test_an_unregistered_kind_is_refused(pack_all):
+    pack = load_pack(pack_all)
+    with pytest.raises(PackError, match=r"task_kind must be one of classification, regression, .*; got 'multi-label'"):
+        type(pack.manifest).from_json({**pack.manifest.to_json(), "task_kind": "multi-label"})
