@@ -9,11 +9,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-from safetensors.numpy import load_file
-
 from bitfit.runtime.compiled import BASE_BIASES_FILE, read_manifest
 from bitfit.runtime.pack import PackManifest, TaskPack, TensorSpec
+from safetensors.numpy import load_file
 
 
 # -- machine load ---------------------------------------------------------------------------------

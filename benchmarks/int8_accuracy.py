@@ -19,7 +19,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-
 from bitfit.compiler.compile import compile
 from bitfit.runtime import TaskSession
 from bitfit.runtime.fs import sha256_file
@@ -30,7 +29,13 @@ TASKS = ("movie-sentiment", "trec6", "sms-spam")
 
 
 def static_int8(src_dir: Path, dst_dir: Path, session: TaskSession, data: dict) -> None:
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     feeds = []
     for task in TASKS:

@@ -36,15 +36,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from common import (hidden_runner, machine, minilm_dir, ort_session, synthetic_pack, time_interleaved,
-                    wait_until_quiet, write_results)
 from bitfit.compiler.compile import compile
 from bitfit.compiler.export import export_onnx
 from bitfit.compiler.quantize import quantize_int8
+from bitfit.encoder.model import load_encoder, uses_token_types
 from bitfit.runtime import TaskSession
 from bitfit.runtime.pack import save_pack
-from bitfit.encoder.model import load_encoder, uses_token_types
+from common import (
+    hidden_runner,
+    machine,
+    minilm_dir,
+    ort_session,
+    synthetic_pack,
+    time_interleaved,
+    wait_until_quiet,
+    write_results,
+)
 
 SEQ = 128
 GOALS = {

@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 from common import minilm_dir, synthetic_pack
 
 REPO = Path(__file__).resolve().parents[1]
@@ -292,7 +291,6 @@ def parse_metrics(text: str) -> dict:
 def run_mode(mode: str, args, compiled: Path, packs_dir: Path, packs: dict, expected: dict, plan, work: Path
              ) -> RunResult:
     import httpx
-
     from bitfit.runtime.pack import save_pack
 
     swap_name = f"task-{SWAP_TASK_INDEX:02d}"

@@ -35,7 +35,6 @@ def _train(a: argparse.Namespace) -> int:
 
 def _compile(a: argparse.Namespace) -> int:
     from bitfit.compiler.compile import compile
-
     from bitfit.runtime.errors import ParityError
 
     try:

@@ -10,8 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
-from safetensors.numpy import save_file
-
 from bitfit.encoder.biases import find_biases, parse_subset
 from bitfit.encoder.model import base_fingerprint, load_encoder, load_tokenizer, max_positions, uses_token_types
 from bitfit.runtime import compiled as cm
@@ -19,6 +17,7 @@ from bitfit.runtime.errors import BitFitError, CompiledModelError, ParityError
 from bitfit.runtime.fs import check_target, output_dir, sha256_file
 from bitfit.runtime.pack import TensorSpec
 from bitfit.runtime.version import __version__
+from safetensors.numpy import save_file
 
 from .export import DEFAULT_OPSET, export_onnx
 from .fuse import FUSE_STEPS, export_fused

@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch import nn
-
 from bitfit.encoder.biases import BiasSlot
 from bitfit.runtime import compiled as cm
 from bitfit.runtime.errors import BitFitError
+from torch import nn
 
 DEFAULT_OPSET = 17  # LayerNormalization is a single op from 17 on
 

@@ -31,11 +31,10 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 import torch
+from bitfit.encoder.biases import BiasSlot
+from bitfit.runtime.errors import BitFitError
 from onnx_ir.passes import InPlacePass, PassResult, PostconditionError, PreconditionError
 from torch import nn
-
-from bitfit.runtime.errors import BitFitError
-from bitfit.encoder.biases import BiasSlot
 
 from .export import export_onnx
 from .passes import BiasDefaultsPass, CheckBiasInputsPass, CheckTokenInputsPass, listing, run_passes

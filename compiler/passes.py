@@ -8,9 +8,8 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes import InPlacePass, PassError, PassManager, PassResult, PostconditionError, PreconditionError
-
 from bitfit.runtime.errors import CompiledModelError
+from onnx_ir.passes import InPlacePass, PassError, PassManager, PassResult, PostconditionError, PreconditionError
 
 
 class BiasDefaultsPass(InPlacePass):

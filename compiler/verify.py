@@ -18,12 +18,11 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from bitfit.runtime import TaskSession, load_pack
 from bitfit.runtime.errors import BitFitError, IncompatibleError, ParityError
 from bitfit.runtime.fs import write_file
-from bitfit.runtime.pack import TaskPack
 from bitfit.runtime.heads import softmax
+from bitfit.runtime.pack import TaskPack
 
 SENTENCES = [
     "A gripping, beautifully acted film that stays with you long after the credits.",

@@ -28,9 +28,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import nn
-
 from bitfit.runtime.errors import BitFitError
+from torch import nn
 
 LAYER_KINDS = ("bq", "bk", "bv", "bm1", "bLN1", "bm2", "bm3", "bLN2")
 EMBEDDING_KIND = "bLNe"

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+
 import numpy as np
 import torch
-from torch import nn
-
 from bitfit.runtime.errors import BitFitError, IncompatibleError
-from bitfit.runtime.pack import TaskPack
 from bitfit.runtime.heads import HEAD_BIAS, HEAD_POOLER_BIAS, HEAD_POOLER_WEIGHT, HEAD_WEIGHT, POOLINGS
+from bitfit.runtime.pack import TaskPack
+from torch import nn
 
 from .biases import all_bias_sources, find_biases
 

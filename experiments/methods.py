@@ -9,7 +9,6 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-
 from bitfit.encoder.biases import find_biases
 from bitfit.encoder.model import BitFitModel
 from bitfit.training.train import Selection

@@ -31,6 +31,7 @@ import protocol  # noqa: E402
 from methods import BIAS_METHODS, METHODS, train_kwargs  # noqa: E402
 from protocol import DEFAULT_LRS, EDGE_LRS, LRS, SEEDS, SIZES, TASKS, best_lr, key, model_dir, read_runs  # noqa: E402
 
+
 def bias_change(net, base: dict[str, np.ndarray]) -> dict[str, float]:
     """Mean absolute change of every bias tensor (the paper's Figure 1), by canonical name."""
     from bitfit.encoder.biases import find_biases

@@ -5,7 +5,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-
 from methods import METHODS
 from protocol import TASKS, best_lr
 

@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-
 from bitfit.runtime import compiled as cm
 from bitfit.runtime.compiled import CompiledModel
 from bitfit.runtime.errors import BitFitError, CompiledModelError, IncompatibleError, PackError

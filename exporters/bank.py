@@ -12,10 +12,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from bitfit.runtime.bank import (
-    BANK_FILE, BLOCK_ALIGN, DTYPE, FORMAT, FORMAT_VERSION, HEADER_FILE, MAP_FILE, TENSOR_ALIGN, Bank, BankTask,
-    BankTensor, read_bank,
+    BANK_FILE,
+    BLOCK_ALIGN,
+    DTYPE,
+    FORMAT,
+    FORMAT_VERSION,
+    HEADER_FILE,
+    MAP_FILE,
+    TENSOR_ALIGN,
+    Bank,
+    BankTask,
+    BankTensor,
+    read_bank,
 )
 from bitfit.runtime.compiled import CompiledModel
 from bitfit.runtime.errors import BitFitError, CompiledModelError

@@ -23,7 +23,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-
 from bitfit.runtime import compiled as cm
 from bitfit.runtime.compiled import CompiledModel
 from bitfit.runtime.errors import BitFitError, CompiledModelError, IncompatibleError
@@ -106,7 +105,6 @@ def export_triton(
     """Write a Triton model repository `out` with one model `name` serving every pack in `packs` (task ids in
     the given order). Returns out/name. Needs a graph compiled with --mixed; onnx-ir (the compile extra)."""
     import onnx_ir as ir
-
     from bitfit.compiler.head import AddTaskHeadsPass, BakeBiasTablesPass
     from bitfit.compiler.passes import run_passes
 

@@ -1,9 +1,10 @@
 """Deployment runtime: numpy, onnxruntime, safetensors and tokenizers only (no torch, no transformers)."""
+from . import decode
 from .compiled import CompiledManifest, CompiledModel, check_pack_fits, read_manifest
 from .errors import BitFitError, CompiledModelError, IncompatibleError, PackError, ParityError, UnknownTaskError
-from . import decode
 from .kinds import KINDS, TaskKind, WrongCallError
-from .pack import PackManifest, TaskPack, TensorSpec, load_pack, read_manifest as read_pack_manifest, save_pack
+from .pack import PackManifest, TaskPack, TensorSpec, load_pack, save_pack
+from .pack import read_manifest as read_pack_manifest
 from .results import Answers, Predictions, TokenPredictions
 from .session import TaskSession, load
 from .version import __version__

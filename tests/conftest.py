@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from tiny import WORDS, make_tiny
 
 REPO = Path(__file__).resolve().parents[1]
@@ -239,9 +238,8 @@ def make_inputs(batch: int, length: int, token_inputs, vocab: int, pad_id: int, 
 @pytest.fixture(scope="session")
 def token_inputs():
     """token_inputs(session, batch, length, seed=0) -> random padded inputs that fit `session`'s graph."""
-    from tokenizers import Tokenizer
-
     from bitfit.runtime.compiled import TOKENIZER_FILE
+    from tokenizers import Tokenizer
 
     def get(session, batch: int, length: int, seed: int = 0) -> dict:
         vocab = Tokenizer.from_file(str(session.directory / TOKENIZER_FILE)).get_vocab_size()
@@ -255,7 +253,6 @@ def token_inputs():
 def torch_logits():
     """torch_logits(pack, model_dir, inputs) -> the PyTorch BitFitModel's logits for numpy token inputs."""
     import torch
-
     from bitfit.encoder.model import model_from_pack
 
     def run(pack, model_dir: Path, inputs: dict) -> np.ndarray:
@@ -271,7 +268,6 @@ def torch_hidden():
     """torch_hidden(model_dir, inputs, biases=None) -> the base encoder's last hidden state, optionally with
     some biases (by canonical name) replaced."""
     import torch
-
     from bitfit.encoder.biases import find_biases
     from bitfit.encoder.model import load_encoder
 

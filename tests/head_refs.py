@@ -4,10 +4,8 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-
-from bitfit.runtime.pack import TaskPack, TensorSpec
-
 from bitfit.runtime.heads import HEAD_BIAS, HEAD_POOLER_BIAS, HEAD_POOLER_WEIGHT, HEAD_WEIGHT
+from bitfit.runtime.pack import TaskPack, TensorSpec
 
 
 def variant_pack(pack: TaskPack, *, task: str, task_kind: str, pooling: str, labels: list[str], seed: int) -> TaskPack:

@@ -7,14 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
 from bitfit.compiler.verify import verify
-from conftest import ATOL, QUIET, perturbed
-from bitfit.runtime import BitFitError, TaskPack, TaskSession, load_pack
-from tiny import make_tiny
 from bitfit.encoder.biases import LAYER_KINDS, find_biases
 from bitfit.encoder.model import load_encoder, model_from_pack
+from bitfit.runtime import BitFitError, TaskPack, TaskSession, load_pack
+from conftest import ATOL, QUIET, perturbed
+from tiny import make_tiny
+from torch import nn
 
 KINDS = ("electra", "xlm-roberta", "albert", "deberta-v2")
 TOKEN_TYPES = {"electra": True, "xlm-roberta": False, "albert": True, "deberta-v2": False}

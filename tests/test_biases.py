@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 KINDS = ("bert", "roberta", "distilbert", "mpnet", "electra")
-from bitfit.runtime.errors import BitFitError
 from bitfit.encoder.biases import ALL_KINDS, LAYER_KINDS, find_biases, parse_subset
 from bitfit.encoder.model import load_encoder
+from bitfit.runtime.errors import BitFitError
 
 NUM_LAYERS = 2  # tests/tiny.py
 

@@ -5,9 +5,9 @@ import json
 
 import numpy as np
 import pytest
+from bitfit.runtime import TaskSession, load_pack, read_manifest
 
 from bitfit.cli import main
-from bitfit.runtime import TaskSession, load_pack, read_manifest
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

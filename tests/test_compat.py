@@ -5,10 +5,17 @@ import json
 
 import numpy as np
 import pytest
-
 from bitfit.runtime import (
-    BitFitError, CompiledModelError, IncompatibleError, TaskSession, UnknownTaskError, check_pack_fits, load,
-    TensorSpec, load_pack, read_manifest,
+    BitFitError,
+    CompiledModelError,
+    IncompatibleError,
+    TaskSession,
+    TensorSpec,
+    UnknownTaskError,
+    check_pack_fits,
+    load,
+    load_pack,
+    read_manifest,
 )
 from bitfit.runtime.compiled import MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE
 
@@ -27,7 +34,6 @@ def test_pack_from_another_base_is_refused(bert_compiled, pack_other_base, pack_
 def test_fingerprint_ignores_biases_but_not_weights(bert_model, tiny_model):
     """Packs of every bias subset share their base's fingerprint; another base differs."""
     import torch
-
     from bitfit.encoder.biases import find_biases
     from bitfit.encoder.model import base_fingerprint, load_encoder
 

@@ -5,7 +5,6 @@ import json
 from importlib import metadata
 
 import pytest
-
 from bitfit.runtime.errors import BitFitError
 from bitfit.training import data as D
 

@@ -19,15 +19,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from conftest import QUIET, write_scores, write_sentiment
-from head_data import write_qa_data, write_token_data
-from bitfit.runtime import load_pack
-from tiny import make_tiny
 from bitfit.encoder.biases import find_biases
 from bitfit.encoder.model import load_encoder
-from bitfit.training.train import loss_terms, shard, train
+from bitfit.runtime import load_pack
 from bitfit.training.tokens import IGNORE
+from bitfit.training.train import loss_terms, shard, train
+from conftest import QUIET, write_scores, write_sentiment
+from head_data import write_qa_data, write_token_data
+from tiny import make_tiny
 
 pytest.importorskip("accelerate")
 

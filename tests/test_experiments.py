@@ -12,10 +12,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import methods  # noqa: E402
 import protocol  # noqa: E402
 import replicate  # noqa: E402
-
-from bitfit.runtime import BitFitError  # noqa: E402
 from bitfit.encoder.biases import find_biases  # noqa: E402
 from bitfit.encoder.model import BitFitModel, load_encoder  # noqa: E402
+from bitfit.runtime import BitFitError  # noqa: E402
 from bitfit.training.train import train  # noqa: E402
 
 

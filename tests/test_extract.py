@@ -6,12 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from conftest import make_inputs
-from bitfit.runtime import BitFitError, IncompatibleError, TaskSession, load_pack
 from bitfit.encoder.biases import find_biases
-from bitfit.training.extract import extract
 from bitfit.encoder.model import model_from_pack
+from bitfit.runtime import BitFitError, IncompatibleError, TaskSession, load_pack
+from bitfit.training.extract import extract
+from conftest import make_inputs
 
 CHANGED = "bq,bm2,bLN2"  # the bias kinds the "fine-tuning" moves (bLNe too, by a constant)
 

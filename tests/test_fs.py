@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from bitfit.runtime import fs
 from bitfit.runtime.errors import BitFitError, PackError
 

@@ -14,8 +14,6 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
-from onnx_ir.passes import PostconditionError
-
 from bitfit.compiler.fuse import (
     LiftPlaceholderBiasesPass,
     NoBakedBiasPass,
@@ -23,14 +21,15 @@ from bitfit.compiler.fuse import (
     make_placeholders,
 )
 from bitfit.compiler.passes import CheckBiasInputsPass
-from conftest import ATOL, make_inputs
-from bitfit.runtime.compiled import MANIFEST_FILE, MODEL_FILE, read_manifest
-from bitfit.runtime.errors import BitFitError
-from bitfit.runtime.pack import load_pack
-from bitfit.runtime.fs import sha256_file
-from bitfit.runtime.session import TaskSession
 from bitfit.encoder.biases import find_biases
 from bitfit.encoder.model import load_encoder, uses_token_types
+from bitfit.runtime.compiled import MANIFEST_FILE, MODEL_FILE, read_manifest
+from bitfit.runtime.errors import BitFitError
+from bitfit.runtime.fs import sha256_file
+from bitfit.runtime.pack import load_pack
+from bitfit.runtime.session import TaskSession
+from conftest import ATOL, make_inputs
+from onnx_ir.passes import PostconditionError
 
 LAYERS = 2
 SHAPES = [(3, 9), (2, 16)]  # padded batches (make_inputs pads every row but the first)
@@ -290,9 +289,10 @@ def test_no_baked_bias_pass_names_a_placeholder_it_finds():
 # -- through the product: `bitfit compile --fuse [--quantize int8]`, then verify -------------------
 @pytest.mark.parametrize("quantize", [None, "int8"])
 def test_cli_compile_fuse_then_verify(bert_model, pack_all, tmp_path, capsys, quantize):
-    from bitfit.cli import main
     from bitfit.compiler.verify import verify
     from bitfit.runtime.compiled import read_manifest
+
+    from bitfit.cli import main
 
     out = tmp_path / "fused"
     argv = ["compile", "--model", str(bert_model), "--out", str(out), "--fuse"]

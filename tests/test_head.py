@@ -6,13 +6,12 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-
 from bitfit.compiler.head import HEAD_INPUT_NAMES
 from bitfit.compiler.quantize import nodes_reading_defaults, quantize_int8
-from conftest import ATOL, QUIET
-from head_refs import numpy_head, variant_pack
 from bitfit.runtime import TaskSession, load_pack
 from bitfit.runtime.compiled import LOGITS, MODEL_FILE, OUTPUT_NAME, TOKEN_LOGITS, head_feeds, read_manifest
+from conftest import ATOL, QUIET
+from head_refs import numpy_head, variant_pack
 
 TOL = 1e-5  # the head is fp32 in every variant: graph head vs numpy head differ by float rounding only
 OUTPUTS = [OUTPUT_NAME, LOGITS, TOKEN_LOGITS]
@@ -159,8 +158,9 @@ def test_manifests_without_head_fields_still_load(bert_compiled, copy_dir):
 
 def test_no_head_leaves_it_out_and_serves_the_same_logits(bert_model, bert_compiled, pack_all, token_inputs, tmp_path):
     from bitfit.exporters.adapter import export_adapter
-    from bitfit.cli import main
     from bitfit.runtime.errors import CompiledModelError
+
+    from bitfit.cli import main
 
     out = tmp_path / "nohead"
     assert main(["compile", "--model", str(bert_model), "--out", str(out), "--no-head"]) == 0

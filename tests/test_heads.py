@@ -10,14 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from conftest import ATOL, QUIET
-from head_data import write_qa_data, write_token_data
 from bitfit.runtime import Answers, TaskPack, TaskSession, TokenPredictions, load_pack
 from bitfit.runtime.errors import BitFitError, PackError
-from bitfit.runtime.heads import best_span, first_subtokens
+from bitfit.runtime.heads import HEAD_POOLER_BIAS, HEAD_POOLER_WEIGHT, best_span, first_subtokens
 from bitfit.runtime.pack import PackManifest
-from bitfit.runtime.heads import HEAD_POOLER_BIAS, HEAD_POOLER_WEIGHT
+from conftest import ATOL, QUIET
+from head_data import write_qa_data, write_token_data
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -122,8 +120,8 @@ def test_token_pack_holds_a_per_token_head(token_pack, qa_pack):
 
 
 def test_token_targets_sit_on_first_subtokens(bert_model):
-    from bitfit.training.data import TokenExample
     from bitfit.encoder.model import load_tokenizer
+    from bitfit.training.data import TokenExample
     from bitfit.training.tokens import IGNORE, encode_tokens
 
     tok = load_tokenizer(bert_model)
@@ -136,8 +134,8 @@ def test_token_targets_sit_on_first_subtokens(bert_model):
 
 
 def test_qa_targets_cover_the_answer_and_truncated_answers_point_at_cls(bert_model):
-    from bitfit.training.data import QAExample
     from bitfit.encoder.model import load_tokenizer
+    from bitfit.training.data import QAExample
     from bitfit.training.tokens import encode_qa
 
     tok = load_tokenizer(bert_model)
@@ -317,8 +315,8 @@ def test_long_contexts_are_read_in_overlapping_windows(session, qa_pack, bert_mo
 def test_unanswerable_questions_squad2(bert_model, bert_compiled, torch_logits, tmp_path):
     """Rows with empty answers train CLS; the pack says so, and the runtime then answers "" exactly where
     CLS start + end beats every span in PyTorch's logits."""
-    from bitfit.training.data import read_qa_examples
     from bitfit.encoder.model import load_tokenizer
+    from bitfit.training.data import read_qa_examples
     from bitfit.training.train import train
 
     data = write_qa_data(tmp_path / "qa2.jsonl", n=120, seed=5, unanswerable=0.4)
@@ -372,8 +370,8 @@ def test_token_tasks_have_their_own_calls(session, bert_compiled, pack_all):
 
 
 def test_long_questions_are_refused_in_training_too(bert_model):
-    from bitfit.training.data import QAExample
     from bitfit.encoder.model import load_tokenizer
+    from bitfit.training.data import QAExample
     from bitfit.training.tokens import encode_qa
 
     long = QAExample(" ".join(["what"] * 80), "the film", ("film",), (4,))
@@ -404,10 +402,9 @@ def hf_classifier(bert_model, tmp_path_factory) -> Path:
 def pooler_pack(checkpoint: Path) -> TaskPack:
     """A pack of an HF *ForSequenceClassification checkpoint, made by hand: its biases, pooler and classifier."""
     import transformers as T
-
-    from bitfit.runtime.pack import TensorSpec
     from bitfit.encoder.biases import find_biases
     from bitfit.encoder.model import base_fingerprint, count_parameters, load_encoder
+    from bitfit.runtime.pack import TensorSpec
 
     clf = T.AutoModelForSequenceClassification.from_pretrained(checkpoint)
     encoder = load_encoder(checkpoint)
@@ -433,9 +430,8 @@ def pooler_pack(checkpoint: Path) -> TaskPack:
 def test_pooler_pack_matches_the_hf_classifier(hf_classifier, bert_compiled, token_inputs, tmp_path):
     import torch
     import transformers as T
-
-    from bitfit.runtime import save_pack
     from bitfit.encoder.model import model_from_pack
+    from bitfit.runtime import save_pack
 
     path = save_pack(pooler_pack(hf_classifier), tmp_path / "pooler")
     session = TaskSession(bert_compiled)
@@ -460,7 +456,6 @@ def test_pooler_pack_matches_the_hf_classifier(hf_classifier, bert_compiled, tok
 def test_training_with_the_pooler_starts_from_the_checkpoint_pooler(hf_classifier, data_files, bert_compiled,
                                                                     token_inputs, torch_logits, tmp_path):
     import transformers as T
-
     from bitfit.training.train import train
 
     result = train(hf_classifier, data_files["sentiment"], tmp_path / "p", epochs=1, pooling="pooler", **QUIET)
@@ -479,7 +474,6 @@ def test_training_with_the_pooler_starts_from_the_checkpoint_pooler(hf_classifie
 
 def test_pooler_is_refused_where_the_checkpoint_has_none(tiny_model, data_files, tmp_path):
     import transformers as T
-
     from bitfit.training.train import train
 
     with pytest.raises(BitFitError, match=r"no BERT-style pooler \(dense \+ tanh\): use pooling mean or cls"):

@@ -7,15 +7,15 @@ import json
 
 import numpy as np
 import pytest
-
 from bitfit.runtime import KINDS, TaskKind, TaskPack, TaskSession, WrongCallError, decode, load_pack
 from bitfit.runtime.errors import PackError
 from bitfit.runtime.results import Predictions
 
 
 def test_every_kind_is_served_and_trainable():
-    from bitfit.serve.app import BODIES
     from bitfit.training.objectives import OBJECTIVES
+
+    from bitfit.serve.app import BODIES
 
     assert set(OBJECTIVES) == set(KINDS)
     for k in KINDS.values():
@@ -44,8 +44,9 @@ def multi_label(monkeypatch, pack_all):
 
 
 def test_a_new_kind_is_one_entry(multi_label, bert_compiled, tmp_path, capsys):
-    from bitfit.cli import main
     from bitfit.runtime import save_pack
+
+    from bitfit.cli import main
 
     session = TaskSession(bert_compiled)
     session.register(multi_label)

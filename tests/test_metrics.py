@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy import stats
-
 from bitfit.training import metrics
+from scipy import stats
 
 
 def test_spearman_and_pearson_match_scipy():

@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
-
 from bitfit.compiler.verify import verify
 from bitfit.runtime import BitFitError, TaskPack, TaskSession, load_pack
 from bitfit.runtime.compiled import MODEL_FILE, TASK_IDS, read_manifest

@@ -6,12 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bitfit.runtime import PackError, TaskPack, load_pack, read_pack_manifest, save_pack
+from bitfit.runtime.fs import sha256_file
+from bitfit.runtime.pack import MANIFEST_FILE, TENSORS_FILE
 from safetensors import safe_open
 from safetensors.numpy import save_file
-
-from bitfit.runtime import PackError, TaskPack, load_pack, read_pack_manifest, save_pack
-from bitfit.runtime.pack import MANIFEST_FILE, TENSORS_FILE
-from bitfit.runtime.fs import sha256_file
 
 
 def manifest_json(path: Path) -> dict:

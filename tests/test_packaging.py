@@ -15,7 +15,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from test_no_torch import BLOCKER
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,12 +6,11 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 import torch
-
-from conftest import ATOL, perturbed
-from bitfit.runtime import TaskSession, load_pack
-from bitfit.runtime.compiled import MODEL_FILE
 from bitfit.encoder.biases import find_biases
 from bitfit.encoder.model import load_encoder, load_tokenizer, model_from_pack
+from bitfit.runtime import TaskSession, load_pack
+from bitfit.runtime.compiled import MODEL_FILE
+from conftest import ATOL, perturbed
 
 KINDS = ("bert", "roberta", "distilbert", "mpnet", "electra")
 SHAPES = ((1, 5), (2, 7), (4, 23), (3, 60), (2, 64))

@@ -6,11 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from conftest import make_inputs
-from bitfit.runtime import BitFitError, TaskSession, load_pack
 from bitfit.encoder.model import model_from_pack
+from bitfit.runtime import BitFitError, TaskSession, load_pack
 from bitfit.training.peft_import import import_peft
+from conftest import make_inputs
 
 peft = pytest.importorskip("peft")
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
-
-from bitfit.compiler.verify import TOLERANCES, verify
 from bitfit.compiler.passes import CheckBiasInputsPass
+from bitfit.compiler.verify import TOLERANCES, verify
 from bitfit.runtime import BitFitError, TaskPack, TaskSession, load_pack
 from bitfit.runtime.compiled import MODEL_FILE
 

@@ -15,14 +15,14 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from bitfit.runtime import TaskSession, load_pack, read_pack_manifest, save_pack
+from bitfit.runtime.errors import BitFitError
+from bitfit.runtime.pack import TENSORS_FILE
 from starlette.testclient import TestClient
 
 from bitfit.cli import main
-from bitfit.runtime.errors import BitFitError
 from bitfit.serve import ServeConfig, create_app
 from bitfit.serve.batcher import Batcher
-from bitfit.runtime import TaskSession, load_pack, read_pack_manifest, save_pack
-from bitfit.runtime.pack import TENSORS_FILE
 
 ATOL = 1e-4  # batching changes padding, which moves logits by ~1e-6
 WORDS = "good bad great awful movie film plot actor love hate fun boring what who the city money".split()
@@ -514,8 +514,8 @@ def test_server_imports_no_torch():
 # -- token classification and QA --------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def head_packs(bert_model, tmp_path_factory) -> dict[str, Path]:
-    from head_data import write_qa_data, write_token_data
     from bitfit.training.train import train
+    from head_data import write_qa_data, write_token_data
 
     root = tmp_path_factory.mktemp("serve-heads")
     tags = train(bert_model, write_token_data(root / "tags.jsonl"), root / "tags", epochs=2, lr=5e-3, batch_size=8,

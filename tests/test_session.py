@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from conftest import ATOL
 from bitfit.runtime import TaskPack, TaskSession, load, load_pack
+from conftest import ATOL
 
 
 @pytest.fixture
@@ -115,7 +114,6 @@ def test_registering_from_a_path_and_an_object_is_the_same(bert_compiled, pack_a
 
 def test_device_option(bert_compiled):
     import onnxruntime as ort
-
     from bitfit.runtime import BitFitError, TaskSession
 
     assert TaskSession(bert_compiled, device="auto").device == (

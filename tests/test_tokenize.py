@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from bitfit.runtime import BitFitError, TaskSession
 from bitfit.encoder.model import load_tokenizer
+from bitfit.runtime import BitFitError, TaskSession
 
 TEXTS = ["Good movie!", "the " * 100, "Ünïcödé café, naïve résumé", "WIN £900 now!!! call 0906", "ok"]
 PAIRS = ["bad plot " * 40, "x", "who?", "the " * 100, "fine"]

@@ -6,13 +6,12 @@ import importlib
 import numpy as np
 import pytest
 import torch
-
-from conftest import QUIET
-from bitfit.runtime import TaskSession, load_pack
-from bitfit.runtime.errors import BitFitError, PackError
 from bitfit.encoder.biases import find_biases
 from bitfit.encoder.model import load_encoder, model_from_pack
+from bitfit.runtime import TaskSession, load_pack
+from bitfit.runtime.errors import BitFitError, PackError
 from bitfit.training.train import train
+from conftest import QUIET
 
 train_module = importlib.import_module("bitfit.training.train")
 
@@ -100,9 +99,9 @@ def test_same_seed_gives_identical_pack_files(bert_model, data_files, tmp_path):
 
 def test_trained_pack_matches_pytorch_dev_metrics(bert_model, pack_all, data_files):
     """The pack saves the best epoch; loading it back into PyTorch gives the recorded dev metric."""
+    from bitfit.encoder.model import load_tokenizer
     from bitfit.training.data import load_task_data
     from bitfit.training.metrics import evaluate
-    from bitfit.encoder.model import load_tokenizer
     from bitfit.training.sequence import predict
 
     pack = load_pack(pack_all)

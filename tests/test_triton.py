@@ -9,14 +9,22 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-
-from bitfit.cli import main
 from bitfit.exporters.triton import CONFIG_FILE, TASKS_FILE, export_triton
+from bitfit.runtime import TaskSession, load_pack
+from bitfit.runtime.compiled import (
+    LOGITS,
+    MODEL_FILE,
+    OUTPUT_NAME,
+    TASK_IDS,
+    TOKEN_LOGITS,
+    TOKENIZER_FILE,
+    read_manifest,
+)
+from bitfit.runtime.errors import BitFitError, CompiledModelError, IncompatibleError
 from conftest import QUIET
 from head_refs import numpy_head, variant_pack
-from bitfit.runtime import TaskSession, load_pack
-from bitfit.runtime.compiled import LOGITS, MODEL_FILE, OUTPUT_NAME, TASK_IDS, TOKEN_LOGITS, TOKENIZER_FILE, read_manifest
-from bitfit.runtime.errors import BitFitError, CompiledModelError, IncompatibleError
+
+from bitfit.cli import main
 
 TOL = 1e-5
 

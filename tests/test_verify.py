@@ -8,7 +8,6 @@ import math
 import numpy as np
 import onnx_ir as ir
 import pytest
-
 from bitfit.compiler.verify import verify, write_report
 from bitfit.runtime import IncompatibleError, ParityError, TaskSession
 from bitfit.runtime.compiled import MANIFEST_FILE, MODEL_FILE
@@ -167,8 +166,9 @@ def test_compile_verify_never_puts_a_failing_graph_in_place(bert_model, bert_com
                                                             monkeypatch, capsys):
     """`compile --verify` checks the new directory before the swap: on a mismatch the old graph stays, byte
     for byte, nothing is left beside it, and the command exits 1; on a match the new graph goes in."""
-    from bitfit.cli import main
     from bitfit.compiler import verify as verify_module
+
+    from bitfit.cli import main
 
     target = copy_dir(bert_compiled, "graph")
     before = {p.name: p.read_bytes() for p in target.iterdir()}

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from bitfit.runtime.errors import BitFitError
 
 TEST_SIZE, DEV_SIZE = 1500, 500

@@ -23,15 +23,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-
-from bitfit.runtime.errors import BitFitError, IncompatibleError
 from bitfit.encoder.biases import ALL_KINDS, find_biases, parse_subset
 from bitfit.encoder.model import base_fingerprint, count_parameters, load_encoder, max_positions
+from bitfit.runtime.errors import BitFitError, IncompatibleError
 from bitfit.runtime.heads import HEAD_BIAS, HEAD_POOLER_BIAS, HEAD_POOLER_WEIGHT, HEAD_WEIGHT
 from bitfit.runtime.kinds import KINDS
 from bitfit.runtime.pack import PackManifest, TaskPack, TensorSpec, save_pack
 from bitfit.runtime.version import __version__
+from torch import nn
 
 _ROBERTA_HEAD = ("classifier.dense", "classifier.out_proj")
 # class name -> (pooler module, classifier module); "{p}" is the model's base_model_prefix

@@ -9,9 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.nn import functional as F
-
 from bitfit.runtime.errors import BitFitError
+from torch.nn import functional as F
 
 from . import tokens
 from .data import TaskData

@@ -13,11 +13,16 @@ import string
 
 import numpy as np
 import torch
-from torch.nn import functional as F
-
 from bitfit.runtime.errors import BitFitError
-from bitfit.runtime.heads import (DEFAULT_MAX_ANSWER_TOKENS, answers_nothing, best_span, first_subtokens, null_score,
-                           word_logits)
+from bitfit.runtime.heads import (
+    DEFAULT_MAX_ANSWER_TOKENS,
+    answers_nothing,
+    best_span,
+    first_subtokens,
+    null_score,
+    word_logits,
+)
+from torch.nn import functional as F
 
 from .data import QAExample, TaskData, TokenExample, is_bio
 

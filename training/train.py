@@ -11,18 +11,23 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-
 from bitfit.encoder.biases import BiasSlot, find_biases, parse_subset
-from bitfit.encoder.model import (BitFitModel, base_fingerprint, count_parameters, load_encoder, load_pooler,
-                                  load_tokenizer, max_positions)
+from bitfit.encoder.model import (
+    BitFitModel,
+    base_fingerprint,
+    count_parameters,
+    load_encoder,
+    load_pooler,
+    load_tokenizer,
+    max_positions,
+)
 from bitfit.runtime.errors import BitFitError, PackError
 from bitfit.runtime.fs import check_target
 from bitfit.runtime.heads import POOLINGS
 from bitfit.runtime.kinds import kind
 from bitfit.runtime.pack import MANIFEST_FILE, PackManifest, TaskPack, TensorSpec, save_pack
-
 from bitfit.runtime.version import __version__
+from tqdm.auto import tqdm
 
 from .data import TaskData, load_task_data
 from .objectives import objective
