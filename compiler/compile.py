@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 from bitfit.encoder.biases import find_biases, parse_subset
-from bitfit.encoder.model import base_fingerprint, load_encoder, load_tokenizer, max_positions, uses_token_types
+from bitfit.encoder.model import (base_fingerprint, load_encoder, load_tokenizer, max_positions, type_vocab_size,
+                                  uses_token_types)
 from bitfit.runtime import compiled as cm
 from bitfit.runtime.errors import BitFitError, CompiledModelError, ParityError
-from bitfit.runtime.fs import check_target, output_dir, sha256_file
+from bitfit.runtime.fs import check_target, output_dir
 from bitfit.runtime.pack import TensorSpec
 from bitfit.runtime.version import __version__
 from safetensors.numpy import save_file
@@ -137,7 +138,8 @@ def compile(
             bias_inputs=[TensorSpec(s.name, tuple(s.parameter.shape), "float32", s.kind, s.layer, s.source) for s in slots],
             pad_token=str(tokenizer.pad_token),
             pad_token_id=int(tokenizer.pad_token_id),
-            model_sha256=sha256_file(tmp / cm.MODEL_FILE),
+            vocab_size=int(encoder.get_input_embeddings().num_embeddings),
+            type_vocab_size=type_vocab_size(encoder),
             passes=steps,
             fused_ops=fused_ops,
             mixed=mixed,

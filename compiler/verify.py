@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from bitfit.runtime import TaskSession, load_pack
+from bitfit.runtime.compiled import changed_files
 from bitfit.runtime.errors import BitFitError, IncompatibleError, ParityError
 from bitfit.runtime.fs import write_file
 from bitfit.runtime.heads import softmax
@@ -193,7 +194,7 @@ def verify(
     """
     from bitfit.encoder.model import load_tokenizer
 
-    session = TaskSession(compiled)
+    session = TaskSession(compiled, check_integrity=False)  # integrity is the first check below, not a refusal
     cm = session.manifest
     if mode == "auto":
         mode = "int8" if cm.precision.startswith("int8") else cm.precision
@@ -208,6 +209,11 @@ def verify(
     sentences = list(texts or SENTENCES)
     max_len = min(128, cm.max_positions)
     vocab = int(ref.encoder.config.vocab_size)
+
+    # every file is the one that was compiled (a mismatch is a failed check, not bad input)
+    changed = changed_files(session.directory, cm)
+    report.checks.append(Check("graph", "files match their checksums", float("nan"), passed=not changed,
+                               note=f"changed: {', '.join(changed)}" if changed else ""))
 
     # tokenization: the runtime's `tokenizers` path must give transformers' ids
     hf = load_tokenizer(base)(sentences, padding=True, truncation=True, max_length=max_len, return_tensors="np",

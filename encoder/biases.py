@@ -29,11 +29,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bitfit.runtime.errors import BitFitError
+from bitfit.runtime.pack import BIAS_KINDS, EMBEDDING_KIND, LAYER_KINDS
 from torch import nn
 
-LAYER_KINDS = ("bq", "bk", "bv", "bm1", "bLN1", "bm2", "bm3", "bLN2")
-EMBEDDING_KIND = "bLNe"
-ALL_KINDS = (*LAYER_KINDS, EMBEDDING_KIND)
+# the names are the pack format's (runtime.pack): packs and graphs use them
+ALL_KINDS = BIAS_KINDS
 PRESETS = {"all": ALL_KINDS, "paper-min": ("bq", "bm2")}
 
 

@@ -7,7 +7,13 @@ import os
 import numpy as np
 import torch
 from bitfit.runtime.errors import BitFitError, IncompatibleError
-from bitfit.runtime.heads import HEAD_BIAS, HEAD_POOLER_BIAS, HEAD_POOLER_WEIGHT, HEAD_WEIGHT, POOLINGS
+from bitfit.runtime.heads import (
+    HEAD_BIAS,
+    HEAD_POOLER_BIAS,
+    HEAD_POOLER_WEIGHT,
+    HEAD_WEIGHT,
+    POOLINGS,
+)
 from bitfit.runtime.pack import TaskPack
 from torch import nn
 
@@ -66,6 +72,11 @@ def base_fingerprint(encoder: nn.Module) -> str:
 
 def count_parameters(encoder: nn.Module) -> int:
     return sum(p.numel() for n, p in encoder.named_parameters() if not n.startswith("pooler."))
+
+
+def type_vocab_size(encoder: nn.Module) -> int:
+    """Rows of the token type embedding the graph reads (0: it takes no token_type_ids)."""
+    return int(encoder.embeddings.token_type_embeddings.num_embeddings) if uses_token_types(encoder) else 0
 
 
 def uses_token_types(encoder: nn.Module) -> bool:

@@ -109,7 +109,7 @@ def export_adapter(
         data = scratch.read_bytes()
     finally:
         scratch.unlink(missing_ok=True)
-    record = sidecar(manifest, pack, manifest.model_sha256, tensors)
+    record = sidecar(manifest, pack, manifest.files[cm.MODEL_FILE], tensors)
     write_file(out, data, overwrite=overwrite, what="adapter file")
     write_file(side, json.dumps(record, indent=2) + "\n", overwrite=overwrite, what="adapter sidecar")
     return out

@@ -5,30 +5,69 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from . import schema as S
 from .errors import CompiledModelError, IncompatibleError
-from .fs import sha256_file
+from .fs import open_regular, read_json, sha256_file, write_file
 from .heads import HEAD_BIAS, HEAD_POOLER_BIAS, HEAD_POOLER_WEIGHT, HEAD_WEIGHT
-from .pack import PackManifest, TaskPack, TensorSpec, _version
+from .pack import SPEC_FIELDS, PackManifest, TaskPack, TensorSpec
+from .tensorfile import load_tensors
 
 FORMAT = "bitfit-compiled"
-FORMAT_VERSION = 1
+# 2: every file is under a required checksum, the manifest under its own, and it states the vocabulary sizes
+FORMAT_VERSION = 2
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 OUTPUT_NAME = "last_hidden_state"
 TASK_IDS = "task_ids"  # mixed graphs: int64 [batch], each row's row in the bias tables
 BASE_BIASES_FILE = "base_biases.safetensors"  # the base model's bias values, by canonical name
+FILES = (MODEL_FILE, TOKENIZER_FILE, BASE_BIASES_FILE)  # what a compiled directory holds besides its manifest
+TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # The in-graph head (plain graphs): optional inputs, so a run that feeds none of them is the base model.
 HEAD_POOLING = "head.pooling"  # float [3]: weights of the (mean, cls, pooler) poolings; one-hot for a pack
 POOLING_COLUMNS = ("mean", "cls", "pooler")
 LOGITS = "logits"  # [batch, labels] = pooled @ head.weight^T + head.bias
 TOKEN_LOGITS = "token_logits"  # [batch, sequence, labels] = hidden @ head.weight^T + head.bias
+_FIX = "the compiled directory is damaged or was edited by hand; compile it again (bitfit compile)"
+
+_HEAD_SPEC = {**SPEC_FIELDS, "shape": S.Field(
+    lambda v: isinstance(v, list) and 0 < len(v) <= 4 and all(S.integer(-1).check(d) and d != 0 for d in v),
+    "a shape: 1 to 4 whole numbers >= 1, or -1 for any size")}
+MANIFEST_FIELDS = {
+    "base_model": S.string(),
+    "base_model_type": S.string(256),
+    "base_fingerprint": S.hexdigest(),
+    "hidden_size": S.integer(1, 1 << 16),
+    "num_layers": S.integer(1, 1 << 16),
+    "max_positions": S.integer(1, 1 << 20),
+    "vocab_size": S.integer(1, 1 << 24),
+    "type_vocab_size": S.integer(0, 1 << 16),
+    "opset": S.integer(1, 1000),
+    "token_inputs": S.Field(lambda v: isinstance(v, list) and v[:2] == list(TOKEN_INPUTS[:2]) and
+                            v in (list(TOKEN_INPUTS[:2]), list(TOKEN_INPUTS)),
+                            f"{list(TOKEN_INPUTS[:2])} or {list(TOKEN_INPUTS)}"),
+    "bias_inputs": S.list_of(S.record(SPEC_FIELDS), 1 << 16),
+    "pad_token": S.string(256),
+    "pad_token_id": S.integer(0, 1 << 24),
+    "files": S.record({name: S.hexdigest() for name in FILES}),
+    "output": S.equal(OUTPUT_NAME),
+    "precision": S.text(64),
+    "passes": S.list_of(S.string(256), 256),
+    "fused_ops": S.mapping(S.integer(0)),
+    "mixed": S.boolean(),
+    "head_inputs": S.list_of(S.record(_HEAD_SPEC), 16),
+    "outputs": S.list_of(S.one_of((OUTPUT_NAME, LOGITS, TOKEN_LOGITS)), 3, unique=True),
+    "tool_version": S.string(256, required=False),
+    S.SEAL: S.hexdigest(),
+    "format": S.equal(FORMAT),
+    "format_version": S.equal(FORMAT_VERSION),
+}
 
 
 @dataclass
@@ -44,23 +83,35 @@ class CompiledManifest:
     bias_inputs: list[TensorSpec]
     pad_token: str
     pad_token_id: int
-    model_sha256: str
+    vocab_size: int  # rows of the word embedding: input ids must lie below it
+    type_vocab_size: int = 0  # rows of the token type embedding (0: the graph takes no token_type_ids)
+    files: dict[str, str] = field(default_factory=dict)  # sha256 of every file beside the manifest (write_manifest)
     output: str = OUTPUT_NAME
     precision: str = "fp32"
     passes: list[str] = field(default_factory=list)
     fused_ops: dict[str, int] = field(default_factory=dict)  # onnxruntime fused kernels in the graph, by op
     mixed: bool = False  # biases are [tasks, dim] tables picked per row by task_ids
-    # Optional inputs of the in-graph head (-1 in a shape: any size, the number of labels); empty for graphs
-    # compiled before the head existed and for mixed graphs. outputs: every graph output, `output` first.
+    # Optional inputs of the in-graph head (-1 in a shape: any size, the number of labels); empty for mixed
+    # graphs and graphs compiled with --no-head. outputs: every graph output, `output` first.
     head_inputs: list[TensorSpec] = field(default_factory=list)
     outputs: list[str] = field(default_factory=lambda: [OUTPUT_NAME])
     tool_version: str = ""
+    manifest_sha256: str = ""
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
         self.bias_inputs = [b if isinstance(b, TensorSpec) else TensorSpec.from_json(b) for b in self.bias_inputs]
         self.head_inputs = [h if isinstance(h, TensorSpec) else TensorSpec.from_json(h) for h in self.head_inputs]
+        names = [b.name for b in self.bias_inputs]
+        if len(set(names)) != len(names) or any(b.kind is None or len(b.shape) != 1 for b in self.bias_inputs):
+            raise CompiledModelError(f"the compiled manifest's bias inputs must be distinct vectors with a kind: {_FIX}")
+        if (self.type_vocab_size > 0) != ("token_type_ids" in self.token_inputs):
+            raise CompiledModelError(f"type_vocab_size {self.type_vocab_size} contradicts token inputs "
+                                     f"{self.token_inputs}: {_FIX}")
+        if self.pad_token_id >= self.vocab_size:
+            raise CompiledModelError(f"pad_token_id {self.pad_token_id} is outside the vocabulary of {self.vocab_size}: "
+                                     f"{_FIX}")
 
     @property
     def bias_specs(self) -> dict[str, TensorSpec]:
@@ -74,9 +125,13 @@ class CompiledManifest:
 
 
 def write_manifest(directory: str | os.PathLike, manifest: CompiledManifest) -> Path:
-    path = Path(directory) / MANIFEST_FILE
-    path.write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
-    return path
+    """Write manifest.json for a directory whose other files are complete: their checksums go in, and the
+    manifest's own seal over everything."""
+    root = Path(directory)
+    manifest.files = {name: sha256_file(root / name) for name in FILES}
+    data = S.seal(manifest.to_json())
+    manifest.manifest_sha256 = data[S.SEAL]
+    return write_file(root / MANIFEST_FILE, json.dumps(data, indent=2) + "\n", what="compiled manifest")
 
 
 def _root(directory: str | os.PathLike) -> Path:
@@ -87,32 +142,38 @@ def _root(directory: str | os.PathLike) -> Path:
 
 
 def read_manifest(directory: str | os.PathLike) -> CompiledManifest:
+    """The compiled manifest, checked: bounded read, format and version, the schema, its seal, and every file
+    it lists present as a regular file (their contents: CompiledModel.open)."""
     root = _root(directory)
     if not root.is_dir():
         raise CompiledModelError(f"no compiled model at {root}: run `bitfit compile --model M --out {root}` first")
-    for name in (MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE):
-        if not (root / name).is_file():
+    for name in (MANIFEST_FILE, *FILES):
+        if not os.path.lexists(root / name):
             raise CompiledModelError(f"{root} has no {name}: it is not a complete compiled model; compile it again")
-    try:
-        data = json.loads((root / MANIFEST_FILE).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CompiledModelError(f"{root / MANIFEST_FILE} is not valid JSON ({e}): compile again") from e
+    where = root / MANIFEST_FILE
+    data = read_json(where, what="compiled manifest", error=CompiledModelError, fix=_FIX)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise CompiledModelError(f"{root / MANIFEST_FILE} is not a bitfit compiled-model manifest")
-    if _version(data, root / MANIFEST_FILE, CompiledModelError) > FORMAT_VERSION:
-        raise CompiledModelError(f"{root} was compiled by a newer bitfit (format {data['format_version']}): upgrade")
-    known = {f.name for f in fields(CompiledManifest)}
-    try:
-        return CompiledManifest(**{k: v for k, v in data.items() if k in known})
-    except TypeError as e:
-        raise CompiledModelError(f"{root / MANIFEST_FILE} is incomplete ({e}): compile again") from e
+        raise CompiledModelError(f"{where} is not a bitfit compiled-model manifest")
+    version = data.get("format_version")
+    if not S.integer(0).check(version):
+        raise CompiledModelError(f"{where} has format_version {version!r}, not a whole number: {_FIX}")
+    if version > FORMAT_VERSION:
+        raise CompiledModelError(f"{root} was compiled by a newer bitfit (format {version}): upgrade")
+    if version < FORMAT_VERSION:
+        raise CompiledModelError(f"{root} was compiled by an older bitfit (format {version}, without the checksums "
+                                 "this version requires): compile it again")
+    S.validate(data, MANIFEST_FIELDS, str(where), CompiledModelError, _FIX)
+    S.check_seal(data, str(where), CompiledModelError, _FIX)
+    for name in FILES:
+        os.close(open_regular(root / name, error=CompiledModelError, fix=_FIX)[0])
+    return CompiledManifest(**data)
 
 
 @dataclass(frozen=True)
 class CompiledModel:
-    """A compiled directory, opened and checked once: the manifest, the graph's checksum, and the base
-    model's bias values (names and shapes as the manifest declares, finite). What every reader of a compiled
-    directory starts from: the session, the bias bank, the Triton and adapter exporters."""
+    """A compiled directory, opened and checked once: the manifest, every file against its checksum, and the
+    base model's bias values (exactly the bias inputs, float32, finite). What every reader of a compiled
+    directory starts from: the session, the bias bank, the Triton and adapter exporters, verify."""
 
     directory: Path
     manifest: CompiledManifest
@@ -128,39 +189,35 @@ class CompiledModel:
 
     @classmethod
     def open(cls, directory: str | os.PathLike, *, check_integrity: bool = True) -> CompiledModel:
+        """check_integrity=False skips hashing the files (verify does it as one of its checks)."""
         root = _root(directory)
         manifest = read_manifest(root)
-        model_path = root / MODEL_FILE
-        if check_integrity and manifest.model_sha256 and sha256_file(model_path) != manifest.model_sha256:
-            raise CompiledModelError(
-                f"{model_path} does not match the checksum in {MANIFEST_FILE}: it is corrupt or was replaced; "
-                "compile again"
-            )
+        if check_integrity:
+            changed = changed_files(root, manifest)
+            if changed:
+                raise CompiledModelError(
+                    f"{', '.join(changed)} in {root} do not match the checksums in {MANIFEST_FILE}: corrupt, or "
+                    "changed after compiling (a tokenizer or base bias edited by hand changes every answer); "
+                    "compile again"
+                )
         return cls(root, manifest, _read_base_biases(root, manifest))
 
     def check_pack(self, pack: TaskPack | PackManifest, where: str = "") -> None:
         check_pack_fits(self.manifest, pack, where)
 
 
+def changed_files(root: Path, manifest: CompiledManifest) -> list[str]:
+    """The files of a compiled directory whose sha256 is not the one its manifest records."""
+    return [name for name in FILES if sha256_file(root / name) != manifest.files.get(name)]
+
+
 def _read_base_biases(root: Path, manifest: CompiledManifest) -> dict[str, np.ndarray]:
     path = root / BASE_BIASES_FILE
-    if not path.is_file():
-        raise CompiledModelError(
-            f"{root} has no {BASE_BIASES_FILE}, the base values of the biases a pack does not train: compile it "
-            "again with this bitfit"
-        )
-    from safetensors.numpy import load_file
-
-    try:
-        base = load_file(str(path))
-    except Exception as e:  # safetensors raises its own error types
-        raise CompiledModelError(f"{path} is unreadable ({e}): compile again") from e
-    for spec in manifest.bias_inputs:
-        value = base.get(spec.name)
-        if value is None or tuple(value.shape) != spec.shape or value.dtype != np.float32:
-            raise CompiledModelError(f"{path} lacks {spec.name} as float32 {list(spec.shape)}: compile again")
-        if not np.isfinite(value).all():
-            raise CompiledModelError(f"{path}: {spec.name} holds NaN or inf: compile again")
+    expected = {spec.name: (spec.shape, "float32") for spec in manifest.bias_inputs}
+    base, _ = load_tensors(path, expected, error=CompiledModelError, fix=_FIX)
+    bad = [name for name, value in base.items() if not np.isfinite(value).all()]
+    if bad:
+        raise CompiledModelError(f"{path}: {', '.join(bad[:4])} hold NaN or inf: {_FIX}")
     return base
 
 
@@ -183,6 +240,12 @@ def check_pack_fits(compiled: CompiledManifest, pack: TaskPack | PackManifest, w
             f"the graph has no input for biases {', '.join(absent[:4])}{' ...' if len(absent) > 4 else ''}: "
             f"recompile with --biases all (or include {','.join(kinds)})"
         )
+    held = {b.name for b in m.biases}
+    partial = sorted(g.name for g in compiled.bias_inputs if g.kind in m.bias_subset and g.name not in held)
+    if partial:  # the base value would stand in for a bias the pack says it trained
+        problems.append(f"the pack trains {','.join(m.bias_subset)} but lacks {len(partial)} of the graph's inputs of "
+                        f"those kinds ({', '.join(partial[:4])}{' ...' if len(partial) > 4 else ''}): the pack is "
+                        "incomplete; re-save it")
     for b in m.biases:
         g = graph.get(b.name)
         if g is not None and (g.shape != b.shape or g.dtype != b.dtype):

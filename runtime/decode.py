@@ -79,7 +79,8 @@ def run_sequence(session: TaskSession, task: str, texts: Sequence[str], text_pai
     chunks = []
     for start in range(0, len(texts), batch_size):
         pairs = None if text_pairs is None else text_pairs[start : start + batch_size]
-        inputs = session.encoder(texts[start : start + batch_size], pairs, max_length=m.max_length)
+        inputs = session.encoder(texts[start : start + batch_size], pairs, max_length=m.max_length,
+                                 index=range(start, start + len(texts[start : start + batch_size])))
         chunks.append(session.forward(task, inputs, state))
     return t.kind.decode(task, m, np.concatenate(chunks))
 
@@ -95,7 +96,8 @@ def run_tokens(session: TaskSession, task: str, texts: Sequence[str] | Sequence[
     words_out, labels_out, scores_out, logits_out, offsets_out, truncated_out = [], [], [], [], [], []
     for start in range(0, len(texts), batch_size):
         batch = [list(x) if pretokenized else x for x in texts[start : start + batch_size]]
-        inputs, encodings = session.encoder.encodings(batch, max_length=m.max_length, pretokenized=pretokenized)
+        inputs, encodings = session.encoder.encodings(batch, max_length=m.max_length, pretokenized=pretokenized,
+                                                      index=range(start, start + len(batch)))
         logits = session.forward(task, inputs, state)
         for row, item, enc in zip(logits, batch, encodings):
             if pretokenized:
@@ -165,9 +167,12 @@ def answer(
     for first in range(0, len(pairs), batch_size):
         group = pairs[first : first + batch_size]
         if windows:
-            inputs, encodings, owner = session.encoder.windows(group, max_length=m.max_length, stride=stride)
+            inputs, encodings, owner = session.encoder.windows(group, max_length=m.max_length, stride=stride,
+                                                                    first=first)
         else:
-            inputs, encodings = session.encoder.encodings(group, max_length=m.max_length, strategy="only_second")
+            inputs, encodings = session.encoder.encodings(group, max_length=m.max_length, strategy="only_second",
+                                                          names=("questions", "contexts"),
+                                                          index=range(first, first + len(group)))
             owner = list(range(len(group)))
             truncated[first : first + len(group)] = [bool(enc.overflowing) for enc in encodings]
         for start in range(0, len(encodings), batch_size):

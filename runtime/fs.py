@@ -13,11 +13,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import secrets
 import shutil
+import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from .errors import BitFitError
 
@@ -30,6 +33,72 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: fh.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+MAX_JSON_BYTES = 16 << 20  # a manifest or map: kilobytes; more is not one of ours
+
+
+def open_regular(path: str | os.PathLike, *, error: type[BitFitError], fix: str) -> tuple[int, int]:
+    """An open descriptor of `path` and its size, only if it is a regular file (a directory, FIFO, socket
+    or device is refused; a FIFO never blocks the open). The caller closes the descriptor."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise error(f"{path} is missing: {fix}") from None
+    except IsADirectoryError:
+        raise error(f"{path} is a directory, not a file: {fix}") from None
+    except OSError as e:
+        raise error(f"cannot open {path} ({e.strerror}): {fix}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        what = "directory" if stat.S_ISDIR(info.st_mode) else "FIFO" if stat.S_ISFIFO(info.st_mode) else "special file"
+        raise error(f"{path} is a {what}, not a regular file: {fix}")
+    return fd, info.st_size
+
+
+def regular_size(path: str | os.PathLike, *, error: type[BitFitError], fix: str) -> int:
+    """The size of `path` if it is a regular file; `error` otherwise (missing, a directory, a FIFO, ...)."""
+    fd, size = open_regular(path, error=error, fix=fix)
+    os.close(fd)
+    return size
+
+
+def read_bounded(path: str | os.PathLike, limit: int, *, what: str, error: type[BitFitError], fix: str) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes."""
+    fd, size = open_regular(path, error=error, fix=fix)
+    try:
+        if size > limit:
+            raise error(f"{path} is {size:,} bytes, more than a {what} can be ({limit:,}): {fix}")
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            data = fh.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:  # it grew while it was read
+        raise error(f"{path} is more than a {what} can be ({limit:,} bytes): {fix}")
+    return data
+
+
+def read_json(path: str | os.PathLike, *, what: str, error: type[BitFitError], fix: str,
+              limit: int = MAX_JSON_BYTES) -> Any:
+    """Parse a JSON file that a person may have edited, truncated, replaced or inflated: refused with `error`
+    naming the problem and `fix` unless it is a regular UTF-8 file of at most `limit` bytes holding JSON
+    without NaN or Infinity, nested at most a few hundred levels, with numbers Python can hold."""
+    data = read_bounded(path, limit, what=what, error=error, fix=fix)
+    try:
+        return json.loads(data.decode("utf-8"), parse_constant=_no_constant)
+    except UnicodeDecodeError as e:
+        raise error(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): {fix}") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}): {fix}") from None
+    except RecursionError:
+        raise error(f"{path} is nested too deeply to be a {what}: {fix}") from None
+    except ValueError as e:  # a NaN / Infinity literal, or an integer of thousands of digits
+        raise error(f"{path} holds a value JSON manifests may not hold ({e}): {fix}") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
 
 
 def _umask() -> int:

@@ -1,7 +1,9 @@
 """Task packs: one task's trained biases and head, with a manifest that says what they fit.
 
 A pack is a directory holding ``manifest.json`` and ``tensors.safetensors``. It needs numpy and
-safetensors only, so the deployment runtime reads it without torch. Loading is strict: every
+safetensors only, so the deployment runtime reads it without torch. Loading is strict: the manifest is a
+schema (runtime.schema) sealed by its own sha256, the tensors file is under a sha256 the manifest holds
+(both required), its header is checked against the manifest before any tensor is read, and every
 mismatch between the manifest and the tensors is an error, never a silent skip.
 """
 from __future__ import annotations
@@ -9,24 +11,67 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
+from . import schema as S
 from .errors import PackError
-from .fs import output_dir, sha256_file
-from .heads import HEAD_POOLER_BIAS, HEAD_POOLER_WEIGHT, HEAD_WEIGHT, POOLINGS
+from .fs import output_dir, read_json, regular_size, sha256_file
+from .heads import HEAD_BIAS, HEAD_POOLER_BIAS, HEAD_POOLER_WEIGHT, HEAD_WEIGHT, POOLINGS
 from .kinds import KINDS, TaskKind, kind
+from .tensorfile import load_tensors
 
 FORMAT = "bitfit-task-pack"
-FORMAT_VERSION = 1
+# 2: the manifest carries its own sha256 and both checksums are required (format 1 had neither required)
+FORMAT_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 TENSORS_FILE = "tensors.safetensors"
 METADATA_KEY = "bitfit"  # safetensors metadata: provenance JSON, checked against the manifest
+# Bias kinds in the paper's notation (plus bLNe, the embeddings' LayerNorm): the names packs and graphs use.
+LAYER_KINDS = ("bq", "bk", "bv", "bm1", "bLN1", "bm2", "bm3", "bLN2")
+EMBEDDING_KIND = "bLNe"
+BIAS_KINDS = (*LAYER_KINDS, EMBEDDING_KIND)
+_FIX = "the pack is damaged or was edited by hand; re-save it (train, extract or import-peft again) or re-copy it"
+
+SPEC_FIELDS = {
+    "name": S.text(256),
+    "shape": S.SHAPE,
+    "dtype": S.one_of(("float32",)),
+    "kind": S.one_of(BIAS_KINDS, required=False),
+    "layer": S.integer(0, 1 << 16, required=False),
+    "source": S.string(required=False),
+}
+_CHECKSUM = S.Field(lambda v: v == "" or S.hexdigest().check(v), "a sha256 hex digest", required=False)
+MANIFEST_FIELDS = {
+    "task": S.text(256),
+    "task_kind": S.text(64),  # a registered kind: checked by runtime.kinds, which names them
+    "labels": S.list_of(S.text(256), 1 << 16),
+    "pooling": S.one_of(POOLINGS),
+    "max_length": S.integer(1, 1 << 20),
+    "text_pair": S.boolean(),
+    "base_model": S.string(),
+    "base_model_type": S.string(256),
+    "base_fingerprint": S.hexdigest(),
+    "hidden_size": S.integer(1, 1 << 16),
+    "tokenizer": S.string(),
+    "bias_subset": S.list_of(S.one_of(BIAS_KINDS), len(BIAS_KINDS), unique=True),
+    "biases": S.list_of(S.record(SPEC_FIELDS), 1 << 16),
+    "head": S.list_of(S.record(SPEC_FIELDS), 8),
+    "trainable_params": S.integer(0),
+    "base_params": S.integer(1),
+    "metrics": S.Field(lambda v: isinstance(v, dict) and S.json_value().check(v), "an object of JSON values",
+                       required=False),
+    "no_answer": S.boolean(required=False),
+    "tool_version": S.string(256, required=False),
+    "tensors_sha256": _CHECKSUM,
+    S.SEAL: _CHECKSUM,
+    "format": S.equal(FORMAT),
+    "format_version": S.equal(FORMAT_VERSION),
+}
 
 
 @dataclass(frozen=True)
@@ -76,28 +121,50 @@ class PackManifest:
     no_answer: bool = False
     tool_version: str = ""
     tensors_sha256: str = ""
+    manifest_sha256: str = ""  # set by save_pack: the sha256 of the rest of the manifest (runtime.schema)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        k = kind(self.task_kind)
-        if self.pooling not in POOLINGS:
-            raise PackError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        if k.token_level and self.pooling != "none":
-            raise PackError(
-                f"a {self.task_kind} task has logits per token, so its pooling must be 'none', got {self.pooling!r}"
-            )
-        if not k.token_level and self.pooling == "none":
-            token_kinds = tuple(n for n, v in KINDS.items() if v.token_level)
-            raise PackError(
-                f"a {self.task_kind} task pools the tokens: pooling 'none' is only for {token_kinds}; "
-                "use mean, cls or pooler"
-            )
-        k.check_labels(self.labels)
-        if self.no_answer and not k.no_answer:
-            raise PackError(f"no_answer is for question-answering tasks only, not {self.task_kind}")
         self.biases = [b if isinstance(b, TensorSpec) else TensorSpec.from_json(b) for b in self.biases]
         self.head = [h if isinstance(h, TensorSpec) else TensorSpec.from_json(h) for h in self.head]
+        problems = self.problems()
+        if problems:
+            raise PackError(f"the manifest of task pack {self.task!r} is inconsistent: " + "; ".join(problems))
+
+    def problems(self) -> list[str]:
+        """Every way the manifest's fields contradict each other (types are the schema's job)."""
+        k = kind(self.task_kind)
+        out = []
+        if k.token_level and self.pooling != "none":
+            out.append(f"a {self.task_kind} task has logits per token, so its pooling must be 'none', got "
+                       f"{self.pooling!r}")
+        if not k.token_level and self.pooling == "none":
+            token_kinds = tuple(n for n, v in KINDS.items() if v.token_level)
+            out.append(f"a {self.task_kind} task pools the tokens: pooling 'none' is only for {token_kinds}; use "
+                       "mean, cls or pooler")
+        k.check_labels(self.labels)
+        if self.no_answer and not k.no_answer:
+            out.append(f"no_answer is for question-answering tasks only, not {self.task_kind}")
+        names = [s.name for s in self.specs]
+        if len(set(names)) != len(names):
+            out.append(f"tensors listed twice: {sorted({n for n in names if names.count(n) > 1})[:4]}")
+        for b in self.biases:
+            if b.kind is None or b.kind not in self.bias_subset or len(b.shape) != 1:
+                out.append(f"bias {b.name} must be a vector of one of the pack's bias kinds {self.bias_subset}, got "
+                           f"kind {b.kind} shape {list(b.shape)}")
+        absent = [s for s in self.bias_subset if not any(b.kind == s for b in self.biases)]
+        if absent:
+            out.append(f"bias_subset names {absent} but no tensor of that kind is listed")
+        n, h = self.num_outputs, self.hidden_size
+        want = {HEAD_WEIGHT: (n, h), HEAD_BIAS: (n,)}
+        if self.pooling == "pooler":
+            want |= {HEAD_POOLER_WEIGHT: (h, h), HEAD_POOLER_BIAS: (h,)}
+        have = {s.name: s.shape for s in self.head}
+        if have != want:
+            out.append(f"the head must be {_shapes(want)} for {n} outputs, hidden size {h} and pooling "
+                       f"{self.pooling!r}; the manifest lists {_shapes(have)}")
+        return out
 
     @property
     def kind(self) -> TaskKind:
@@ -122,14 +189,14 @@ class PackManifest:
         return out
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> PackManifest:
-        names = {f.name for f in fields(cls)}
-        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
-        missing = sorted(required - data.keys())
-        if missing:
-            raise PackError(f"manifest.json lacks the keys {missing}: the pack is incomplete; save it again")
-        return cls(**{k: v for k, v in data.items() if k in names})
+    def from_json(cls, data: Any, where: str = "the pack's manifest") -> PackManifest:
+        """A manifest from parsed JSON, checked against the schema first (types, ranges, keys)."""
+        data = S.validate(data, MANIFEST_FIELDS, where, PackError, _FIX)
+        return cls(**data)
 
+
+def _shapes(specs: dict[str, tuple[int, ...]]) -> str:
+    return ", ".join(f"{k} {list(v)}" for k, v in sorted(specs.items())) or "nothing"
 
 
 @dataclass
@@ -173,23 +240,6 @@ def check_tensors(manifest: PackManifest, tensors: dict[str, np.ndarray], where:
             problems.append(f"{name} has dtype {t.dtype}, the manifest says {spec.dtype}")
         elif np.issubdtype(t.dtype, np.floating) and not np.isfinite(t).all():
             problems.append(f"{name} holds NaN or inf values (training diverged? lower the learning rate)")
-    w = tensors.get(HEAD_WEIGHT)
-    if w is not None and w.ndim == 2 and w.shape != (manifest.num_outputs, manifest.hidden_size):
-        problems.append(
-            f"{HEAD_WEIGHT} has shape {tuple(w.shape)} but the task has {manifest.num_outputs} outputs "
-            f"and hidden size {manifest.hidden_size}"
-        )
-    if manifest.pooling == "pooler":
-        h = manifest.hidden_size
-        want = {HEAD_POOLER_WEIGHT: (h, h), HEAD_POOLER_BIAS: (h,)}
-        head = {s.name: s for s in manifest.head}
-        for name, shape in want.items():
-            if name not in head:
-                problems.append(f"pooling is 'pooler' but the manifest's head lacks {name} {shape}")
-            elif name not in tensors:
-                pass  # already reported as missing above
-            elif tuple(tensors[name].shape) != shape:
-                problems.append(f"{name} has shape {tuple(tensors[name].shape)}, the pooler needs {shape}")
     if problems:
         raise PackError(f"{where} is invalid: " + "; ".join(problems))
 
@@ -224,64 +274,66 @@ def save_pack(pack: TaskPack, path: str | os.PathLike, *, overwrite: bool = Fals
         save_file(tensors, str(tmp / TENSORS_FILE), metadata={METADATA_KEY: json.dumps(provenance, sort_keys=True)})
         m.tensors_sha256 = sha256_file(tmp / TENSORS_FILE)
         m.metrics = _jsonable(m.metrics)
-        (tmp / MANIFEST_FILE).write_text(json.dumps(m.to_json(), indent=2) + "\n")
+        data = S.seal(m.to_json())
+        m.manifest_sha256 = data[S.SEAL]
+        (tmp / MANIFEST_FILE).write_text(json.dumps(data, indent=2) + "\n")
     return path
 
 
 def read_manifest(path: str | os.PathLike) -> PackManifest:
-    """Read and check a pack's manifest.json (no tensors)."""
+    """Read and check a pack's manifest.json (no tensors): bounded read, format and version, the schema, and
+    its seal (the sha256 of the rest of it), so a hand edit is refused however well-formed."""
     root = _pack_dir(Path(path))
-    try:
-        data = json.loads((root / MANIFEST_FILE).read_text())
-    except FileNotFoundError:
-        raise PackError(f"{root} has no {MANIFEST_FILE}: it is not a task pack (train one with `bitfit train`)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PackError(f"{root / MANIFEST_FILE} is not valid JSON ({e}): the pack is corrupt; save it again") from e
+    where = root / MANIFEST_FILE
+    if not os.path.lexists(where):
+        raise PackError(f"{root} has no {MANIFEST_FILE}: it is not a task pack (train one with `bitfit train`)")
+    data = read_json(where, what="pack manifest", error=PackError, fix=_FIX)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise PackError(f"{root / MANIFEST_FILE} is not a bitfit task-pack manifest (format is not {FORMAT!r})")
-    if _version(data, root / MANIFEST_FILE, PackError) > FORMAT_VERSION:
-        raise PackError(
-            f"{root} uses pack format {data['format_version']}, newer than this bitfit reads ({FORMAT_VERSION}): "
-            "upgrade bitfit"
-        )
-    try:
-        return PackManifest.from_json(data)
-    except TypeError as e:
-        raise PackError(f"{root / MANIFEST_FILE} has malformed entries ({e}): the pack is corrupt") from e
-
-
-def _version(data: dict, where: Path, error: type[Exception]) -> int:
-    try:
-        return int(data.get("format_version", 0))
-    except (TypeError, ValueError):
-        raise error(f"{where} has format_version {data.get('format_version')!r}, not an integer: it is corrupt") from None
+        raise PackError(f"{where} is not a bitfit task-pack manifest (format is not {FORMAT!r})")
+    version = data.get("format_version")
+    if not S.integer(0).check(version):
+        raise PackError(f"{where} has format_version {version!r}, not a whole number: {_FIX}")
+    if version > FORMAT_VERSION:
+        raise PackError(f"{root} uses pack format {version}, newer than this bitfit reads ({FORMAT_VERSION}): "
+                        "upgrade bitfit")
+    if version < FORMAT_VERSION:
+        raise PackError(f"{root} uses pack format {version}, written by an older bitfit without the checksums this "
+                        "version requires: re-save it with this version (train, extract or import-peft again)")
+    for key in ("tensors_sha256", S.SEAL):
+        if not S.hexdigest().check(data.get(key)):
+            raise PackError(f"{where} lacks the required checksum {key}: {_FIX}")
+    S.validate(data, MANIFEST_FIELDS, str(where), PackError, _FIX)
+    S.check_seal(data, str(where), PackError, _FIX)
+    return PackManifest.from_json(data, str(where))
 
 
 def load_pack(path: str | os.PathLike) -> TaskPack:
-    """Load a pack strictly: checksum, metadata, names, shapes, dtypes and finiteness are all checked."""
+    """Load a pack strictly: the manifest (read_manifest), then the tensors file: its checksum, its header
+    against the manifest before any tensor is read, provenance, names, shapes, dtypes and finiteness."""
     root = _pack_dir(Path(path))
     manifest = read_manifest(root)
     tensors_path = root / TENSORS_FILE
-    if not tensors_path.is_file():
+    if not os.path.lexists(tensors_path):
         raise PackError(f"{root} has no {TENSORS_FILE}: the pack is incomplete; save it again")
-    if manifest.tensors_sha256 and sha256_file(tensors_path) != manifest.tensors_sha256:
+    # a small file whose size the manifest implies: refuse one that is not, before hashing it
+    payload = sum(math.prod(s.shape) * 4 for s in manifest.specs)
+    size = regular_size(tensors_path, error=PackError, fix=_FIX)
+    if not payload < size <= payload + (1 << 20):
+        raise PackError(f"{tensors_path} is {size:,} bytes where the manifest's tensors take {payload:,}: it is truncated, "
+                        f"corrupt or was changed after saving (it cannot match the checksum in {MANIFEST_FILE}); "
+                        "re-save or re-copy the pack")
+    if sha256_file(tensors_path) != manifest.tensors_sha256:
         raise PackError(
             f"{tensors_path} does not match the checksum in {MANIFEST_FILE}: the file is truncated, corrupt "
             "or was changed after saving; re-save or re-copy the pack"
         )
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(tensors_path), framework="np") as fh:
-            metadata = fh.metadata() or {}
-        tensors = load_file(str(tensors_path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise PackError(f"{tensors_path} is not a readable safetensors file ({e}): re-save or re-copy the pack") from e
+    expected = {s.name: (s.shape, s.dtype) for s in manifest.specs}
+    tensors, metadata = load_tensors(tensors_path, expected, error=PackError, fix=_FIX)
     try:
         provenance = json.loads(metadata.get(METADATA_KEY, "{}"))
-    except json.JSONDecodeError:
+    except ValueError:
         provenance = {}
-    if "base_fingerprint" not in provenance:
+    if not isinstance(provenance, dict) or "base_fingerprint" not in provenance:
         raise PackError(
             f"{tensors_path} carries no bitfit provenance metadata: it was not written by bitfit's save_pack "
             "(or by a pre-release version); re-save the pack"

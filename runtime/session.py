@@ -365,8 +365,19 @@ class TaskSession:
             if not np.issubdtype(a.dtype, np.integer):
                 raise BitFitError(f"{k} has dtype {a.dtype}: token inputs must be integers")
             feeds[k] = np.ascontiguousarray(a, dtype=np.int64)
-        if shape[1] > self.manifest.max_positions:
-            raise BitFitError(f"sequence length {shape[1]} exceeds the model's {self.manifest.max_positions} positions")
+        m = self.manifest
+        if shape[1] > m.max_positions:
+            raise BitFitError(f"sequence length {shape[1]} exceeds the model's {m.max_positions} positions")
+        if 0 in shape:
+            raise BitFitError(f"token inputs of shape {shape}: give at least one row of at least one token")
+        # out-of-range ids would index outside an embedding (onnxruntime wraps negative ones around)
+        for name, top in (("input_ids", m.vocab_size), ("token_type_ids", m.type_vocab_size), ("attention_mask", 2)):
+            if name in feeds and not (feeds[name].min() >= 0 and feeds[name].max() < top):
+                raise BitFitError(f"{name} must lie in [0, {top}), got values from {feeds[name].min()} to "
+                                  f"{feeds[name].max()}: tokenize with the compiled directory's tokenizer.json")
+        empty = np.flatnonzero(feeds["attention_mask"].sum(axis=1) == 0)
+        if empty.size:
+            raise BitFitError(f"row {int(empty[0])} has no attended token (attention_mask all 0): every row needs one")
         return feeds
 
 

@@ -35,27 +35,28 @@ class TextEncoder:
             return tok
 
     def windows(
-        self, pairs: Sequence[tuple[str, str]], *, max_length: int, stride: int
+        self, pairs: Sequence[tuple[str, str]], *, max_length: int, stride: int, first: int = 0
     ) -> tuple[dict[str, np.ndarray], list[Encoding], list[int]]:
         """Extractive QA over long contexts: each (question, context) as overlapping windows of at most
         `max_length` tokens, the whole question in every window and `stride` context tokens shared by
         neighbouring windows (fewer where a long question leaves less room: at most half of it). Returns
         the token inputs of all windows (padded to the longest), their encodings (offsets index the
-        context) and, per window, the index of its pair."""
+        context) and, per window, the index of its pair (`first`: the caller's index of pairs[0], for messages)."""
         specials = self._plain.num_special_tokens_to_add(True)
         questions = self._plain.encode_batch([q for q, _ in pairs], add_special_tokens=False)
         strides = []
         for i, question in enumerate(questions):
             room = max_length - specials - len(question.ids)
             if room < 1:
-                raise BitFitError(f"questions[{i}] leaves no room for its context within max_length {max_length}: "
+                raise BitFitError(f"questions[{first + i}] leaves no room for its context within max_length {max_length}: "
                                   "shorten the question")
             # tokenizers panics (an uncatchable Rust error) when the stride is not below the room left
             strides.append(min(stride, (room - 1) // 2))
         windows: list[tuple[int, Encoding]] = []
         for s in sorted(set(strides)):
             index = [i for i, t in enumerate(strides) if t == s]
-            encoded = self._encode([pairs[i] for i in index], max_length, "only_second", s)
+            encoded = self._encode([pairs[i] for i in index], max_length, "only_second", s,
+                                   names=("questions", "contexts"), index=[first + i for i in index])
             for i, e in zip(index, encoded):
                 windows += [(i, w) for w in (e, *e.overflowing)]
         windows.sort(key=lambda item: item[0])  # stable: a pair's windows stay in context order
@@ -72,10 +73,12 @@ class TextEncoder:
         }
         return {k: arrays[k] for k in self._token_inputs}, encodings, [i for i, _ in windows]
 
-    def _encode(self, batch: list, max_length: int, strategy: str, stride: int = 0,
-                pretokenized: bool = False) -> list[Encoding]:
+    def _encode(self, batch: list, max_length: int, strategy: str, stride: int = 0, pretokenized: bool = False,
+                names: tuple[str, str] = ("texts", "text_pairs"), index: Sequence[int] | None = None) -> list[Encoding]:
+        """Encode, and refuse a row with a text that gives no token of its own (names and index: how the caller
+        calls the texts and their positions, for the message)."""
         try:
-            return self._tokenizer(max_length, strategy, stride).encode_batch(batch, is_pretokenized=pretokenized)
+            encodings = self._tokenizer(max_length, strategy, stride).encode_batch(batch, is_pretokenized=pretokenized)
         except Exception as e:  # tokenizers raises plain Exceptions
             if "truncat" in str(e).lower():
                 raise BitFitError(
@@ -83,6 +86,14 @@ class TextEncoder:
                     "shorten the question (the first text)"
                 ) from e
             raise BitFitError(f"cannot tokenize the input ({e})") from e
+        for row, enc in enumerate(encodings):
+            pair = not pretokenized and isinstance(batch[row], tuple)
+            for segment in (0, 1) if pair else (0,):
+                if not any(m == 0 and sid == segment for m, sid in zip(enc.special_tokens_mask, enc.sequence_ids)):
+                    at = index[row] if index is not None else row
+                    raise BitFitError(f"{names[segment]}[{at}] gives no token (empty after tokenization: only "
+                                      "invisible, control or unknown-to-the-tokenizer characters?): give some text")
+        return encodings
 
     def encodings(
         self,
@@ -91,11 +102,13 @@ class TextEncoder:
         max_length: int,
         pretokenized: bool = False,
         strategy: str = "longest_first",
+        names: tuple[str, str] = ("texts", "text_pairs"),
+        index: Sequence[int] | None = None,
     ) -> tuple[dict[str, np.ndarray], list[Encoding]]:
         """Token inputs plus each row's `tokenizers.Encoding` (word_ids, offsets, sequence_ids), which token
         tasks need to map tokens back to words and characters. Rows: texts, (text, pair) tuples, or with
         pretokenized=True lists of words. strategy="only_second" truncates only the pair (QA contexts)."""
-        encodings = self._encode(list(batch), max_length, strategy, pretokenized=pretokenized)
+        encodings = self._encode(list(batch), max_length, strategy, pretokenized=pretokenized, names=names, index=index)
         arrays = {
             "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
             "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
@@ -104,17 +117,19 @@ class TextEncoder:
         return {k: arrays[k] for k in self._token_inputs}, encodings
 
     def __call__(
-        self, texts: Sequence[str], text_pairs: Sequence[str] | None = None, *, max_length: int
+        self, texts: Sequence[str], text_pairs: Sequence[str] | None = None, *, max_length: int,
+        index: Sequence[int] | None = None,
     ) -> dict[str, np.ndarray]:
         check_texts(texts, "texts")
         if text_pairs is not None:
             check_texts(text_pairs, "text_pairs")
             if len(text_pairs) != len(texts):
-                raise BitFitError(f"got {len(texts)} texts but {len(text_pairs)} text_pairs: give one pair per text")
+                raise BitFitError(f"text_pairs has {len(text_pairs)} items but texts has {len(texts)}: give one pair "
+                                  "per text")
             batch = list(zip(texts, text_pairs))
         else:
             batch = list(texts)
-        return self.encodings(batch, max_length=max_length)[0]
+        return self.encodings(batch, max_length=max_length, index=index)[0]
 
     def encode_rows(
         self, texts: Sequence[str], text_pairs: Sequence[str | None], max_lengths: Sequence[int]
@@ -127,7 +142,7 @@ class TextEncoder:
         parts = []
         for (length, has_pair), index in groups.items():
             pairs = [text_pairs[i] for i in index] if has_pair else None
-            parts.append((index, self([texts[i] for i in index], pairs, max_length=length)))
+            parts.append((index, self([texts[i] for i in index], pairs, max_length=length, index=index)))
         width = max(encoded["input_ids"].shape[1] for _, encoded in parts)
         out = {k: np.zeros((len(texts), width), np.int64) for k in self._token_inputs}
         out["input_ids"][:] = self._pad[1]
@@ -148,3 +163,8 @@ def check_texts(texts: object, what: str) -> None:
             raise BitFitError(f"{what}[{i}] is {type(t).__name__}, not a string")
         if not t.strip():
             raise BitFitError(f"{what}[{i}] is empty: give some text")
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate: JSON can carry one, UTF-8 and the tokenizer cannot
+            raise BitFitError(f"{what}[{i}] is not valid Unicode ({t[e.start]!r} at character {e.start} is a lone "
+                              "surrogate): send UTF-8 text") from None

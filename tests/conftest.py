@@ -290,3 +290,23 @@ def perturbed(pack, scale: float, seed: int = 0):
     rng = np.random.default_rng(seed)
     return TaskPack(pack.manifest, {k: (v + rng.normal(0, scale, v.shape)).astype(np.float32)
                                     for k, v in pack.tensors.items()})
+
+
+def write_sealed(path: Path, data: dict) -> None:
+    """Write a manifest the way a hand edit that also recomputes the manifest's own checksum would: the
+    checks behind the seal (schema, rules, tensors) are then what must catch the edit."""
+    from bitfit.runtime.schema import seal
+
+    path.write_text(json.dumps(seal(data)))
+
+
+def reseal_compiled(directory: Path, **changes) -> None:
+    """A compiled directory whose files were changed on purpose, made to load again: every file's checksum
+    and the manifest's seal recomputed (what a deliberate forger would do)."""
+    from bitfit.runtime.compiled import FILES, MANIFEST_FILE
+    from bitfit.runtime.fs import sha256_file
+
+    data = json.loads((directory / MANIFEST_FILE).read_text())
+    data.update(changes)
+    data["files"] = {name: sha256_file(directory / name) for name in FILES}
+    write_sealed(directory / MANIFEST_FILE, data)

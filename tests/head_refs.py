@@ -4,7 +4,12 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-from bitfit.runtime.heads import HEAD_BIAS, HEAD_POOLER_BIAS, HEAD_POOLER_WEIGHT, HEAD_WEIGHT
+from bitfit.runtime.heads import (
+    HEAD_BIAS,
+    HEAD_POOLER_BIAS,
+    HEAD_POOLER_WEIGHT,
+    HEAD_WEIGHT,
+)
 from bitfit.runtime.pack import TaskPack, TensorSpec
 
 

@@ -7,9 +7,21 @@ import json
 import numpy as np
 import onnxruntime as ort
 import pytest
-from bitfit.exporters.adapter import adapter_fits, adapter_tensors, export_adapter, fingerprint_version, sidecar_path
+from bitfit.exporters.adapter import (
+    adapter_fits,
+    adapter_tensors,
+    export_adapter,
+    fingerprint_version,
+    sidecar_path,
+)
 from bitfit.runtime import TaskSession, load_pack
-from bitfit.runtime.compiled import LOGITS, MODEL_FILE, OUTPUT_NAME, TOKEN_LOGITS, read_manifest
+from bitfit.runtime.compiled import (
+    LOGITS,
+    MODEL_FILE,
+    OUTPUT_NAME,
+    TOKEN_LOGITS,
+    read_manifest,
+)
 from bitfit.runtime.errors import BitFitError, CompiledModelError, IncompatibleError
 from bitfit.runtime.fs import sha256_file
 from conftest import ATOL, QUIET

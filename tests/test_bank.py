@@ -10,7 +10,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from bitfit.exporters.bank import write_bank
-from bitfit.runtime import BitFitError, IncompatibleError, PackError, TaskPack, TaskSession, load_pack
+from bitfit.runtime import (
+    BitFitError,
+    IncompatibleError,
+    PackError,
+    TaskPack,
+    TaskSession,
+    load_pack,
+)
 from bitfit.runtime.bank import BLOCK_ALIGN, TENSOR_ALIGN, read_bank, register_bank
 from bitfit.runtime.compiled import BASE_BIASES_FILE, MODEL_FILE, OUTPUT_NAME, TASK_IDS
 from bitfit.runtime.heads import HEAD_POOLER_BIAS, HEAD_POOLER_WEIGHT

@@ -18,6 +18,7 @@ from bitfit.runtime import (
     read_manifest,
 )
 from bitfit.runtime.compiled import MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE
+from conftest import write_sealed
 
 
 def test_pack_from_another_base_is_refused(bert_compiled, pack_other_base, pack_all):
@@ -171,7 +172,8 @@ def test_modified_model_fails_the_checksum(bert_compiled, copy_dir):
     data = bytearray((broken / MODEL_FILE).read_bytes())
     data[len(data) // 2] ^= 0xFF
     (broken / MODEL_FILE).write_bytes(bytes(data))
-    with pytest.raises(CompiledModelError, match=r"does not match the checksum in manifest\.json: .*compile again"):
+    with pytest.raises(CompiledModelError, match=r"model\.onnx in .* do not match the checksums in manifest\.json: "
+                                                 r".*compile again"):
         TaskSession(broken)
 
 
@@ -217,7 +219,12 @@ def test_corrupt_or_newer_compiled_manifest(bert_compiled, copy_dir):
     (broken / MANIFEST_FILE).write_text(json.dumps(data))
     with pytest.raises(CompiledModelError, match=r"compiled by a newer bitfit \(format 7\): upgrade"):
         TaskSession(broken)
-    del data["format_version"], data["bias_inputs"]
+    data["format_version"] = 1
     (broken / MANIFEST_FILE).write_text(json.dumps(data))
-    with pytest.raises(CompiledModelError, match=r"incomplete .*compile again"):
+    with pytest.raises(CompiledModelError, match=r"compiled by an older bitfit \(format 1, without the checksums .*compile"):
+        TaskSession(broken)
+    data["format_version"] = 2
+    del data["bias_inputs"]
+    write_sealed(broken / MANIFEST_FILE, data)
+    with pytest.raises(CompiledModelError, match=r"is invalid: missing keys bias_inputs: .*compile it again"):
         TaskSession(broken)

@@ -6,7 +6,6 @@ be wired to its own input, and the graph is served through TaskSession unchanged
 """
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np
@@ -23,12 +22,11 @@ from bitfit.compiler.fuse import (
 from bitfit.compiler.passes import CheckBiasInputsPass
 from bitfit.encoder.biases import find_biases
 from bitfit.encoder.model import load_encoder, uses_token_types
-from bitfit.runtime.compiled import MANIFEST_FILE, MODEL_FILE, read_manifest
+from bitfit.runtime.compiled import MODEL_FILE, read_manifest
 from bitfit.runtime.errors import BitFitError
-from bitfit.runtime.fs import sha256_file
 from bitfit.runtime.pack import load_pack
 from bitfit.runtime.session import TaskSession
-from conftest import ATOL, make_inputs
+from conftest import ATOL, make_inputs, reseal_compiled
 from onnx_ir.passes import PostconditionError
 
 LAYERS = 2
@@ -191,10 +189,7 @@ def test_task_session_serves_the_fused_graph(fused, bert_compiled, pack_all, tmp
     directory = tmp_path / "fused-compiled"
     shutil.copytree(bert_compiled, directory)
     shutil.copy(fused.path, directory / MODEL_FILE)
-    manifest = json.loads((directory / MANIFEST_FILE).read_text())
-    manifest["model_sha256"] = sha256_file(directory / MODEL_FILE)
-    manifest["head_inputs"], manifest["outputs"] = [], ["last_hidden_state"]  # export_fused adds no head
-    (directory / MANIFEST_FILE).write_text(json.dumps(manifest))
+    reseal_compiled(directory, head_inputs=[], outputs=["last_hidden_state"])  # export_fused adds no head
 
     session, plain = TaskSession(directory), TaskSession(bert_compiled)
     name = session.register(pack_all)

@@ -9,7 +9,14 @@ import pytest
 from bitfit.compiler.head import HEAD_INPUT_NAMES
 from bitfit.compiler.quantize import nodes_reading_defaults, quantize_int8
 from bitfit.runtime import TaskSession, load_pack
-from bitfit.runtime.compiled import LOGITS, MODEL_FILE, OUTPUT_NAME, TOKEN_LOGITS, head_feeds, read_manifest
+from bitfit.runtime.compiled import (
+    LOGITS,
+    MODEL_FILE,
+    OUTPUT_NAME,
+    TOKEN_LOGITS,
+    head_feeds,
+    read_manifest,
+)
 from conftest import ATOL, QUIET
 from head_refs import numpy_head, variant_pack
 
@@ -143,17 +150,21 @@ def test_mixed_graphs_have_no_head(bert_model, tmp_path):
     assert [o.name for o in ort_session(out / MODEL_FILE).get_outputs()] == [OUTPUT_NAME]
 
 
-def test_manifests_without_head_fields_still_load(bert_compiled, copy_dir):
+def test_manifests_must_declare_the_head(bert_compiled, copy_dir):
+    """Format 2 states its head inputs and outputs (empty for --no-head): leaving them out is refused."""
     import json
 
     from bitfit.runtime.compiled import MANIFEST_FILE
+    from bitfit.runtime.errors import CompiledModelError
+    from conftest import write_sealed
 
     d = copy_dir(bert_compiled)
     data = json.loads((d / MANIFEST_FILE).read_text())
+    assert read_manifest(d).outputs[0] == OUTPUT_NAME
     del data["head_inputs"], data["outputs"]
-    (d / MANIFEST_FILE).write_text(json.dumps(data))
-    m = read_manifest(d)
-    assert m.head_inputs == [] and m.outputs == [OUTPUT_NAME]
+    write_sealed(d / MANIFEST_FILE, data)
+    with pytest.raises(CompiledModelError, match=r"missing keys head_inputs, outputs"):
+        read_manifest(d)
 
 
 def test_no_head_leaves_it_out_and_serves_the_same_logits(bert_model, bert_compiled, pack_all, token_inputs, tmp_path):

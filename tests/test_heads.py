@@ -12,9 +12,14 @@ import numpy as np
 import pytest
 from bitfit.runtime import Answers, TaskPack, TaskSession, TokenPredictions, load_pack
 from bitfit.runtime.errors import BitFitError, PackError
-from bitfit.runtime.heads import HEAD_POOLER_BIAS, HEAD_POOLER_WEIGHT, best_span, first_subtokens
+from bitfit.runtime.heads import (
+    HEAD_POOLER_BIAS,
+    HEAD_POOLER_WEIGHT,
+    best_span,
+    first_subtokens,
+)
 from bitfit.runtime.pack import PackManifest
-from conftest import ATOL, QUIET
+from conftest import ATOL, QUIET, write_sealed
 from head_data import write_qa_data, write_token_data
 
 
@@ -497,9 +502,9 @@ def test_pooler_pack_without_pooler_tensors_is_refused(hf_classifier, tmp_path):
     path = save_pack(pack, tmp_path / "p")
     data = manifest_json(path)
     data["head"] = [h for h in data["head"] if not h["name"].startswith("head.pooler")]
-    (path / "manifest.json").write_text(json.dumps(data))
-    with pytest.raises(PackError, match=r"pooling is 'pooler' but the manifest's head lacks head\.pooler\.weight "
-                                        r"\(32, 32\); .*head\.pooler\.bias"):
+    write_sealed(path / "manifest.json", data)
+    with pytest.raises(PackError, match=r"the head must be .*head\.pooler\.bias \[32\], head\.pooler\.weight \[32, 32\]"
+                                        r".*pooling 'pooler'; the manifest lists head\.bias \[\d+\], head\.weight"):
         load_pack(path)
 
 

@@ -7,7 +7,15 @@ import json
 
 import numpy as np
 import pytest
-from bitfit.runtime import KINDS, TaskKind, TaskPack, TaskSession, WrongCallError, decode, load_pack
+from bitfit.runtime import (
+    KINDS,
+    TaskKind,
+    TaskPack,
+    TaskSession,
+    WrongCallError,
+    decode,
+    load_pack,
+)
 from bitfit.runtime.errors import PackError
 from bitfit.runtime.results import Predictions
 

@@ -9,6 +9,7 @@ import pytest
 from bitfit.runtime import PackError, TaskPack, load_pack, read_pack_manifest, save_pack
 from bitfit.runtime.fs import sha256_file
 from bitfit.runtime.pack import MANIFEST_FILE, TENSORS_FILE
+from conftest import write_sealed
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -25,13 +26,14 @@ def rewrite_tensors(pack_dir: Path, tensors: dict, metadata: dict | None = None)
     save_file(tensors, str(pack_dir / TENSORS_FILE), metadata=metadata)
     data = manifest_json(pack_dir)
     data["tensors_sha256"] = sha256_file(pack_dir / TENSORS_FILE)
-    (pack_dir / MANIFEST_FILE).write_text(json.dumps(data))
+    write_sealed(pack_dir / MANIFEST_FILE, data)
 
 
 def edit_manifest(pack_dir: Path, **changes) -> None:
+    """A hand edit that also recomputes the manifest's seal: the checks behind the seal must catch it."""
     data = manifest_json(pack_dir)
     data.update(changes)
-    (pack_dir / MANIFEST_FILE).write_text(json.dumps(data))
+    write_sealed(pack_dir / MANIFEST_FILE, data)
 
 
 # -- round trip -------------------------------------------------------------------------------------
@@ -129,7 +131,7 @@ def test_missing_tensor(pack_copy):
     tensors = dict(load_pack(pack_copy).tensors)
     del tensors["layer.1.bq"]
     rewrite_tensors(pack_copy, tensors)
-    with pytest.raises(PackError, match=r"is invalid: missing tensors layer\.1\.bq"):
+    with pytest.raises(PackError, match=r"does not hold what its manifest declares: missing tensors layer\.1\.bq"):
         load_pack(pack_copy)
 
 
@@ -137,7 +139,7 @@ def test_extra_tensor(pack_copy):
     tensors = dict(load_pack(pack_copy).tensors)
     tensors["layer.9.bq"] = np.zeros(32, np.float32)
     rewrite_tensors(pack_copy, tensors)
-    with pytest.raises(PackError, match=r"unexpected tensors layer\.9\.bq \(not in the manifest\)"):
+    with pytest.raises(PackError, match=r"does not hold what its manifest declares: unexpected tensors layer\.9\.bq"):
         load_pack(pack_copy)
 
 
@@ -145,7 +147,7 @@ def test_wrong_shape(pack_copy):
     tensors = dict(load_pack(pack_copy).tensors)
     tensors["layer.0.bm2"] = np.zeros(36, np.float32)
     rewrite_tensors(pack_copy, tensors)
-    with pytest.raises(PackError, match=r"layer\.0\.bm2 has shape \(36,\), the manifest says \(37,\)"):
+    with pytest.raises(PackError, match=r"layer\.0\.bm2 is F32\[36\] in the file but float32\[37\] is declared"):
         load_pack(pack_copy)
 
 
@@ -158,8 +160,9 @@ def test_head_shape_must_fit_labels_and_hidden_size(pack_copy):
     for h in data["head"]:
         if h["name"] == "head.weight":
             h["shape"] = [3, 32]
-    (pack_copy / MANIFEST_FILE).write_text(json.dumps(data))
-    with pytest.raises(PackError, match=r"head\.weight has shape \(3, 32\) but the task has 2 outputs"):
+    write_sealed(pack_copy / MANIFEST_FILE, data)
+    with pytest.raises(PackError, match=r"the head must be head\.bias \[2\], head\.weight \[2, 32\] for 2 outputs, "
+                                        r"hidden size 32 .*the manifest lists head\.bias \[2\], head\.weight \[3, 32\]"):
         load_pack(pack_copy)
 
 
@@ -167,7 +170,7 @@ def test_wrong_dtype(pack_copy):
     tensors = dict(load_pack(pack_copy).tensors)
     tensors["layer.0.bv"] = tensors["layer.0.bv"].astype(np.float64)
     rewrite_tensors(pack_copy, tensors)
-    with pytest.raises(PackError, match=r"layer\.0\.bv has dtype float64, the manifest says float32"):
+    with pytest.raises(PackError, match=r"layer\.0\.bv is F64\[32\] in the file but float32\[32\] is declared"):
         load_pack(pack_copy)
 
 
@@ -184,16 +187,28 @@ def test_non_finite_values(pack_copy, bad):
 def test_truncated_tensors_file(pack_copy):
     data = (pack_copy / TENSORS_FILE).read_bytes()
     (pack_copy / TENSORS_FILE).write_bytes(data[: len(data) // 2])
-    with pytest.raises(PackError, match=r"does not match the checksum .*truncated, corrupt or was changed"):
+    with pytest.raises(PackError, match=r"truncated, corrupt or was changed after saving .*checksum"):
         load_pack(pack_copy)
 
 
-def test_truncated_tensors_file_without_checksum_is_still_refused(pack_copy):
-    """With no checksum recorded, safetensors' own parsing catches the truncation."""
+@pytest.mark.parametrize("value", ["", None])
+def test_the_tensors_checksum_is_required(pack_copy, value):
+    """Blanking or deleting tensors_sha256 (seal recomputed) does not turn the check off."""
+    data = manifest_json(pack_copy)
+    if value is None:
+        del data["tensors_sha256"]
+    else:
+        data["tensors_sha256"] = value
+    write_sealed(pack_copy / MANIFEST_FILE, data)
+    with pytest.raises(PackError, match=r"lacks the required checksum tensors_sha256"):
+        load_pack(pack_copy)
+
+
+def test_a_truncated_file_whose_checksum_was_forged_is_refused_by_its_header(pack_copy):
     data = (pack_copy / TENSORS_FILE).read_bytes()
     (pack_copy / TENSORS_FILE).write_bytes(data[: len(data) - 100])
-    edit_manifest(pack_copy, tensors_sha256="")
-    with pytest.raises(PackError, match=r"is not a readable safetensors file .*re-save or re-copy the pack"):
+    edit_manifest(pack_copy, tensors_sha256=sha256_file(pack_copy / TENSORS_FILE))
+    with pytest.raises(PackError, match=r"declares F32\[\d+\] at bytes .*do not hold"):
         load_pack(pack_copy)
 
 
@@ -208,15 +223,15 @@ def test_bit_flip_in_tensors_file(pack_copy):
 def test_corrupt_manifest_json(pack_copy):
     text = (pack_copy / MANIFEST_FILE).read_text()
     (pack_copy / MANIFEST_FILE).write_text(text[: len(text) // 2])
-    with pytest.raises(PackError, match=r"manifest\.json is not valid JSON .*the pack is corrupt; save it again"):
+    with pytest.raises(PackError, match=r"manifest\.json is not valid JSON .*the pack is damaged or was edited by hand"):
         load_pack(pack_copy)
 
 
 def test_manifest_missing_keys(pack_copy):
     data = manifest_json(pack_copy)
     del data["base_fingerprint"], data["labels"]
-    (pack_copy / MANIFEST_FILE).write_text(json.dumps(data))
-    with pytest.raises(PackError, match=r"lacks the keys \['base_fingerprint', 'labels'\]"):
+    write_sealed(pack_copy / MANIFEST_FILE, data)
+    with pytest.raises(PackError, match=r"is invalid: missing keys base_fingerprint, labels"):
         load_pack(pack_copy)
 
 
@@ -240,7 +255,7 @@ def test_missing_tensors_file(pack_copy):
 
 def test_newer_format_version(pack_copy):
     edit_manifest(pack_copy, format_version=99)
-    with pytest.raises(PackError, match=r"uses pack format 99, newer than this bitfit reads \(1\): upgrade bitfit"):
+    with pytest.raises(PackError, match=r"uses pack format 99, newer than this bitfit reads \(2\): upgrade bitfit"):
         load_pack(pack_copy)
 
 

@@ -9,7 +9,11 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-from bitfit.compiler.passes import BiasDefaultsPass, CheckBiasInputsPass, CheckTokenInputsPass
+from bitfit.compiler.passes import (
+    BiasDefaultsPass,
+    CheckBiasInputsPass,
+    CheckTokenInputsPass,
+)
 from bitfit.runtime import CompiledModelError, read_manifest
 from bitfit.runtime.compiled import MODEL_FILE
 from onnx import TensorProto, helper

@@ -40,5 +40,5 @@ def test_encode_checks_pairs(bert_compiled):
     session = TaskSession(bert_compiled)
     with pytest.raises(BitFitError, match=r"text_pairs\[0\] is NoneType, not a string"):
         session.encode(["a"], [None], max_length=8)
-    with pytest.raises(BitFitError, match=r"got 1 texts but 2 text_pairs"):
+    with pytest.raises(BitFitError, match=r"text_pairs has 2 items but texts has 1"):
         session.encode(["a"], ["b", "c"], max_length=8)

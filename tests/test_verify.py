@@ -10,8 +10,8 @@ import onnx_ir as ir
 import pytest
 from bitfit.compiler.verify import verify, write_report
 from bitfit.runtime import IncompatibleError, ParityError, TaskSession
-from bitfit.runtime.compiled import MANIFEST_FILE, MODEL_FILE
-from bitfit.runtime.fs import sha256_file
+from bitfit.runtime.compiled import MODEL_FILE
+from conftest import reseal_compiled
 
 QUIET = {"log": lambda s: None}
 TOKENIZER_ROW = "tokenizer ids vs transformers"
@@ -98,9 +98,7 @@ def test_dead_bias_input_is_caught_at_verify_time(bert_compiled, copy_dir):
     model.graph.register_initializer(baked)
     ir.convenience.replace_all_uses_with(v, baked)
     ir.save(model, broken / MODEL_FILE)
-    manifest = json.loads((broken / MANIFEST_FILE).read_text())
-    manifest["model_sha256"] = sha256_file(broken / MODEL_FILE)
-    (broken / MANIFEST_FILE).write_text(json.dumps(manifest))
+    reseal_compiled(broken)
 
     report = verify(broken, strict=False, **QUIET)
     assert not report.ok
@@ -136,9 +134,7 @@ def _corrupt_a_weight(compiled, copy_dir):
                   and v.const_value.shape[0] != v.const_value.shape[1])
     weight.const_value = ir.tensor(weight.const_value.numpy() + 0.5, name=weight.name)
     ir.save(model, broken / MODEL_FILE)
-    manifest = json.loads((broken / MANIFEST_FILE).read_text())
-    manifest["model_sha256"] = sha256_file(broken / MODEL_FILE)
-    (broken / MANIFEST_FILE).write_text(json.dumps(manifest))
+    reseal_compiled(broken)
     return broken, weight.name
 
 
