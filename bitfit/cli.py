@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 
 from bitfit.runtime.errors import BitFitError
+from bitfit.runtime.compiled import DEFAULT_OPSET, OPSETS
 from bitfit.runtime.kinds import KINDS
+from bitfit.runtime.session import MAX_THREADS
 from bitfit.runtime.version import __version__
 
 
@@ -96,7 +99,8 @@ def _serve(a: argparse.Namespace) -> int:
         raise
     serve(a.compiled, a.packs, host=a.host, port=a.port, threads=a.threads, device=a.device,
           max_texts=a.max_texts, max_text_chars=a.max_text_chars, max_batch_rows=a.max_batch_rows,
-          max_wait_ms=a.max_wait_ms, batching=not a.no_batching)
+          max_wait_ms=a.max_wait_ms, batching=not a.no_batching, header_timeout_s=a.header_timeout,
+          body_timeout_s=a.body_timeout, max_connections=a.max_connections, admin_token=a.admin_token)
     return 0
 
 
@@ -151,6 +155,45 @@ def _export_triton(a: argparse.Namespace) -> int:
     return 0
 
 
+# -- flag values: checked when the flags are parsed (exit 2 and one line), before any work starts --------
+def _int_in(lo: int, hi: int | None = None):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be {f'from {lo} to {hi}' if hi is not None else f'at least {lo}'}, "
+                                             f"got {value}")
+        return value
+
+    parse.__name__ = "whole number"
+    return parse
+
+
+def _float_in(lo: float, hi: float | None = None, *, above: bool = False, below: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        low_ok = value > lo if above else value >= lo
+        high_ok = hi is None or (value < hi if below else value <= hi)
+        if not math.isfinite(value) or not low_ok or not high_ok:
+            bounds = f"{'>' if above else '>='} {lo:g}" + ("" if hi is None else f" and {'<' if below else '<='} {hi:g}")
+            raise argparse.ArgumentTypeError(f"must be a finite number {bounds}, got {text!r}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+POSITIVE = _int_in(1)
+THREADS = _int_in(1, MAX_THREADS)
+PORT = _int_in(1, 65535)
+LENGTH = _int_in(1, 1 << 20)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bitfit", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"bitfit {__version__}")
@@ -166,11 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dev", help="a dev file (default: 10%% of --data, seeded)")
     p.add_argument("--biases", default="all", help="'all', or bias kinds: bq,bk,bv,bm1,bLN1,bm2,bm3,bLN2,bLNe "
                                                    "(e.g. bq,bm2, the paper's 0.04%% setting)")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--lr", type=float, default=1e-3, help="bias-only training wants a high LR (default 1e-3)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--warmup", type=float, default=0.1, help="share of steps with linear warm-up")
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--epochs", type=POSITIVE, default=5)
+    p.add_argument("--lr", type=_float_in(0, above=True), default=1e-3, help="bias-only training wants a high LR (default 1e-3)")
+    p.add_argument("--batch-size", type=POSITIVE, default=16)
+    p.add_argument("--warmup", type=_float_in(0, 1, below=True), default=0.1, help="share of steps with linear warm-up")
+    p.add_argument("--max-length", type=LENGTH, default=128)
     p.add_argument("--pooling", choices=["auto", "mean", "cls", "pooler", "none"], default="auto",
                    help="auto: mean for sequence tasks, none for token-level ones; pooler: the checkpoint's own "
                         "BERT pooler (tanh dense on the first token, as HF *ForSequenceClassification), frozen")
@@ -180,8 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: from the data (JSONL with tokens/tags: token-classification; with "
                         "question/context/answers: question-answering)")
     p.add_argument("--name", help="task name (default: the data set's name)")
-    p.add_argument("--train-size", type=int, help="use only the first N training examples")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-size", type=POSITIVE, help="use only the first N training examples")
+    p.add_argument("--seed", type=_int_in(0, 2**32 - 1), default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing pack at --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_train)
@@ -190,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="HF model id or local directory")
     p.add_argument("--out", required=True, help="directory for model.onnx, tokenizer.json, manifest.json")
     p.add_argument("--biases", default="all", help="bias kinds to expose as inputs (default all: any pack fits)")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--opset", type=_int_in(*OPSETS), default=DEFAULT_OPSET,
+                   help=f"ONNX opset, {OPSETS[0]} to {OPSETS[1]} (default {DEFAULT_OPSET})")
     p.add_argument("--quantize", choices=["int8", "int8-per-tensor"],
                    help="int8 weights, biases stay fp32 inputs (int8 = dynamic per-channel: kept accuracy within "
                         "0.1 point on the quickstart tasks; per-tensor lost 1.5)")
@@ -220,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "classification), or with question and context (question answering)")
     p.add_argument("--question", action="append", help="question answering: a question (repeatable)")
     p.add_argument("--context", action="append", help="question answering: the context of each --question")
-    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+    p.add_argument("--threads", type=THREADS, help="onnxruntime intra-op threads (default: all cores)")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
                    help="cuda needs onnxruntime-gpu; auto: cuda where present")
     p.add_argument("--json", action="store_true", help="one JSON object per text: label, scores, logits")
@@ -230,10 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compiled", required=True)
     p.add_argument("--pack", action="append", default=[], help="a task pack (repeatable)")
     p.add_argument("--model", help="the base model (default: the one recorded at compile time)")
-    p.add_argument("--atol", type=float, help="max abs logit difference (default: fp32 1e-4, fp16 2e-2, int8 1.5)")
+    p.add_argument("--atol", type=_float_in(0), help="max abs logit difference (default: fp32 1e-4, fp16 2e-2, int8 1.5)")
     p.add_argument("--mode", choices=["auto", "fp32", "fp16", "int8"], default="auto",
                    help="tolerance mode; auto: the graph's precision")
-    p.add_argument("--min-agreement", type=float, default=90.0,
+    p.add_argument("--min-agreement", type=_float_in(0, 100), default=90.0,
                    help="fp16/int8 modes: %% of rows whose label must match fp32 PyTorch")
     p.add_argument("--report", help="also write the report as JSON here")
     p.set_defaults(run=_verify)
@@ -242,20 +286,28 @@ def build_parser() -> argparse.ArgumentParser:
                        description="HTTP server: GET /v1/tasks, POST /v1/predict (classification, regression), "
                                    "POST /v1/tokens (token classification), POST /v1/answer (extractive QA), "
                                    "GET /healthz, GET /metrics, POST /v1/admin/reload (admin: rescans --packs; "
-                                   "unauthenticated, keep the default loopback host). /v1/predict requests of "
-                                   "all tasks are batched together.")
+                                   "needs the admin token when one is set, and one must be set to listen beyond "
+                                   "loopback). /v1/predict requests of all tasks are batched together.")
     p.add_argument("--compiled", required=True, help="a directory made by `bitfit compile`")
     p.add_argument("--packs", required=True,
                    help="a directory of task packs (one per subdirectory), served under their manifests' task names")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-texts", type=int, default=64, help="texts per request (default 64)")
-    p.add_argument("--max-text-chars", type=int, default=10000, help="characters per text (default 10000)")
-    p.add_argument("--max-batch-rows", type=int, default=32, help="rows per batched session call (default 32)")
-    p.add_argument("--max-wait-ms", type=float, default=5.0,
+    p.add_argument("--port", type=PORT, default=8000)
+    p.add_argument("--max-texts", type=POSITIVE, default=64, help="texts per request (default 64)")
+    p.add_argument("--max-text-chars", type=POSITIVE, default=10000, help="characters per text (default 10000)")
+    p.add_argument("--max-batch-rows", type=POSITIVE, default=32, help="rows per batched session call (default 32)")
+    p.add_argument("--max-wait-ms", type=_float_in(0, 10_000), default=5.0,
                    help="how long a queued request waits for others to batch with (default 5)")
     p.add_argument("--no-batching", action="store_true", help="run every request on its own")
-    p.add_argument("--threads", type=int,
+    p.add_argument("--header-timeout", type=_float_in(0, 3600, above=True), default=10.0,
+                   help="seconds a connection has to send a whole request head (default 10)")
+    p.add_argument("--body-timeout", type=_float_in(0, 3600, above=True), default=30.0,
+                   help="seconds a request body has to arrive (default 30; then 408)")
+    p.add_argument("--max-connections", type=_int_in(1, 1 << 16), default=256,
+                   help="open connections served at once; more are answered 503 (default 256)")
+    p.add_argument("--admin-token", help="token for POST /v1/admin/* (Authorization: Bearer TOKEN); prefer the "
+                                         "BITFIT_ADMIN_TOKEN environment variable, which `ps` does not show")
+    p.add_argument("--threads", type=THREADS,
                    help="onnxruntime intra-op threads (default: all cores but one, which the HTTP loop needs)")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
                    help="cuda needs onnxruntime-gpu; auto: cuda where present")
@@ -276,9 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", help="task name (default: the checkpoint directory's name)")
     p.add_argument("--biases", default="changed",
                    help="'changed' (default: the bias kinds that differ from the base), 'all', or kinds")
-    p.add_argument("--atol", type=float, default=0.0,
+    p.add_argument("--atol", type=_float_in(0), default=0.0,
                    help="allowed difference on frozen weights (default 0: bit-equal, as BitFit leaves them)")
-    p.add_argument("--max-length", type=int, help="default: the model's positions")
+    p.add_argument("--max-length", type=LENGTH, help="default: the model's positions")
     p.add_argument("--overwrite", action="store_true", help="replace an existing pack at --out")
     p.set_defaults(run=_extract)
 
@@ -293,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", help="task name (default: the adapter directory's name)")
     p.add_argument("--labels", help="comma-separated label names (default: a config.json beside the adapter)")
     p.add_argument("--biases", default="changed", help="'changed' (default), 'all', or kinds")
-    p.add_argument("--max-length", type=int, help="default: the model's positions")
+    p.add_argument("--max-length", type=LENGTH, help="default: the model's positions")
     p.add_argument("--overwrite", action="store_true", help="replace an existing pack at --out")
     p.set_defaults(run=_import_peft)
 
@@ -303,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compiled", required=True, help="the compiled directory whose bias inputs define a block")
     p.add_argument("packs", nargs="+", help="task packs; task ids follow this order")
     p.add_argument("--out", required=True, help="directory for bank.bin, bank.json, bank.h")
-    p.add_argument("--block-align", type=int, default=4096,
+    p.add_argument("--block-align", type=_int_in(64, 1 << 30), default=4096,
                    help="bytes each task block is aligned (and padded) to (default 4096: one page)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bank at --out")
     p.set_defaults(run=_export_bank)
@@ -321,10 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("packs", nargs="+", help="task packs; task ids follow this order (append new ones last)")
     p.add_argument("--out", required=True, help="the model repository (other models in it are left alone)")
     p.add_argument("--name", default="bitfit", help="the model's name in the repository (default bitfit)")
-    p.add_argument("--max-batch-size", type=int, default=32, help="Triton's max_batch_size (default 32)")
+    p.add_argument("--max-batch-size", type=POSITIVE, default=32, help="Triton's max_batch_size (default 32)")
     p.add_argument("--instance-kind", choices=["auto", "cpu", "gpu"], default="auto",
                    help="instance_group kind (default auto: Triton places it)")
-    p.add_argument("--instances", type=int, default=1, help="model instances (default 1)")
+    p.add_argument("--instances", type=_int_in(1, 1024), default=1, help="model instances (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace this model in the repository")
     p.set_defaults(run=_export_triton)
     return parser

@@ -9,6 +9,7 @@ import numpy as np
 
 from bitfit.runtime import compiled as cm
 from bitfit.runtime.errors import BitFitError
+from bitfit.runtime.fs import read_json
 from bitfit.runtime.pack import MANIFEST_FILE, TENSORS_FILE, load_pack
 
 
@@ -23,9 +24,10 @@ def _size(n: float) -> str:
 def inspect(path: str | os.PathLike, *, as_json: bool = False) -> str:
     p = Path(path)
     manifest_path = p / MANIFEST_FILE if p.is_dir() else p
-    try:
-        fmt = json.loads(manifest_path.read_text()).get("format")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):  # a binary file is not a manifest
+    try:  # which format: the readers below then check it strictly
+        data = read_json(manifest_path, what="manifest", error=BitFitError, fix="give a pack or compiled directory")
+        fmt = data.get("format") if isinstance(data, dict) else None
+    except BitFitError:  # missing, a binary file, a FIFO...: not a manifest
         fmt = None
     if fmt == cm.FORMAT:
         return _compiled(p, as_json)

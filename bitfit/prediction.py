@@ -8,6 +8,9 @@ from pathlib import Path
 
 from bitfit.runtime import Answers, Predictions, TaskSession, TokenPredictions
 from bitfit.runtime.errors import BitFitError
+from bitfit.runtime.fs import read_bounded
+
+MAX_TEXTS_FILE = 1 << 30  # predict reads the whole file: a bigger one is not meant for it
 
 
 def predict(
@@ -32,15 +35,19 @@ def read_texts(path: str | os.PathLike) -> tuple[list, list[str] | None]:
     """One text per line, or JSONL objects with `text` (and `text_pair`), with `tokens` (a list of words, for
     token classification), or with `question` and `context` (question answering: questions, contexts)."""
     p = Path(path)
-    if not p.is_file():
-        raise BitFitError(f"no file of texts at {p}")
-    lines = [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    fix = "give a UTF-8 text file: one text per line, or JSONL"
+    raw = read_bounded(p, MAX_TEXTS_FILE, what="file of texts", error=BitFitError, fix=fix)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BitFitError(f"{p} is not UTF-8 ({e.reason} at byte {e.start}): {fix}") from None
+    lines = [line for line in text.splitlines() if line.strip()]
     if p.suffix.lower() != ".jsonl":
         return lines, None
     try:
         rows = [json.loads(line) for line in lines]
-    except json.JSONDecodeError as e:
-        raise BitFitError(f"{p} is not valid JSONL ({e})") from e
+    except (ValueError, RecursionError) as e:  # bad JSON, or a number Python will not convert
+        raise BitFitError(f"{p} is not valid JSONL ({e})") from None
     if rows and all(isinstance(r, dict) and "tokens" in r for r in rows):
         return [r["tokens"] for r in rows], None
     if rows and all(isinstance(r, dict) and "question" in r and "context" in r for r in rows):

@@ -20,7 +20,7 @@ from bitfit.runtime.pack import TensorSpec
 from bitfit.runtime.version import __version__
 from safetensors.numpy import save_file
 
-from .export import DEFAULT_OPSET, export_onnx
+from .export import export_onnx
 from .fuse import FUSE_STEPS, export_fused
 from .head import AddHeadPass
 from .passes import BiasDefaultsPass, CheckBiasInputsPass, CheckTokenInputsPass, run_passes
@@ -32,7 +32,7 @@ def compile(
     out: str | os.PathLike,
     *,
     biases: str = "all",
-    opset: int = DEFAULT_OPSET,
+    opset: int = cm.DEFAULT_OPSET,
     quantize: str | None = None,
     fp16: bool = False,
     fuse: bool = False,
@@ -65,6 +65,8 @@ def compile(
         raise BitFitError(f"unknown quantize mode {quantize!r}: use one of {', '.join(QUANTIZE_MODES)}")
     if quantize and fp16:
         raise BitFitError("choose one of --quantize and --fp16: int8 weights are for CPUs, fp16 weights for GPUs")
+    if not isinstance(opset, int) or not cm.OPSETS[0] <= opset <= cm.OPSETS[1]:
+        raise BitFitError(f"opset must be from {cm.OPSETS[0]} to {cm.OPSETS[1]}, got {opset!r}")
     out = check_target(out, overwrite=overwrite, marker=cm.MANIFEST_FILE, what="compiled model directory")
     kinds = parse_subset(biases)
     tokenizer = load_tokenizer(model)

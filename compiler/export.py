@@ -17,7 +17,6 @@ from bitfit.runtime import compiled as cm
 from bitfit.runtime.errors import BitFitError
 from torch import nn
 
-DEFAULT_OPSET = 17  # LayerNormalization is a single op from 17 on
 
 
 class BiasInputWrapper(nn.Module):

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 from bitfit.runtime import TaskSession, load_pack
-from bitfit.runtime.compiled import changed_files
-from bitfit.runtime.errors import BitFitError, IncompatibleError, ParityError
+from bitfit.runtime.compiled import changed_files, read_manifest
+from bitfit.runtime.errors import BitFitError, CompiledModelError, IncompatibleError, ParityError
 from bitfit.runtime.fs import write_file
 from bitfit.runtime.heads import softmax
 from bitfit.runtime.pack import TaskPack
@@ -194,26 +194,32 @@ def verify(
     """
     from bitfit.encoder.model import load_tokenizer
 
-    session = TaskSession(compiled, check_integrity=False)  # integrity is the first check below, not a refusal
-    cm = session.manifest
+    cm = read_manifest(compiled)  # not a compiled directory at all: bad input (exit 2)
     if mode == "auto":
         mode = "int8" if cm.precision.startswith("int8") else cm.precision
     if mode not in TOLERANCES:
         raise BitFitError(f"verify mode must be auto, {', '.join(TOLERANCES)}; got {mode!r}")
     if atol is None:
         atol = TOLERANCES[mode]
+    report = VerifyReport(str(compiled), atol, mode, min_agreement if mode != "fp32" else float("nan"), cm.precision)
+
+    # every file is the one that was compiled: a mismatch is a failed check (exit 1), not bad input
+    changed = changed_files(Path(compiled), cm)
+    report.checks.append(Check("graph", "files match their checksums", float("nan"), passed=not changed,
+                               note=f"changed: {', '.join(changed)}" if changed else ""))
+    try:
+        session = TaskSession(compiled, check_integrity=False)
+    except CompiledModelError:
+        if not changed:
+            raise
+        return _finish(report, strict)  # a changed file that no longer loads: that row says it all
+
     base = model or cm.base_model
     ref = _Reference(base, cm.base_fingerprint)
-    report = VerifyReport(str(compiled), atol, mode, min_agreement if mode != "fp32" else float("nan"), cm.precision)
     rng = np.random.default_rng(seed)
     sentences = list(texts or SENTENCES)
     max_len = min(128, cm.max_positions)
     vocab = int(ref.encoder.config.vocab_size)
-
-    # every file is the one that was compiled (a mismatch is a failed check, not bad input)
-    changed = changed_files(session.directory, cm)
-    report.checks.append(Check("graph", "files match their checksums", float("nan"), passed=not changed,
-                               note=f"changed: {', '.join(changed)}" if changed else ""))
 
     # tokenization: the runtime's `tokenizers` path must give transformers' ids
     hf = load_tokenizer(base)(sentences, padding=True, truncation=True, max_length=max_len, return_tensors="np",
@@ -289,6 +295,10 @@ def verify(
         session.remove(other_name)
         session.remove(name)
     ref.set_biases({})
+    return _finish(report, strict)
+
+
+def _finish(report: VerifyReport, strict: bool) -> VerifyReport:
     if strict and not report.ok:
         raise ParityError(report.failure_summary(), report)
     return report

@@ -29,6 +29,8 @@ TASK_IDS = "task_ids"  # mixed graphs: int64 [batch], each row's row in the bias
 BASE_BIASES_FILE = "base_biases.safetensors"  # the base model's bias values, by canonical name
 FILES = (MODEL_FILE, TOKENIZER_FILE, BASE_BIASES_FILE)  # what a compiled directory holds besides its manifest
 TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+DEFAULT_OPSET = 17  # LayerNormalization is a single op from 17 on
+OPSETS = (17, 20)  # the opsets compile accepts: torch's exporter writes up to 20
 # The in-graph head (plain graphs): optional inputs, so a run that feeds none of them is the base model.
 HEAD_POOLING = "head.pooling"  # float [3]: weights of the (mean, cls, pooler) poolings; one-hot for a pack
 POOLING_COLUMNS = ("mean", "cls", "pooler")

@@ -49,6 +49,9 @@ class _State:
     arrays: dict[str, np.ndarray]  # the memory behind the tables
 
 
+MAX_THREADS = 1024  # more intra-op threads than this is a typo (onnxruntime would try to start them all)
+
+
 class TaskSession:
     """Serve many task packs from one compiled graph: `register` packs, then `run(task, texts)`."""
 
@@ -65,6 +68,10 @@ class TaskSession:
         kept on the GPU, so a call copies none), or "auto" (cuda where onnxruntime has it). spinning=False
         stops idle worker threads from busy-waiting after a run: do that when other sessions or processes
         share the cores (measured on 2 cores: a spinning session slowed the next one by up to 40%)."""
+        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
+                                    or not 1 <= threads <= MAX_THREADS):
+            raise BitFitError(f"threads must be a whole number from 1 to {MAX_THREADS} (or None: all cores), "
+                              f"got {threads!r}")
         self.device, providers = _device(device)
         self.compiled = CompiledModel.open(compiled_dir, check_integrity=check_integrity)
         self.directory = self.compiled.directory

@@ -187,7 +187,7 @@ def test_inspect_a_binary_file_exits_2(cli_pack, cli_compiled, capsys, name):
     (["predict", "--compiled", "{compiled}", "--pack", "{tmp}/no-such-pack", "--text", "hi"], r"no task pack at"),
     (["predict", "--compiled", "{tmp}/no-such-graph", "--pack", "{pack}", "--text", "hi"], r"no compiled model at"),
     (["predict", "--compiled", "{compiled}", "--pack", "{pack}"], r"nothing to predict: pass --text"),
-    (["predict", "--compiled", "{compiled}", "--pack", "{pack}", "--file", "{tmp}/none.txt"], r"no file of texts"),
+    (["predict", "--compiled", "{compiled}", "--pack", "{pack}", "--file", "{tmp}/none.txt"], r"none\.txt is missing: give a UTF-8 text file"),
     (["train", "--model", "{model}", "--data", "movie-sentimentt", "--out", "{tmp}/p"],
      r"no data file at movie-sentimentt: give a CSV/TSV/JSONL file or one of movie-sentiment"),
     (["train", "--model", "{model}", "--data", "{tmp}/missing.jsonl", "--out", "{tmp}/p"], r"no data file at"),

@@ -353,14 +353,14 @@ def test_reload_swaps_a_pack_and_refuses_bad_ones(client, packs_dir, packs, name
         return r.json()["predictions"]
 
     assert same(predict(), old)
-    r = client.post("/v1/admin/reload").json()
+    r = client.post("/v1/admin/reload", json={}).json()
     assert r == {"added": [], "replaced": [], "unchanged": sorted(names[k] for k in ("single", "pairs", "scores")),
                  "refused": {}, "missing": []}
 
     # a new pack appears; the served pack's files are replaced by another pack of the same task
     save_pack(renamed(packs["other"], "extra"), packs_dir / "extra")
     save_pack(renamed(packs["other"], task), packs_dir / "single", overwrite=True)
-    r = client.post("/v1/admin/reload").json()
+    r = client.post("/v1/admin/reload", json={}).json()
     assert r["added"] == ["extra"] and r["replaced"] == [task] and not r["refused"]
     assert same(predict(), new)
 
@@ -373,7 +373,7 @@ def test_reload_swaps_a_pack_and_refuses_bad_ones(client, packs_dir, packs, name
     (packs_dir / "junk").mkdir()
     (packs_dir / "junk" / "manifest.json").write_text("{not json")
     (packs_dir / "notes").mkdir()  # no manifest: not a pack, ignored
-    r = client.post("/v1/admin/reload")
+    r = client.post("/v1/admin/reload", json={})
     assert r.status_code == 200
     refused = r.json()["refused"]
     assert set(refused) == {task, "alien", "junk"}
@@ -386,7 +386,7 @@ def test_reload_swaps_a_pack_and_refuses_bad_ones(client, packs_dir, packs, name
     # two packs declaring one task: both refused, the served one stays; a removed pack keeps serving
     shutil.rmtree(packs_dir / "single")
     shutil.copytree(packs_dir / "extra", packs_dir / "extra-copy")
-    r = client.post("/v1/admin/reload").json()
+    r = client.post("/v1/admin/reload", json={}).json()
     assert "declared by several packs" in r["refused"]["extra"] and r["missing"] == [task]
     assert same(predict(), new)
     metrics = client.get("/metrics").text
@@ -398,7 +398,7 @@ def test_reload_without_packs_dir(bert_compiled, packs):
     session = TaskSession(bert_compiled, threads=1)
     session.register(packs["single"])
     with TestClient(create_app(session, None, ServeConfig())) as c:
-        assert c.post("/v1/admin/reload").status_code == 409
+        assert c.post("/v1/admin/reload", json={}).status_code == 409
         assert c.get("/healthz").json()["tasks"] == 1
 
 
@@ -420,7 +420,7 @@ def test_requests_during_a_reload_get_the_old_or_the_new_pack(graphs, graph, pac
             async def swap(pending):
                 await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)  # some answered: old pack
                 save_pack(renamed(packs["other"], task), packs_dir / "single", overwrite=True)
-                r = await c.post("/v1/admin/reload")
+                r = await c.post("/v1/admin/reload", json={})
                 return r.json()
 
             try:
@@ -460,8 +460,9 @@ def test_serve_command_refuses_to_start(bert_compiled, packs_dir, tmp_path, caps
     assert main(["serve", "--compiled", str(bert_compiled), "--packs", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "refused" in err and "checksum" in err and "no valid task pack" in err
-    assert main(["serve", "--compiled", str(bert_compiled), "--packs", str(packs_dir), "--max-texts", "0"]) == 2
-    assert "max_texts must be a positive integer" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # a bad flag value: argparse's exit 2, before anything loads
+        main(["serve", "--compiled", str(bert_compiled), "--packs", str(packs_dir), "--max-texts", "0"])
+    assert exit_.value.code == 2 and "argument --max-texts: must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_serve_command_listens_on_loopback(bert_compiled, packs_dir, names):

@@ -1,6 +1,7 @@
 """BitFit training: freeze the encoder, train the chosen bias kinds and a small head, save a task pack."""
 from __future__ import annotations
 
+import math
 import os
 import random
 import time
@@ -177,8 +178,11 @@ def train(
     started = time.perf_counter()
     if out is not None:  # before any work: an existing pack without overwrite, or an unwritable place
         check_target(out, overwrite=overwrite, marker=MANIFEST_FILE, what="task pack", error=PackError)
-    if epochs < 1 or batch_size < 1 or lr <= 0 or not 0 <= warmup < 1:
-        raise BitFitError("need epochs >= 1, batch_size >= 1, lr > 0 and 0 <= warmup < 1")
+    if epochs < 1 or batch_size < 1 or not lr > 0 or not math.isfinite(lr) or not 0 <= warmup < 1 or max_length < 1:
+        raise BitFitError(f"need epochs >= 1, batch_size >= 1, a finite lr > 0, 0 <= warmup < 1 and max_length >= 1; "
+                          f"got {epochs}, {batch_size}, {lr}, {warmup}, {max_length}")
+    if train_size is not None and train_size < 1:
+        raise BitFitError(f"train_size must be at least 1 (or None: all), got {train_size}")
     if pooling != "auto" and pooling not in POOLINGS:
         raise BitFitError(f"pooling must be auto, {', '.join(POOLINGS)}; got {pooling!r}")
     kinds = parse_subset(biases)

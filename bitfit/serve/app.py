@@ -36,8 +36,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import os
+import socket
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -63,9 +65,9 @@ from .packdir import PackDirectory, ReloadResult
 
 @dataclass
 class ServeConfig:
-    """Limits of one server. A request over a limit is refused with 413 (too many texts, a text too long,
-    a body too large); batching groups up to max_batch_rows rows, waiting at most max_wait_ms after the
-    first queued request."""
+    """Limits and doors of one server. A request over a limit is refused with 413 (too many texts, a text too
+    long, a body too large); batching groups up to max_batch_rows rows, waiting at most max_wait_ms after the
+    first queued request. The security model: docs/serving.md."""
 
     max_texts: int = 64  # texts per request
     max_text_chars: int = 10_000  # characters per text (and per text_pair)
@@ -73,14 +75,27 @@ class ServeConfig:
     max_wait_ms: float = 5.0  # how long the oldest queued request waits for others
     batching: bool = True  # False: every request is its own session call
     max_body_bytes: int | None = None  # default: enough for max_texts texts and pairs of max_text_chars
+    body_timeout_s: float = 30.0  # a request whose body takes longer to arrive is answered 408
+    header_timeout_s: float = 10.0  # a connection that has not sent a whole request head by then is closed
+    max_connections: int = 256  # open connections (and requests in flight); more are answered 503
+    admin_token: str | None = None  # POST /v1/admin/* needs `Authorization: Bearer <token>` when set
+    allowed_hosts: tuple[str, ...] | None = None  # Host headers answered (None: any); loopback servers set it
 
     def __post_init__(self) -> None:
-        for name in ("max_texts", "max_text_chars", "max_batch_rows"):
+        for name in ("max_texts", "max_text_chars", "max_batch_rows", "max_connections"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise BitFitError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(self.max_wait_ms, (int, float)) or not 0 <= self.max_wait_ms <= 10_000:
             raise BitFitError(f"max_wait_ms must be between 0 and 10000, got {self.max_wait_ms!r}")
+        for name in ("body_timeout_s", "header_timeout_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 < value <= 3600:
+                raise BitFitError(f"{name} must be a number of seconds in (0, 3600], got {value!r}")
+        if self.admin_token is not None and (not isinstance(self.admin_token, str) or len(self.admin_token) < 16
+                                             or not self.admin_token.isprintable() or " " in self.admin_token):
+            raise BitFitError("the admin token must be at least 16 printable characters without spaces (e.g. "
+                              "`python -c 'import secrets; print(secrets.token_urlsafe())'`)")
         if self.max_body_bytes is None:
             # utf-8 takes up to 4 bytes a character, JSON escapes up to 6 ("\\u1234"): be generous
             self.max_body_bytes = 2 * self.max_texts * (6 * self.max_text_chars + 16) + 65_536
@@ -153,7 +168,16 @@ def _json(content: Any, status: int = 200) -> Response:
 
 
 # -- request bodies: JSON shape and limits only ---------------------------------------------------------
-async def read_json(request: Request, limit: int) -> Any:
+async def read_json(request: Request, limit: int, timeout: float = 30.0) -> Any:
+    """The body as JSON: at most `limit` bytes, arriving within `timeout` seconds (a client that trickles its
+    body holds a connection and a task; 408 after that)."""
+    try:
+        return await asyncio.wait_for(_read_json(request, limit), timeout)
+    except asyncio.TimeoutError:
+        raise RequestError(408, f"the request body did not arrive within {timeout:g} s") from None
+
+
+async def _read_json(request: Request, limit: int) -> Any:
     length = request.headers.get("content-length")
     if length is not None:
         try:
@@ -177,6 +201,47 @@ async def read_json(request: Request, limit: int) -> Any:
         raise RequestError(400, f"invalid JSON: {e}") from None
     except RecursionError:
         raise RequestError(400, "invalid JSON: nested too deeply") from None
+    except ValueError as e:  # an integer of thousands of digits: Python refuses to convert it
+        raise RequestError(400, f"invalid JSON: {e}"[:300]) from None
+
+
+# -- doors: who may call what ---------------------------------------------------------------------------
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def check_door(request: Request, config: ServeConfig, admin: bool) -> None:
+    """Refuse what a web page in a browser on this machine could make the server do, and admin calls without
+    the token. Host: on a loopback server only loopback names are answered (a DNS-rebinding page names its
+    own). Origin: a browser sends one on a cross-site request; it must be the server's own. Admin routes:
+    the token when one is set, and a JSON content type, which a page cannot send cross-site unasked."""
+    host = _hostname(request.headers.get("host", ""))
+    if config.allowed_hosts is not None and host not in config.allowed_hosts:
+        raise RequestError(403, f"requests for host {host!r} are not answered here: address the server by "
+                                f"{' or '.join(config.allowed_hosts)}")
+    origin = request.headers.get("origin")
+    if origin is not None and request.method == "POST":
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(origin)
+        if parts.netloc.lower() != request.headers.get("host", "").lower():
+            raise RequestError(403, f"cross-site request from origin {origin!r} refused: call the API from a "
+                                    "server or a page of this origin")
+    if not admin:
+        return
+    if config.admin_token is not None:
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {config.admin_token}".encode()):
+            raise RequestError(401, "admin routes need `Authorization: Bearer <token>` with the server's admin token")
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise RequestError(415, "admin routes take Content-Type: application/json (send {} as the body)")
+
+
+def _hostname(host: str) -> str:
+    host = host.strip().lower()
+    if host.startswith("["):  # [::1]:8000
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 def parse_body(data: Any, shape: Body, config: ServeConfig) -> dict[str, Any]:
@@ -230,6 +295,7 @@ def create_app(
     metrics.tasks.set_function(lambda: len(session.tasks))
 
     async def tasks(request: Request) -> Response:
+        check_door(request, config, admin=False)
         out = []
         for name in session.tasks:
             try:
@@ -242,8 +308,10 @@ def create_app(
 
     async def post(request: Request) -> Response:
         """Every POST endpoint of a kind: the body's shape here, the rest is the session's."""
+        check_door(request, config, admin=False)
         shape = BODIES[request.url.path]
-        body = parse_body(await read_json(request, int(config.max_body_bytes or 0)), shape, config)
+        body = parse_body(await read_json(request, int(config.max_body_bytes or 0), config.body_timeout_s), shape,
+                          config)
         task = body["task"]
         if shape.answer == "answers":
             result = await batcher.call(session.answer, task, body["questions"], body["contexts"])
@@ -255,15 +323,18 @@ def create_app(
         return _json({shape.answer: result.records()})
 
     async def healthz(request: Request) -> Response:
+        check_door(request, config, admin=False)
         n = len(session.tasks)
         if n == 0:
             return _json({"status": "no tasks", "tasks": 0}, 503)
         return _json({"status": "ok", "tasks": n})
 
     async def metrics_endpoint(request: Request) -> Response:
+        check_door(request, config, admin=False)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def reload(request: Request) -> Response:
+        check_door(request, config, admin=True)
         if packs is None:
             raise RequestError(409, "this server was started without a packs directory: nothing to reload")
         async with reload_lock:  # one reload at a time
@@ -310,6 +381,25 @@ def create_app(
     return app
 
 
+def _check_listen(host: str, port: int) -> None:
+    """Refuse a host or port that cannot be bound, before any model is loaded (as uvicorn binds it)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise BitFitError(f"cannot listen on {host!r}: {e.strerror}; give an address of this machine with --host") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise BitFitError(f"cannot listen on {host}:{port} ({e.strerror}): another server holds the port, or the "
+                              "address is not this machine's; choose another --port or --host") from None
+
+
+ADMIN_TOKEN_ENV = "BITFIT_ADMIN_TOKEN"
+
+
 def serve(
     compiled: str | os.PathLike,
     packs: str | os.PathLike,
@@ -322,13 +412,24 @@ def serve(
     **limits: Any,
 ) -> None:
     """Serve every pack in `packs` on the graph in `compiled` until interrupted. `limits` are ServeConfig
-    fields (max_texts, max_text_chars, max_batch_rows, max_wait_ms, batching). Raises BitFitError (before
-    listening) when the compiled directory is bad or no pack in `packs` is valid."""
+    fields (max_texts, max_text_chars, max_batch_rows, max_wait_ms, batching, timeouts, max_connections,
+    admin_token; the token defaults to the BITFIT_ADMIN_TOKEN environment variable). Raises BitFitError
+    (before listening) when the compiled directory is bad, no pack in `packs` is valid, the port cannot be
+    bound, or a non-loopback host is asked for without an admin token."""
     import uvicorn
 
+    if limits.get("admin_token") is None:
+        limits["admin_token"] = os.environ.get(ADMIN_TOKEN_ENV) or None
+    loopback = host in LOOPBACK
+    if loopback:  # a page that rebinds its own domain to 127.0.0.1 sends its own name as Host
+        limits.setdefault("allowed_hosts", LOOPBACK)
     config = ServeConfig.from_limits(**limits)
+    if not loopback and config.admin_token is None:
+        raise BitFitError(f"listening on {host} would open POST /v1/admin/reload to the network: set an admin token "
+                          f"({ADMIN_TOKEN_ENV}, or --admin-token), or listen on 127.0.0.1")
     if not 0 <= int(port) <= 65535:
         raise BitFitError(f"port must be between 0 and 65535, got {port}")
+    _check_listen(host, int(port))
     packs_dir = Path(packs)
     if not packs_dir.is_dir():
         raise BitFitError(f"no packs directory at {packs_dir}: give a directory holding task packs")
@@ -344,11 +445,39 @@ def serve(
     if not session.tasks:
         raise BitFitError(f"no valid task pack in {packs_dir} (each pack is a subdirectory holding {MANIFEST_FILE} "
                           f"and {TENSORS_FILE}): nothing to serve")
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"bitfit serve: warning: listening on {host}: POST /v1/admin/reload has no authentication",
-              file=sys.stderr)
     batching = (f"batching up to {config.max_batch_rows} rows, {config.max_wait_ms:g} ms" if config.batching
                 else "batching off")
     print(f"bitfit serve: {len(session.tasks)} tasks ({', '.join(session.tasks)}) on http://{host}:{port} "
           f"({batching}, {threads} onnxruntime threads)", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=host, port=int(port), log_level=log_level, access_log=False)
+    uvicorn.run(app, host=host, port=int(port), log_level=log_level, access_log=False,
+                http=_with_header_timeout(config.header_timeout_s), limit_concurrency=config.max_connections,
+                timeout_keep_alive=5)
+
+
+def _with_header_timeout(seconds: float) -> type:
+    """uvicorn's h11 protocol, plus a deadline for the request head: uvicorn times out idle keep-alive
+    connections but waits forever for a head that arrives a byte at a time (slowloris). A connection with no
+    request in flight that has not completed a head `seconds` after it opened (or after its last response)
+    is closed; a request being served is never cut."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadDeadline(H11Protocol):
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._deadline = self.loop.call_later(seconds, self._head_too_slow)
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._deadline.cancel()
+            self._deadline = self.loop.call_later(seconds, self._head_too_slow)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._deadline.cancel()
+            super().connection_lost(exc)
+
+        def _head_too_slow(self) -> None:
+            busy = self.cycle is not None and not self.cycle.response_complete
+            if not busy and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeadDeadline

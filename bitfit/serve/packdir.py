@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bitfit.runtime.errors import BitFitError
-from bitfit.runtime.fs import sha256_file
+from bitfit.runtime.fs import MAX_JSON_BYTES, read_bounded, regular_size, sha256_file
 from bitfit.runtime.pack import MANIFEST_FILE, TENSORS_FILE, TaskPack, load_pack, read_manifest
 from bitfit.runtime.session import TaskSession
 
@@ -47,10 +47,13 @@ class _Loaded:
 
 
 def _fingerprint(directory: Path) -> str:
-    """What identifies one version of a pack on disk: its manifest's and its tensors' bytes."""
-    manifest = hashlib.sha256((directory / MANIFEST_FILE).read_bytes()).hexdigest()
+    """What identifies one version of a pack on disk: its manifest's and its tensors' bytes (regular files
+    only, the manifest bounded: a FIFO or a huge file put there is refused, not waited on)."""
+    fix = "replace it with a task pack"
+    manifest = read_bounded(directory / MANIFEST_FILE, MAX_JSON_BYTES, what="pack manifest", error=BitFitError, fix=fix)
     tensors = directory / TENSORS_FILE
-    return f"{manifest}:{sha256_file(tensors) if tensors.is_file() else 'none'}"
+    regular_size(tensors, error=BitFitError, fix=fix)
+    return f"{hashlib.sha256(manifest).hexdigest()}:{sha256_file(tensors)}"
 
 
 class PackDirectory:

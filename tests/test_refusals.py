@@ -1,0 +1,337 @@
+"""Every door locks (issue 12): each hostile input the issue lists, by class, gets a clear refusal naming the
+problem and the fix -- never a plausible wrong answer, a traceback from deep inside, a hang, or a blow-up.
+
+"Resealed" below means the edit also recomputed every checksum (what a deliberate forger would do), so the
+check behind the checksums is the one under test; an edit that does not reseal is refused by the seal.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import reseal_compiled, write_sealed
+
+from bitfit.runtime import BitFitError, TaskSession, load_pack
+from bitfit.runtime.compiled import BASE_BIASES_FILE, MANIFEST_FILE, TOKENIZER_FILE
+from bitfit.runtime.errors import CompiledModelError, IncompatibleError, PackError
+from bitfit.runtime.fs import sha256_file
+from bitfit.runtime.pack import TENSORS_FILE
+
+
+def manifest(path: Path) -> dict:
+    return json.loads((path / MANIFEST_FILE).read_text())
+
+
+def edit(pack_dir: Path, reseal: bool = True, **changes) -> None:
+    data = {**manifest(pack_dir), **changes}
+    if reseal:
+        write_sealed(pack_dir / MANIFEST_FILE, data)
+    else:
+        (pack_dir / MANIFEST_FILE).write_text(json.dumps(data))
+
+
+@pytest.fixture
+def pack(pack_all, copy_dir) -> Path:
+    return copy_dir(pack_all, "pack")
+
+
+@pytest.fixture
+def graph(bert_compiled, copy_dir) -> Path:
+    return copy_dir(bert_compiled, "graph")
+
+
+# -- wrong output, silently -------------------------------------------------------------------------------
+def test_a_task_of_null_is_refused(pack):
+    edit(pack, task=None)
+    with pytest.raises(PackError, match=r"task must be a non-empty string .*got null"):
+        load_pack(pack)
+
+
+def test_a_head_one_row_short_is_refused(pack):
+    """Labels edited to three (resealed): the two-row head no longer agrees, which would drop a logit."""
+    edit(pack, labels=["negative", "neutral", "positive"])
+    with pytest.raises(PackError, match=r"the head must be head\.bias \[3\], head\.weight \[3, 32\] for 3 outputs"):
+        load_pack(pack)
+
+
+@pytest.mark.parametrize("change", ["labels", "pooling", "max_length"])
+def test_a_hand_edit_of_the_manifest_is_refused(pack, change):
+    value = {"labels": list(reversed(manifest(pack)["labels"])), "pooling": "cls",
+             "max_length": manifest(pack)["max_length"] - 1}[change]
+    edit(pack, reseal=False, **{change: value})
+    with pytest.raises(PackError, match=r"does not match its own checksum \(manifest_sha256\)"):
+        load_pack(pack)
+
+
+@pytest.mark.parametrize("key", ["tensors_sha256", "manifest_sha256"])
+def test_deleting_a_checksum_does_not_turn_the_check_off(pack, key):
+    data = manifest(pack)
+    del data[key]
+    (pack / MANIFEST_FILE).write_text(json.dumps(data))
+    with pytest.raises(PackError, match=rf"lacks the required checksum {key}"):
+        load_pack(pack)
+
+
+def test_editing_the_tokenizer_or_base_biases_is_refused(graph):
+    tokenizer = json.loads((graph / TOKENIZER_FILE).read_text())
+    tokenizer["normalizer"]["lowercase"] = not tokenizer["normalizer"]["lowercase"]
+    (graph / TOKENIZER_FILE).write_text(json.dumps(tokenizer))
+    with pytest.raises(CompiledModelError, match=r"tokenizer\.json in .* do not match the checksums"):
+        TaskSession(graph)
+    data = manifest(graph)
+    del data["files"]
+    write_sealed(graph / MANIFEST_FILE, data)
+    with pytest.raises(CompiledModelError, match=r"missing keys files"):
+        TaskSession(graph)
+
+
+def test_base_biases_of_another_shape_are_refused_even_resealed(graph):
+    from safetensors.numpy import load_file, save_file
+
+    base = load_file(str(graph / BASE_BIASES_FILE))
+    base["layer.0.bq"] = base["layer.0.bq"][:-1]
+    save_file(base, str(graph / BASE_BIASES_FILE))
+    with pytest.raises(CompiledModelError, match=r"base_biases\.safetensors in .* do not match the checksums"):
+        TaskSession(graph)
+    reseal_compiled(graph)
+    with pytest.raises(CompiledModelError, match=r"layer\.0\.bq is F32\[31\] in the file but float32\[32\] is declared"):
+        TaskSession(graph)
+
+
+def test_a_pack_missing_one_layer_of_a_kind_it_trains_is_refused(pack, bert_compiled):
+    """bv listed, layer.1.bv left out of manifest and tensors alike (resealed): the base value would stand in."""
+    from safetensors.numpy import load_file, save_file
+
+    data = manifest(pack)
+    data["biases"] = [b for b in data["biases"] if b["name"] != "layer.1.bv"]
+    tensors = load_file(str(pack / TENSORS_FILE))
+    del tensors["layer.1.bv"]
+    save_file(tensors, str(pack / TENSORS_FILE), metadata={"bitfit": json.dumps(
+        {"base_fingerprint": data["base_fingerprint"], "format": "bitfit-task-pack", "task": data["task"]},
+        sort_keys=True)})
+    data["tensors_sha256"] = sha256_file(pack / TENSORS_FILE)
+    write_sealed(pack / MANIFEST_FILE, data)
+    loaded = load_pack(pack)  # consistent in itself
+    with pytest.raises(IncompatibleError, match=r"trains .*bv.* but lacks 1 of the graph's inputs of those kinds "
+                                                r"\(layer\.1\.bv\)"):
+        TaskSession(bert_compiled).register(loaded)
+
+
+def test_pooler_tensors_with_mean_pooling_are_refused(pack):
+    data = manifest(pack)
+    data["head"] += [{"name": "head.pooler.weight", "shape": [32, 32], "dtype": "float32"},
+                     {"name": "head.pooler.bias", "shape": [32], "dtype": "float32"}]
+    write_sealed(pack / MANIFEST_FILE, data)
+    with pytest.raises(PackError, match=r"the head must be head\.bias \[2\], head\.weight \[2, 32\] .*pooling 'mean'"):
+        load_pack(pack)
+
+
+@pytest.mark.parametrize("text", ["", "   ", "\u200b\u200b", "\x00\x01\x02", "\u2060"])
+def test_text_that_tokenizes_to_nothing_is_refused(bert_compiled, pack_all, text):
+    session = TaskSession(bert_compiled)
+    task = session.register(pack_all)
+    with pytest.raises(BitFitError, match=r"texts\[1\] (is empty|gives no token)"):
+        session.run(task, ["good fun", text])
+    with pytest.raises(BitFitError, match=r"texts\[1\] (is empty|gives no token)"):
+        session.run_mixed([(task, "good fun"), (task, text)])
+
+
+@pytest.mark.parametrize("labels, match", [
+    (["pos", "neg", "pos"], r"labels \['pos'\] appear more than once"),
+    ("ab", r"labels must be a list"),
+])
+def test_bad_label_lists_are_refused(pack, labels, match):
+    edit(pack, labels=labels)
+    with pytest.raises(PackError, match=match):
+        load_pack(pack)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("input_ids", -1, r"input_ids must lie in \[0, 135\), got values from -1"),
+    ("input_ids", 135, r"input_ids must lie in \[0, 135\), got values from .* to 135"),
+    ("token_type_ids", 2, r"token_type_ids must lie in \[0, 2\)"),
+    ("attention_mask", 3, r"attention_mask must lie in \[0, 2\)"),
+])
+def test_raw_token_ids_out_of_range_are_refused(bert_compiled, pack_all, token_inputs, field, value, match):
+    session = TaskSession(bert_compiled)
+    task = session.register(pack_all)
+    inputs = token_inputs(session, 2, 6)
+    inputs[field] = inputs[field].copy()
+    inputs[field][0, 1] = value
+    with pytest.raises(BitFitError, match=match):
+        session.logits(task, inputs)
+    inputs = token_inputs(session, 2, 6)
+    inputs["attention_mask"] = inputs["attention_mask"].copy()
+    inputs["attention_mask"][1] = 0
+    with pytest.raises(BitFitError, match=r"row 1 has no attended token"):
+        session.hidden_states(inputs)
+
+
+# -- crash, 500, hang or blow-up ---------------------------------------------------------------------------
+@pytest.mark.parametrize("changes, match", [
+    ({"task": 7}, r"task must be a non-empty string .*got 7"),
+    ({"max_length": "abc"}, r"max_length must be a whole number from 1 to 1048576, got 'abc'"),
+    ({"hidden_size": 1.5}, r"hidden_size must be a whole number"),
+    ({"text_pair": "yes"}, r"text_pair must be true or false"),
+    ({"biases": [{"name": "layer.0.bq", "shape": ["x"], "dtype": "float32", "kind": "bq", "layer": 0}]},
+     r"biases must be a list of an object with name, shape, dtype"),
+    ({"extra": 1}, r"unknown keys extra"),
+])
+def test_wrong_types_in_a_manifest_are_refused(pack, changes, match):
+    edit(pack, **changes)
+    with pytest.raises(PackError, match=match):
+        load_pack(pack)
+
+
+def test_a_manifest_that_is_a_directory_or_a_fifo_is_refused_without_hanging(pack):
+    (pack / MANIFEST_FILE).unlink()
+    (pack / MANIFEST_FILE).mkdir()
+    with pytest.raises(PackError, match=r"manifest\.json is a directory"):
+        load_pack(pack)
+    (pack / MANIFEST_FILE).rmdir()
+    os.mkfifo(pack / MANIFEST_FILE)
+    outcome: list = []
+    worker = threading.Thread(target=lambda: outcome.append(_refusal(lambda: load_pack(pack))), daemon=True)
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive(), "load_pack hung on a FIFO"
+    assert isinstance(outcome[0], PackError) and "is a FIFO, not a regular file" in str(outcome[0])
+
+
+def _refusal(call):
+    try:
+        call()
+    except Exception as e:  # noqa: BLE001 - returned for the assertion
+        return e
+    return None
+
+
+def test_a_header_declaring_2_gb_is_refused_before_anything_is_read(pack):
+    """The safetensors header claims a 2 GB tensor (the file and every checksum forged to match): refused from
+    the header, allocating next to nothing."""
+    raw = (pack / TENSORS_FILE).read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + length])
+    header["layer.0.bq"]["shape"] = [500_000_000]
+    header["layer.0.bq"]["data_offsets"][1] = header["layer.0.bq"]["data_offsets"][0] + 2_000_000_000
+    text = json.dumps(header).encode()
+    (pack / TENSORS_FILE).write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + length :])
+    edit(pack, tensors_sha256=sha256_file(pack / TENSORS_FILE))
+    tracemalloc.start()
+    try:
+        with pytest.raises(PackError, match=r"'layer\.0\.bq' declares F32\[500000000\] at bytes .* do not hold"):
+            load_pack(pack)
+        assert tracemalloc.get_traced_memory()[1] < 50 << 20
+    finally:
+        tracemalloc.stop()
+
+
+# -- the command line: every bad flag value exits 2 with one line naming the fix ----------------------------
+@pytest.mark.parametrize("argv, message", [
+    (["compile", "--model", "M", "--out", "O", "--opset", "99"], "argument --opset: must be from 17 to 20, got 99"),
+    (["train", "--model", "M", "--data", "D", "--out", "O", "--lr", "nan"], "argument --lr: must be a finite number > 0"),
+    (["train", "--model", "M", "--data", "D", "--out", "O", "--max-length", "0"], "argument --max-length: must be from 1"),
+    (["train", "--model", "M", "--data", "D", "--out", "O", "--train-size", "-5"],
+     "argument --train-size: must be at least 1, got -5"),
+    (["predict", "--compiled", "C", "--pack", "P", "--text", "x", "--threads", "100000"],
+     "argument --threads: must be from 1 to 1024, got 100000"),
+    (["predict", "--compiled", "C", "--pack", "P", "--text", "x", "--threads", "-1"], "argument --threads: must be from 1"),
+    (["verify", "--compiled", "C", "--atol", "-1"], "argument --atol: must be a finite number >= 0"),
+    (["serve", "--compiled", "C", "--packs", "P", "--port", "70000"], "argument --port: must be from 1 to 65535"),
+    (["train", "--model", "M", "--data", "D", "--out", "O", "--epochs", "two"], "argument --epochs: must be a whole number"),
+])
+def test_bad_flag_values_exit_2_before_any_work(argv, message, capsys):
+    from bitfit.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"bitfit {argv[0]}: error: argument")
+
+
+def test_an_unwritable_out_is_refused_before_training(bert_model, data_files, tmp_path, capsys, monkeypatch):
+    from bitfit.cli import main
+    from bitfit.training import train as train_module
+
+    monkeypatch.setattr(train_module, "load_encoder", lambda *a, **k: pytest.fail("training started"))
+    (tmp_path / "file").write_text("x")
+    code = main(["train", "--model", str(bert_model), "--data", str(data_files["sentiment"]), "--out",
+                 str(tmp_path / "file" / "pack")])
+    assert code == 2 and "is not a writable directory" in capsys.readouterr().err
+
+
+def test_a_non_utf8_file_of_texts_and_python_api_values_are_refused(bert_compiled, pack_all, tmp_path, capsys):
+    from bitfit.cli import main
+
+    (tmp_path / "texts.txt").write_bytes(b"good\n\xff\xfe bad\n")
+    code = main(["predict", "--compiled", str(bert_compiled), "--pack", str(pack_all), "--file",
+                 str(tmp_path / "texts.txt")])
+    assert code == 2 and "is not UTF-8 (invalid start byte at byte 5)" in capsys.readouterr().err
+    for threads in (0, -1, 100_000, 2.5):
+        with pytest.raises(BitFitError, match=r"threads must be a whole number from 1 to 1024"):
+            TaskSession(bert_compiled, threads=threads)
+
+
+def test_a_port_in_use_is_refused_with_exit_2(bert_compiled, pack_all, tmp_path, capsys):
+    import socket
+
+    from bitfit.cli import main
+
+    packs = tmp_path / "packs"
+    packs.mkdir()
+    (packs / "a").symlink_to(pack_all)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        code = main(["serve", "--compiled", str(bert_compiled), "--packs", str(packs), "--port", str(port)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in err and "choose another --port" in err
+
+
+def test_verify_fails_a_graph_whose_checksum_does_not_match(graph, pack_all, capsys):
+    from bitfit.cli import main
+
+    data = bytearray((graph / "model.onnx").read_bytes())
+    data[-10] ^= 0x01
+    (graph / "model.onnx").write_bytes(bytes(data))
+    assert main(["verify", "--compiled", str(graph), "--pack", str(pack_all)]) == 1
+    out = capsys.readouterr().out
+    assert "files match their checksums" in out and "changed: model.onnx" in out
+
+
+# -- data loss ---------------------------------------------------------------------------------------------
+def test_compile_overwrite_keeps_the_old_graph_when_the_move_fails(bert_model, graph, monkeypatch):
+    from bitfit.compiler.compile import compile as compile_model
+    from bitfit.runtime import fs
+
+    before = {p.name: p.read_bytes() for p in graph.iterdir()}
+    real = os.replace
+
+    def failing(src, dst):
+        if ".bitfit-tmp-" in os.fspath(src) and os.fspath(dst) == os.fspath(graph):
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(fs.os, "replace", failing)
+    with pytest.raises(OSError, match="No space left"):
+        compile_model(bert_model, graph, overwrite=True, log=lambda s: None)
+    assert {p.name: p.read_bytes() for p in graph.iterdir()} == before
+    assert sorted(p.name for p in graph.parent.iterdir()) == ["graph"]
+
+
+def test_a_refused_value_is_never_half_written(pack, tmp_path):
+    """save_pack of an invalid pack leaves neither the target nor a temporary beside it."""
+    loaded = load_pack(pack)
+    loaded.tensors["head.bias"] = np.array([np.inf, 0], np.float32)
+    with pytest.raises(PackError, match="NaN or inf"):
+        from bitfit.runtime import save_pack
+
+        save_pack(loaded, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pack"]
