@@ -9,9 +9,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bitfit.runtime.compiled import BASE_BIASES_FILE, read_manifest
-from bitfit.runtime.pack import PackManifest, TaskPack, TensorSpec
-from safetensors.numpy import load_file
+from bitfit.runtime.compiled import CompiledModel
+from bitfit.runtime.pack import BIAS_KINDS, PackManifest, TaskPack, TensorSpec
 
 
 # -- machine load ---------------------------------------------------------------------------------
@@ -52,15 +51,16 @@ def synthetic_pack(compiled: Path, name: str, rng: np.random.Generator, labels: 
                    noise: float = 0.02, head_scale: float = 0.02) -> TaskPack:
     """A task pack whose biases are the base values plus noise and whose head is random: what a trained pack
     looks like to the graph, without training one."""
-    m = read_manifest(compiled)
-    base = load_file(str(compiled / BASE_BIASES_FILE))
+    opened = CompiledModel.open(compiled, check_integrity=False)
+    m, base = opened.manifest, opened.base_biases
     tensors = {b.name: (base[b.name] + rng.normal(0, noise, b.shape)).astype(np.float32) for b in m.bias_inputs}
     tensors["head.weight"] = rng.normal(0, head_scale, (labels, m.hidden_size)).astype(np.float32)
     tensors["head.bias"] = rng.normal(0, head_scale, labels).astype(np.float32)
     manifest = PackManifest(
         task=name, task_kind="classification", labels=[f"{name}-label{i}" for i in range(labels)], pooling="mean",
         max_length=max_length, text_pair=False, base_model=m.base_model, base_model_type=m.base_model_type,
-        base_fingerprint=m.base_fingerprint, hidden_size=m.hidden_size, tokenizer=m.base_model, bias_subset=["all"],
+        base_fingerprint=m.base_fingerprint, hidden_size=m.hidden_size, tokenizer=m.base_model,
+        bias_subset=[k for k in BIAS_KINDS if any(b.kind == k for b in m.bias_inputs)],
         biases=list(m.bias_inputs), head=[TensorSpec("head.weight", (labels, m.hidden_size)),
                                           TensorSpec("head.bias", (labels,))],
         trainable_params=sum(int(t.size) for t in tensors.values()), base_params=1, metrics={"synthetic": True},

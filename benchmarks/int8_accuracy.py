@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from bitfit.compiler.compile import compile
 from bitfit.runtime import TaskSession
-from bitfit.runtime.fs import sha256_file
+from bitfit.runtime.compiled import read_manifest, write_manifest
 from bitfit.training.data import load_builtin
 from bitfit.training.metrics import evaluate
 
@@ -59,9 +59,9 @@ def static_int8(src_dir: Path, dst_dir: Path, session: TaskSession, data: dict) 
                     per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=["MatMul"],
                     extra_options={"ActivationSymmetric": True})
-    manifest = json.loads((dst_dir / "manifest.json").read_text())
-    manifest.update(model_sha256=sha256_file(dst_dir / "model.onnx"), precision="int8-static-qdq")
-    (dst_dir / "manifest.json").write_text(json.dumps(manifest))
+    manifest = read_manifest(dst_dir)
+    manifest.precision = "int8-static-qdq"
+    write_manifest(dst_dir, manifest)  # the new model.onnx's checksum, and the manifest's seal
 
 
 def main() -> None:

@@ -31,6 +31,7 @@ from bitfit.runtime.errors import BitFitError, CompiledModelError
 from bitfit.runtime.fs import check_target, output_dir
 from bitfit.runtime.heads import HEAD_BIAS, HEAD_POOLER_BIAS, HEAD_POOLER_WEIGHT, HEAD_WEIGHT
 from bitfit.runtime.pack import TaskPack, load_pack
+from bitfit.runtime.schema import seal
 from bitfit.runtime.version import __version__
 
 
@@ -94,7 +95,8 @@ def write_bank(
         tasks.append(BankTask(
             i, m.task, i * block_bytes, m.task_kind, list(m.labels), m.pooling, m.max_length, m.text_pair,
             m.base_fingerprint, list(m.bias_subset), [b.name for b in m.biases], heads,
-            {**m.to_json(), "tensors_sha256": ""},  # the tensors now live here, not in the pack's file
+            # the tensors now live here, not in the pack's file: its checksums no longer apply
+            {**m.to_json(), "tensors_sha256": "", "manifest_sha256": ""},
         ))
     total = _align(pos, TENSOR_ALIGN)
 
@@ -140,6 +142,7 @@ def write_bank(
             "biases": [b.to_json() for b in biases],
             "tasks": [t.to_json() for t in tasks],
         }
+        layout = seal(layout)  # a hand edit of the map is refused by read_bank
         (tmp / MAP_FILE).write_text(json.dumps(layout, indent=2) + "\n")
         (tmp / HEADER_FILE).write_text(c_header(layout))
     return Path(out)
@@ -195,6 +198,7 @@ def c_header(layout: dict[str, Any]) -> str:
         f"#define BITFIT_BANK_HEADS_OFFSET {layout['heads_offset']}ull",
         f"#define BITFIT_BANK_TOTAL_BYTES {layout['total_bytes']}ull",
         f"#define BITFIT_BANK_SHA256 {_c_string(layout['bank_sha256'])}",
+        f"#define BITFIT_BANK_MAP_SHA256 {_c_string(layout['manifest_sha256'])} /* bank.json's own checksum */",
         f"#define BITFIT_BANK_BASE_FINGERPRINT {_c_string(layout['base_fingerprint'])}",
         "",
         "/* Task ids: block base address = id * BITFIT_BANK_BLOCK_BYTES. */",

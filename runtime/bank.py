@@ -25,7 +25,6 @@ whose row `t` is what a --mixed graph reads for task_ids == t (`Bank.table`).
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -34,20 +33,46 @@ from typing import Any
 
 import numpy as np
 
+from . import schema as S
 from .errors import BitFitError, IncompatibleError, PackError, UnknownTaskError
-from .fs import sha256_file
-from .pack import PackManifest, TaskPack
+from .fs import read_json, regular_size, sha256_file
+from .heads import POOLINGS
+from .pack import BIAS_KINDS, PackManifest, TaskPack
 
 FORMAT = "bitfit-bias-bank"
-FORMAT_VERSION = 1
+# 2: bank.json carries its own sha256 (a hand edit of a label or an offset is refused), bank.h repeats it
+FORMAT_VERSION = 2
 BANK_FILE = "bank.bin"
 MAP_FILE = "bank.json"
 HEADER_FILE = "bank.h"
 DTYPE = np.dtype("<f4")  # little-endian float32, whatever the writing machine's byte order
 BLOCK_ALIGN = 4096
 TENSOR_ALIGN = 64
-_REQUIRED = ("format_version", "byte_order", "dtype", "base_fingerprint", "block_bytes", "heads_offset", "total_bytes",
-             "bank_sha256", "biases", "tasks")
+_FIX = "the bank is damaged or was edited by hand; re-copy it, or export it again (bitfit export-bank)"
+_BIG = 1 << 48
+TENSOR_FIELDS = {
+    "name": S.text(256), "shape": S.SHAPE, "offset": S.integer(0, _BIG), "length": S.integer(1, _BIG),
+    "bytes": S.integer(4, _BIG), "dtype": S.equal("float32"), "kind": S.one_of(BIAS_KINDS, required=False),
+    "layer": S.Field(lambda v: v is None or S.integer(0, 1 << 16).check(v), "a layer number or null", required=False),
+}
+TASK_FIELDS = {
+    "id": S.integer(0, 1 << 20), "name": S.text(256), "offset": S.integer(0, _BIG), "task_kind": S.text(64),
+    "labels": S.list_of(S.text(256), 1 << 16), "pooling": S.one_of(POOLINGS), "max_length": S.integer(1, 1 << 20),
+    "text_pair": S.boolean(), "base_fingerprint": S.hexdigest(),
+    "bias_subset": S.list_of(S.one_of(BIAS_KINDS), len(BIAS_KINDS), unique=True),
+    "trained": S.list_of(S.text(256), 1 << 16, unique=True), "heads": S.list_of(S.record(TENSOR_FIELDS), 8),
+    "pack": S.Field(lambda v: isinstance(v, dict), "the source pack's manifest (an object)"),
+}
+MAP_FIELDS = {
+    "format": S.equal(FORMAT), "format_version": S.equal(FORMAT_VERSION), "tool_version": S.string(256),
+    "byte_order": S.equal("little"), "dtype": S.equal("float32"), "base_model": S.string(),
+    "base_model_type": S.string(256), "base_fingerprint": S.hexdigest(), "hidden_size": S.integer(1, 1 << 16),
+    "block_align": S.integer(64, 1 << 30), "tensor_align": S.integer(1, 1 << 20), "block_bytes": S.integer(1, _BIG),
+    "block_used_bytes": S.integer(0, _BIG), "num_tasks": S.integer(1, 1 << 20), "heads_offset": S.integer(0, _BIG),
+    "heads_bytes": S.integer(0, _BIG), "total_bytes": S.integer(1, _BIG), "bank_sha256": S.hexdigest(),
+    "biases": S.list_of(S.record(TENSOR_FIELDS), 1 << 16), "tasks": S.list_of(S.record(TASK_FIELDS), 1 << 20),
+    S.SEAL: S.hexdigest(),
+}
 
 
 @dataclass(frozen=True)
@@ -165,27 +190,22 @@ class Bank:
 
 
 def read_bank(directory: str | os.PathLike, *, check_integrity: bool = True) -> Bank:
-    """Open a bank: bank.json checked against bank.bin (size, bounds and, by default, its sha256)."""
+    """Open a bank: bank.json checked (schema, its own seal, every offset and length inside bank.bin) and
+    bank.bin against it (size and, by default, its sha256)."""
     root = Path(directory)
     path, map_path = root / BANK_FILE, root / MAP_FILE
-    if not map_path.is_file() or not path.is_file():
+    if not os.path.lexists(map_path) or not os.path.lexists(path):
         raise PackError(f"{root} is not a bias bank (it needs {MAP_FILE} and {BANK_FILE}): write one with "
                         "`bitfit export-bank`")
-    try:
-        layout = json.loads(map_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PackError(f"{map_path} is not valid JSON ({e}): re-export the bank") from e
+    layout = read_json(map_path, what="bank map", error=PackError, fix=_FIX)
     if not isinstance(layout, dict) or layout.get("format") != FORMAT:
         raise PackError(f"{map_path} is not a bitfit bias-bank map (format is not {FORMAT!r})")
-    missing = [k for k in _REQUIRED if k not in layout]
-    if missing:
-        raise PackError(f"{map_path} lacks {', '.join(missing)}: the map is incomplete; re-export the bank")
-    if int(layout.get("format_version", 0)) > FORMAT_VERSION:
-        raise PackError(f"{root} is bank format {layout['format_version']}, newer than this bitfit reads: upgrade")
-    if layout.get("byte_order") != "little" or layout.get("dtype") != "float32":
-        raise PackError(f"{map_path} declares {layout.get('byte_order')}-endian {layout.get('dtype')}: "
-                        "this reader takes little-endian float32 banks")
-    size = path.stat().st_size
+    version = layout.get("format_version")
+    if S.integer(FORMAT_VERSION + 1).check(version):
+        raise PackError(f"{root} is bank format {version}, newer than this bitfit reads: upgrade")
+    S.validate(layout, MAP_FIELDS, str(map_path), PackError, _FIX)
+    S.check_seal(layout, str(map_path), PackError, _FIX)
+    size = regular_size(path, error=PackError, fix=_FIX)
     if size != layout["total_bytes"]:
         raise PackError(f"{path} is {size} bytes but {MAP_FILE} says {layout['total_bytes']}: truncated or from "
                         "another export; re-copy the bank")
@@ -194,17 +214,31 @@ def read_bank(directory: str | os.PathLike, *, check_integrity: bool = True) -> 
             f"{path} does not match the sha256 in {MAP_FILE}: it is corrupt or was changed after export; re-copy "
             "or re-export the bank"
         )
-    block = int(layout["block_bytes"])
+    problems = _layout_problems(layout, size)
+    if problems:
+        raise PackError(f"{map_path} is inconsistent: {'; '.join(problems[:4])}: {_FIX}")
+    return Bank(root, layout, np.memmap(path, dtype=np.uint8, mode="r"))
+
+
+def _layout_problems(layout: dict[str, Any], size: int) -> list[str]:
+    """Every offset, length and id of a schema-valid map that does not fit the file or the layout rules."""
+    out = []
+    block, heads_at, tasks = layout["block_bytes"], layout["heads_offset"], layout["tasks"]
+    for t in (*layout["biases"], *(h for task in tasks for h in task["heads"])):
+        if t["bytes"] != t["length"] * DTYPE.itemsize or t["length"] != int(np.prod(t["shape"])):
+            out.append(f"{t['name']}: {t['length']} elements of shape {t['shape']} in {t['bytes']} bytes")
     for b in layout["biases"]:
         if b["offset"] + b["bytes"] > block or b["offset"] % DTYPE.itemsize:
-            raise PackError(f"{map_path}: bias {b['name']} lies outside its block: the map is corrupt")
-    for t in layout["tasks"]:
+            out.append(f"bias {b['name']} lies outside its block")
+    if layout["num_tasks"] != len(tasks) or heads_at != block * len(tasks) or len({t["name"] for t in tasks}) != len(tasks):
+        out.append(f"{len(tasks)} tasks (names unique?) do not fill the {layout['num_tasks']} blocks before the heads")
+    for i, t in enumerate(tasks):
+        if t["id"] != i or t["offset"] != i * block:
+            out.append(f"task {t['name']} has id {t['id']} at offset {t['offset']}, not {i} at {i * block}")
         for h in t["heads"]:
-            if h["offset"] + h["bytes"] > size or h["offset"] % DTYPE.itemsize:
-                raise PackError(f"{map_path}: head {h['name']} of {t['name']} lies outside {BANK_FILE}")
-        if t["offset"] + block > layout["heads_offset"]:
-            raise PackError(f"{map_path}: the block of {t['name']} overlaps the heads region")
-    return Bank(root, layout, np.memmap(path, dtype=np.uint8, mode="r"))
+            if h["offset"] < heads_at or h["offset"] + h["bytes"] > size or h["offset"] % DTYPE.itemsize:
+                out.append(f"head {h['name']} of {t['name']} lies outside the heads region of {BANK_FILE}")
+    return out
 
 
 def register_bank(

@@ -335,3 +335,31 @@ def test_a_refused_value_is_never_half_written(pack, tmp_path):
 
         save_pack(loaded, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pack"]
+
+
+# -- the bias bank's map ------------------------------------------------------------------------------------
+@pytest.fixture
+def bank(bert_compiled, pack_all, pack_min, tmp_path) -> Path:
+    from bitfit.exporters.bank import write_bank
+
+    return write_bank(bert_compiled, [pack_all, pack_min], tmp_path / "bank")
+
+
+@pytest.mark.parametrize("edit_map, reseal, match", [
+    (lambda m: m["tasks"][0].update(labels=list(reversed(m["tasks"][0]["labels"]))), False, r"own checksum"),
+    (lambda m: m["tasks"][1].update(offset=0), True, r"has id 1 at offset 0"),
+    (lambda m: m["biases"][0].update(offset=10**9), True, r"lies outside its block"),
+    (lambda m: m["tasks"][0]["heads"][0].update(offset="0"), True, r"tasks must be a list of an object"),
+    (lambda m: m.update(byte_order="big"), True, r"byte_order must be 'little'"),
+])
+def test_a_bank_map_edited_by_hand_is_refused(bank, edit_map, reseal, match):
+    from bitfit.runtime.bank import MAP_FILE, read_bank
+
+    layout = json.loads((bank / MAP_FILE).read_text())
+    edit_map(layout)
+    if reseal:
+        write_sealed(bank / MAP_FILE, layout)
+    else:
+        (bank / MAP_FILE).write_text(json.dumps(layout))
+    with pytest.raises(PackError, match=match):
+        read_bank(bank)
