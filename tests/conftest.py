@@ -310,3 +310,19 @@ def reseal_compiled(directory: Path, **changes) -> None:
     data.update(changes)
     data["files"] = {name: sha256_file(directory / name) for name in FILES}
     write_sealed(directory / MANIFEST_FILE, data)
+
+
+def fail_moves_into(target: Path, monkeypatch) -> None:
+    """Make the writer's final rename of a new directory onto `target` fail, as a full disk would."""
+    import os
+
+    from bitfit.runtime import fs
+
+    real = os.replace
+
+    def replace(src, dst):
+        if ".bitfit-tmp-" in os.fspath(src) and os.fspath(dst) == os.fspath(target):
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(fs.os, "replace", replace)

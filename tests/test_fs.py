@@ -10,6 +10,7 @@ import sys
 import pytest
 from bitfit.runtime import fs
 from bitfit.runtime.errors import BitFitError, PackError
+from conftest import fail_moves_into
 
 MARK = "manifest.json"
 
@@ -49,14 +50,7 @@ def test_a_failed_move_brings_the_old_version_back(tmp_path, monkeypatch):
     """The rename of the new directory into place fails: the old one, moved aside first, returns."""
     target = tmp_path / "out"
     make(target, "old")
-    real = os.replace
-
-    def replace(src, dst):
-        if ".bitfit-tmp-" in os.fspath(src) and os.fspath(dst) == os.fspath(target):
-            raise OSError(28, "No space left on device")
-        return real(src, dst)
-
-    monkeypatch.setattr(fs.os, "replace", replace)
+    fail_moves_into(target, monkeypatch)
     with pytest.raises(OSError, match="No space left"):
         make(target, "new")
     assert (target / MARK).read_text() == "old"

@@ -20,15 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import reseal_compiled, write_sealed
-from hypothesis import HealthCheck, event, given, settings
-from hypothesis.errors import InvalidArgument
-from hypothesis import strategies as st
-
 from bitfit.runtime import BitFitError, TaskSession, load_pack
 from bitfit.runtime.compiled import MANIFEST_FILE
 from bitfit.runtime.fs import sha256_file
 from bitfit.runtime.pack import TENSORS_FILE
+from conftest import reseal_compiled, write_sealed
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from hypothesis.errors import InvalidArgument
 
 TEXTS = ["a good fun movie", "awful boring plot", "who won the prize"]
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)

@@ -14,13 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import reseal_compiled, write_sealed
-
 from bitfit.runtime import BitFitError, TaskSession, load_pack
 from bitfit.runtime.compiled import BASE_BIASES_FILE, MANIFEST_FILE, TOKENIZER_FILE
 from bitfit.runtime.errors import CompiledModelError, IncompatibleError, PackError
 from bitfit.runtime.fs import sha256_file
 from bitfit.runtime.pack import TENSORS_FILE
+from conftest import fail_moves_into, reseal_compiled, write_sealed
 
 
 def manifest(path: Path) -> dict:
@@ -256,8 +255,9 @@ def test_bad_flag_values_exit_2_before_any_work(argv, message, capsys):
 
 
 def test_an_unwritable_out_is_refused_before_training(bert_model, data_files, tmp_path, capsys, monkeypatch):
-    from bitfit.cli import main
     from bitfit.training import train as train_module
+
+    from bitfit.cli import main
 
     monkeypatch.setattr(train_module, "load_encoder", lambda *a, **k: pytest.fail("training started"))
     (tmp_path / "file").write_text("x")
@@ -309,17 +309,9 @@ def test_verify_fails_a_graph_whose_checksum_does_not_match(graph, pack_all, cap
 # -- data loss ---------------------------------------------------------------------------------------------
 def test_compile_overwrite_keeps_the_old_graph_when_the_move_fails(bert_model, graph, monkeypatch):
     from bitfit.compiler.compile import compile as compile_model
-    from bitfit.runtime import fs
 
     before = {p.name: p.read_bytes() for p in graph.iterdir()}
-    real = os.replace
-
-    def failing(src, dst):
-        if ".bitfit-tmp-" in os.fspath(src) and os.fspath(dst) == os.fspath(graph):
-            raise OSError(28, "No space left on device")
-        return real(src, dst)
-
-    monkeypatch.setattr(fs.os, "replace", failing)
+    fail_moves_into(graph, monkeypatch)
     with pytest.raises(OSError, match="No space left"):
         compile_model(bert_model, graph, overwrite=True, log=lambda s: None)
     assert {p.name: p.read_bytes() for p in graph.iterdir()} == before

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from bitfit.runtime import TaskSession, read_pack_manifest
+from bitfit.runtime.pack import MANIFEST_FILE
 from conftest import write_sealed
 from starlette.testclient import TestClient
 
-from bitfit.runtime import TaskSession, read_pack_manifest
-from bitfit.runtime.pack import MANIFEST_FILE
 from bitfit.serve import ServeConfig, create_app
 
 TOKEN = "s3cret-token-for-tests-0123456789"
