@@ -22,7 +22,7 @@ def _train(a: argparse.Namespace) -> int:
 
     result = train(
         a.model, a.data, a.out, biases=a.biases, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size,
-        warmup=a.warmup, max_length=a.max_length, pooling=a.pooling, task_kind=a.task_kind, task_name=a.name,
+        warmup=a.warmup, schedule=a.schedule, max_length=a.max_length, pooling=a.pooling, task_kind=a.task_kind, task_name=a.name,
         dev=a.dev, train_size=a.train_size, seed=a.seed, overwrite=a.overwrite, progress=not a.quiet,
         train_pooler=a.train_pooler,
     )
@@ -213,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=_float_in(0, above=True), default=1e-3, help="bias-only training wants a high LR (default 1e-3)")
     p.add_argument("--batch-size", type=POSITIVE, default=16)
     p.add_argument("--warmup", type=_float_in(0, 1, below=True), default=0.1, help="share of steps with linear warm-up")
+    p.add_argument("--schedule", choices=["linear", "constant"], default="linear",
+                   help="linear: warm-up then linear decay (default); constant: the LR throughout (the BitFit "
+                        "authors' code)")
     p.add_argument("--max-length", type=LENGTH, default=128)
     p.add_argument("--pooling", choices=["auto", "mean", "cls", "pooler", "none"], default="auto",
                    help="auto: mean for sequence tasks, none for token-level ones; pooler: the checkpoint's own "

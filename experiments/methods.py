@@ -13,8 +13,11 @@ from bitfit.encoder.biases import find_biases
 from bitfit.encoder.model import BitFitModel
 from bitfit.training.train import Selection
 
-BIAS_METHODS = {"bitfit": "all", "bq,bm2": "bq,bm2", "bm2": "bm2", "bq": "bq"}
+BIAS_METHODS = {"bitfit": "all", "bq,bm2": "bq,bm2", "bm2": "bm2", "bq": "bq", "bitfit_constlr": "all"}
+# the paper's Table 3 methods, then two controls closer to the authors' code: BitFit at a constant LR, and
+# random rows/columns as their code picks them (LayerNorm gains trained too)
 METHODS = ("full", "bitfit", "bq,bm2", "bm2", "bq", "frozen", "rand_uniform", "rand_row_col")
+CONTROLS = ("bitfit_constlr", "rand_row_col_authors")
 
 
 def _encoder_weights(net: BitFitModel) -> list[torch.nn.Parameter]:
@@ -68,6 +71,39 @@ def rand_row_col(seed: int) -> Callable[[BitFitModel], Selection]:
     return select
 
 
+def rand_row_col_authors(seed: int) -> Callable[[BitFitModel], Selection]:
+    """Random rows/columns as the BitFit authors' code picks them (glue_evaluator.py,
+    set_row_and_column_random_mask): in every weight matrix of the encoder's layers, one random column
+    (as long as that layer's bias) or, on a coin flip when the matrix has at least as many rows as columns,
+    rows/cols random rows (drawn with replacement) -- about the bias's count per matrix -- plus every
+    LayerNorm gain of the layers, whole."""
+
+    def select(net: BitFitModel) -> Selection:
+        rng = np.random.default_rng(seed)
+        chosen, masks = [], {}
+        for name, p in net.encoder.named_parameters():
+            if not name.startswith(LAYER_PREFIXES) or not name.endswith("weight"):
+                continue
+            if p.dim() == 1:  # a LayerNorm gain: trained whole
+                chosen.append(p)
+                continue
+            mask = torch.zeros_like(p, dtype=torch.float32)
+            rows, cols = p.shape
+            if rng.integers(2) or rows < cols:
+                mask[:, int(rng.integers(cols))] = 1.0
+            else:
+                mask[torch.from_numpy(rng.integers(0, rows, rows // cols))] = 1.0
+            masks[len(chosen)] = mask
+            chosen.append(p)
+        return Selection(chosen, masks)
+
+    return select
+
+
+# where an encoder keeps its layers (BERT-style and DistilBERT-style encoders)
+LAYER_PREFIXES = ("encoder.layer.", "transformer.layer.")
+
+
 def full(net: BitFitModel) -> Selection:
     return Selection([p for n, p in net.encoder.named_parameters() if not n.startswith("pooler.")])
 
@@ -78,14 +114,12 @@ def frozen(net: BitFitModel) -> Selection:
 
 def train_kwargs(method: str, seed: int) -> dict:
     """The keyword arguments that make training.train run `method`."""
+    if method == "bitfit_constlr":
+        return {"biases": "all", "schedule": "constant"}
     if method in BIAS_METHODS:
         return {"biases": BIAS_METHODS[method]}
-    if method == "full":
-        return {"select": full}
-    if method == "frozen":
-        return {"select": frozen}
-    if method == "rand_uniform":
-        return {"select": rand_uniform(seed)}
-    if method == "rand_row_col":
-        return {"select": rand_row_col(seed)}
-    raise ValueError(f"unknown method {method!r}: one of {', '.join(METHODS)}")
+    selections = {"full": lambda: full, "frozen": lambda: frozen, "rand_uniform": lambda: rand_uniform(seed),
+                  "rand_row_col": lambda: rand_row_col(seed), "rand_row_col_authors": lambda: rand_row_col_authors(seed)}
+    if method in selections:
+        return {"select": selections[method]()}
+    raise ValueError(f"unknown method {method!r}: one of {', '.join(METHODS + CONTROLS)}")

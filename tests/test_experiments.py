@@ -74,91 +74,105 @@ def test_bias_methods_record_bias_change(bert_model, data_files):
     assert all(change[n] == 0 for n in change if not n.endswith((".bq", ".bm2")))
 
 
-def test_runner_resumes_and_never_recomputes(tmp_path, monkeypatch):
-    runs = tmp_path / "runs.jsonl"
-    monkeypatch.setattr(protocol, "RUNS", runs)
-    monkeypatch.setattr(protocol, "RESULTS", tmp_path)
-    monkeypatch.setattr(replicate, "model_dir", lambda: None)
-    calls = []
+def row(method, task, lr, dev, seed=0, **extra) -> dict:
+    return {"model": "minilm", "method": method, "task": task, "seed": seed, "lr": lr, "epochs": 4,
+            "train_size": 1000, "dev_metric": dev, "test_metric": dev, **extra}
 
-    def fake_run(spec, cache, base):
+
+def test_the_search_moves_the_grid_until_the_best_lr_is_inside_it():
+    runs = [row("bitfit", "trec6", lr, dev) for lr, dev in ((3e-4, 70), (1e-3, 80))]
+    assert protocol.search(runs, "bitfit", "trec6") == (None, 3e-3, [3e-4, 1e-3])  # the start grid first
+    runs.append(row("bitfit", "trec6", 3e-3, 85))
+    assert protocol.search(runs, "bitfit", "trec6")[:2] == (None, 1e-2)  # best at the top: one step out
+    runs.append(row("bitfit", "trec6", 1e-2, 84))
+    assert protocol.search(runs, "bitfit", "trec6") == (3e-3, None, [3e-4, 1e-3, 3e-3, 1e-2])
+    low = [row("full", "trec6", lr, dev) for lr, dev in ((1e-5, 90), (3e-5, 80), (5e-5, 70))]
+    assert protocol.search(low, "full", "trec6")[:2] == (None, 3e-6)  # best at the bottom: one step down
+    low.append(row("full", "trec6", 3e-6, 95))
+    assert protocol.search(low, "full", "trec6")[:2] == (3e-6, None)  # the ladder ends there
+    tie = [row("bq", "trec6", lr, 80) for lr in (3e-4, 1e-3, 3e-3)]
+    assert protocol.search(tie, "bq", "trec6")[:2] == (None, 1e-4)  # ties go to the smaller LR: an edge
+
+
+def test_the_driver_resumes_never_recomputes_and_replans(tmp_path, monkeypatch):
+    monkeypatch.setattr(protocol, "RUNS", tmp_path / "runs.jsonl")
+    monkeypatch.setattr(protocol, "PREDICTIONS", tmp_path / "predictions")
+    calls = []
+    scores = {3e-4: 70.0, 1e-3: 80.0, 3e-3: 90.0, 1e-2: 85.0}
+
+    def fake_run(spec, cache, bases):
         calls.append(spec)
-        return {**spec, "dev_metric": spec["lr"] * 1000, "test_metric": 1.0, "train_metric": 1.0, "seconds": 0.0}
+        return {**spec, "dev_metric": scores[spec["lr"]], "test_metric": 1.0, "seconds": 1.0}
 
     monkeypatch.setattr(replicate, "run_one", fake_run)
-    monkeypatch.setattr(replicate, "_base_biases", lambda: {})
-    specs = [dict(method="bq", task="trec6", seed=0, lr=lr, epochs=1, train_size=10) for lr in (1e-3, 3e-3)]
-    replicate.execute(specs, None)
-    replicate.execute(specs + [dict(specs[0], seed=1)], None)
-    assert len(calls) == 3
-    rows = [json.loads(line) for line in runs.read_text().splitlines()]
-    assert [r["seed"] for r in rows] == [0, 0, 1]
-    assert protocol.best_lr(rows, "bq", "trec6", 10, 1) is None  # 3e-4 not searched yet
+    plan = lambda runs: replicate.searched(runs, ["bq"], ["trec6"])  # noqa: E731
+    replicate.drive(plan, 0.0, "test")  # out of time before anything: nothing runs
+    assert calls == []
+    replicate.drive(plan, None, "test")
+    assert [c["lr"] for c in calls if c["seed"] == 0] == [3e-4, 1e-3, 3e-3, 1e-2]
+    assert sorted(c["seed"] for c in calls if c["lr"] == 3e-3) == [0, 1, 2]
+    before = len(calls)
+    replicate.drive(plan, None, "test")  # resumes: nothing recomputed
+    assert len(calls) == before == len(protocol.read_runs())
 
 
-def test_table_averages_only_tasks_every_method_has():
-    import report
-
-    runs = []
-    for m in report.METHODS:
-        for t, seeds in (("trec6", (0, 1, 2)), ("sms-spam", (0,))):
-            if t == "sms-spam" and m == "frozen":
-                continue  # one method still missing a task: no average may include that task
-            lrs = protocol.LRS.get(m, protocol.DEFAULT_LRS)
-            for lr in lrs:  # dev_metric = -lr: the smallest LR wins the search and gets the seeds
-                for s in seeds if lr == min(lrs) else (0,):
-                    score = 80.0 + s + (t == "sms-spam") * 10
-                    runs.append(dict(method=m, task=t, seed=s, lr=lr, epochs=4, train_size=1000, dev_metric=-lr,
-                                     test_metric=score, trainable_share=0.001))
-    rows = {line.split(" | ")[0].strip("| "): line for line in report.table(runs, 1000, 4).splitlines()}
-    bitfit = rows[report.LABEL["bitfit"]]
-    assert "81.0 ± 1.0 (n=3" in bitfit  # trec6: seeds 80, 81, 82, sample std
-    assert "90.0 (n=1" in bitfit and "90.0 ±" not in bitfit  # one seed: no spread shown
-    assert "(81.0, 1 tasks)" in bitfit  # sms-spam left out: frozen lacks it
+def test_bitfit_and_full_get_five_seeds_at_the_main_budget():
+    runs = [row(m, "trec6", lr, 80.0 if lr == mid else 70.0) for m, ladder in (("bitfit", (3e-4, 1e-3, 3e-3)),
+                                                                               ("full", (1e-5, 3e-5, 5e-5)))
+            for mid in [ladder[1]] for lr in ladder]
+    seeds = {m: sorted(s["seed"] for s in replicate.searched(runs, [m], ["trec6"])) for m in ("bitfit", "full", "bq")}
+    assert seeds["bitfit"] == seeds["full"] == [0, 1, 2, 3, 4] and seeds["bq"] == [0]  # bq: its first search step
 
 
-def test_data_size_curve_uses_the_searched_lr_only(tmp_path):
-    import report
-
-    runs = []
-    for m, lrs in (("bitfit", protocol.DEFAULT_LRS), ("full", protocol.LRS["full"])):
-        for lr in lrs:  # the search at 1,000: the best dev LR has the LOWEST test score of the three
-            best = lr == lrs[1]
-            runs.append(dict(method=m, task="movie-sentiment", seed=0, lr=lr, epochs=4, train_size=1000,
-                             dev_metric=90.0 if best else 80.0, test_metric=70.0 if best else 99.0,
-                             train_metric=100.0, trainable_share=0.001))
-        runs.append(dict(runs[-2], train_size=250, test_metric=60.0))  # sizes ran at the best LR
-        runs.append(dict(runs[-3], lr=lrs[0], train_size=500, test_metric=55.0))  # not the best LR: no point
-    report.write_report(runs, tmp_path, 1000, 4)
-    text = (tmp_path / "table.md").read_text()
-    assert "| method | 250 | 1000 |" in text  # the 500 runs used another LR: not on the curve
-    assert "| BitFit (all biases) | 60.0 | 70.0 |" in text
-    assert "| Full fine-tuning | 60.0 | 70.0 |" in text
-    assert (tmp_path / "data_size.png").stat().st_size > 0
+def test_the_data_size_curve_trains_at_least_250_steps():
+    for size in protocol.SIZES:
+        steps = protocol.epochs_for(size) * -(-size // protocol.BATCH)
+        assert steps >= protocol.MIN_STEPS
+    assert protocol.epochs_for(1000) == protocol.EPOCHS and protocol.epochs_for(250) == 16
 
 
-def test_edge_runs_stay_out_of_the_grid(tmp_path, monkeypatch):
-    import argparse
+def test_committed_results_hold_only_real_runs():
+    """Every row a real run of the runner writes: its keys, sizes, epochs, methods, tasks, a positive time,
+    scores in range, no key twice; every predictions file belongs to a row."""
+    rows = protocol.read_runs()
+    assert rows, "experiments/results/runs.jsonl is empty"
+    allowed_sizes = {*protocol.SIZES, protocol.TRAIN_SIZE, 5000}  # 5000: the first pass's data-size curve
+    keys = set()
+    for r in rows:
+        where = f"row {protocol.key(r)}"
+        assert all(k in r for k in protocol.REQUIRED), where
+        assert r["seconds"] > 0 and r["train_size"] in allowed_sizes and r.get("model", "minilm") in protocol.MODELS
+        assert r["method"] in methods.METHODS + methods.CONTROLS and r["task"] in protocol.TASKS, where
+        assert r["epochs"] in {protocol.EPOCHS, protocol.LONG_EPOCHS, *map(protocol.epochs_for, protocol.SIZES)}
+        assert 0 < r["lr"] < 1 and 0 <= r["seed"] < 10 and 1 <= r["best_epoch"] <= r["epochs"], where
+        low = -100 if r["metric"] == "spearman" else 0
+        assert all(low <= r[k] <= 100 for k in ("dev_metric", "test_metric", "train_metric")), where
+        assert protocol.key(r) not in keys, f"{where} twice"
+        keys.add(protocol.key(r))
+    named = {protocol.predictions_path(r).name for r in rows}
+    stray = [p.name for p in protocol.PREDICTIONS.glob("*.npz") if p.name not in named]
+    assert not stray, f"predictions without a run: {stray[:3]}"
 
-    import report
 
-    monkeypatch.setattr(protocol, "RUNS", tmp_path / "runs.jsonl")
-    monkeypatch.setattr(protocol, "EDGE", tmp_path / "edge.jsonl")
-    monkeypatch.setattr(protocol, "RESULTS", tmp_path)
-    monkeypatch.setattr(replicate, "_base_biases", lambda: {})
-    monkeypatch.setattr(replicate, "run_one", lambda spec, cache, base: {
-        **spec, "dev_metric": 95.0, "test_metric": 94.0, "train_metric": 99.0, "seconds": 0.0})
-    grid = [dict(method="bitfit", task="trec6", seed=0, lr=lr, epochs=4, train_size=1000, dev_metric=80.0 + i,
-                 test_metric=70.0, train_metric=90.0, trainable_share=0.001)
-            for i, lr in enumerate(protocol.DEFAULT_LRS)]
-    protocol.RUNS.write_text("".join(json.dumps(r) + "\n" for r in grid))
-    args = argparse.Namespace(tasks=["trec6"], epochs=4, train_size=1000, max_minutes=None)
-    replicate.edge(args)
-    replicate.edge(args)  # resumes: nothing recomputed
-    edge = protocol.read_runs(protocol.EDGE)
-    assert sorted((r["method"], r["lr"]) for r in edge) == [("bitfit", 1e-2), ("full", 1e-4)]
-    assert len(protocol.read_runs()) == 3  # runs.jsonl untouched
-    assert protocol.best_lr(protocol.read_runs(), "bitfit", "trec6", 1000, 4) == 3e-3  # the edge does not win it
-    text = report.edge_table(protocol.read_runs(), edge, 1000, 4)
-    assert "| BitFit (all biases) | trec6 | 82.0 (0.003) | 95.0 (0.01) | 94.0 |" in text
-    assert "| Full fine-tuning | trec6 | - | 95.0 (0.0001) | 94.0 |" in text
+def test_authors_row_col_masks_and_the_constant_schedule(bert_model, data_files, monkeypatch):
+    base = BitFitModel(load_encoder(bert_model), 2)
+    chosen = methods.rand_row_col_authors(0)(base)
+    names = {id(p): n for n, p in base.encoder.named_parameters()}
+    gains = [names[id(p)] for i, p in enumerate(chosen.params) if i not in chosen.masks]
+    assert gains and all(n.endswith("LayerNorm.weight") and n.startswith("encoder.layer.") for n in gains)
+    for i, mask in chosen.masks.items():
+        p = chosen.params[i]
+        rows, cols = mask.all(dim=1), mask.all(dim=0)
+        assert torch.equal(mask.bool(), rows[:, None] | cols[None, :])  # whole rows or one whole column
+        assert int(mask.sum()) <= p.shape[0] and (cols.sum() == 1 or rows.sum() >= 1)
+    assert abs(chosen.count() - methods.bias_count(base)) < 0.5 * methods.bias_count(base)
+    import transformers
+
+    seen = []
+    real = transformers.get_constant_schedule
+    monkeypatch.setattr(transformers, "get_constant_schedule", lambda opt: seen.append(opt) or real(opt))
+    result = train(bert_model, data_files["sentiment"], None, epochs=1, progress=False, log=lambda *_: None,
+                   **methods.train_kwargs("bitfit_constlr", 0))
+    assert seen and result.model is not None
+    with pytest.raises(BitFitError, match="schedule must be one of linear, constant"):
+        train(bert_model, data_files["sentiment"], None, schedule="cosine", progress=False)

@@ -36,6 +36,11 @@ from .sequence import batches
 from .tokens import trains_no_answer
 
 
+# linear: warm-up over `warmup` of the steps, then linear decay to 0; constant: the LR throughout (the BitFit
+# authors' code; `warmup` is then ignored)
+SCHEDULES = ("linear", "constant")
+
+
 @dataclass
 class TrainResult:
     pack_path: Path | None
@@ -140,6 +145,7 @@ def train(
     lr: float = 1e-3,
     batch_size: int = 16,
     warmup: float = 0.1,
+    schedule: str = "linear",
     weight_decay: float = 0.0,
     max_grad_norm: float = 1.0,
     max_length: int = 128,
@@ -165,6 +171,9 @@ def train(
     pooling: "auto" (mean for sequence kinds, "none" for token kinds), "mean", "cls", or "pooler" (the base
     checkpoint's own BERT pooler, frozen unless train_pooler=True; refused if the checkpoint has none).
 
+    schedule: "linear" (warm-up for `warmup` of the steps, then linear decay) or "constant" (the LR throughout,
+    as the BitFit authors' code trains).
+
     select: research use only (experiments/): train other parameters than biases, e.g. full fine-tuning
     or random masks. Such a run makes no task pack (out must be None); `biases` is then ignored.
 
@@ -181,6 +190,8 @@ def train(
     if epochs < 1 or batch_size < 1 or not lr > 0 or not math.isfinite(lr) or not 0 <= warmup < 1 or max_length < 1:
         raise BitFitError(f"need epochs >= 1, batch_size >= 1, a finite lr > 0, 0 <= warmup < 1 and max_length >= 1; "
                           f"got {epochs}, {batch_size}, {lr}, {warmup}, {max_length}")
+    if schedule not in SCHEDULES:
+        raise BitFitError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     if train_size is not None and train_size < 1:
         raise BitFitError(f"train_size must be at least 1 (or None: all), got {train_size}")
     if pooling != "auto" and pooling not in POOLINGS:
@@ -241,7 +252,7 @@ def train(
         f"{n_base:,}) + {n_head:,} head parameters; {len(task.train)} train / {len(task.dev)} dev examples"
     )
 
-    from transformers import get_linear_schedule_with_warmup
+    from transformers import get_constant_schedule, get_linear_schedule_with_warmup
 
     net.to(device)  # before the optimizer and masks are made; prepare() would move it too
     masks = [(p, m.to(device)) for p, m in masks]
@@ -249,7 +260,8 @@ def train(
     ddp, optimizer = accelerator.prepare(net, torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay))
     steps = epochs * ((len(task.train) + batch_size - 1) // batch_size)
     # not prepared: accelerate would step it once per process, but `steps` counts global batches
-    scheduler = get_linear_schedule_with_warmup(optimizer.optimizer, int(warmup * steps), steps)
+    scheduler = (get_linear_schedule_with_warmup(optimizer.optimizer, int(warmup * steps), steps) if schedule == "linear"
+                 else get_constant_schedule(optimizer.optimizer))
     scorer = net if device.type == "cpu" else OnDevice(net, device)
 
     def score(examples: list) -> dict[str, float]:
@@ -338,6 +350,7 @@ def train(
             "data": task.source,
             "train_examples": len(task.train),
             "hyperparameters": {"lr": lr, "epochs": epochs, "batch_size": batch_size, "warmup": warmup,
+                                "schedule": schedule,
                                 "weight_decay": weight_decay, "seed": seed, "max_grad_norm": max_grad_norm,
                                 **({"train_pooler": True} if train_pooler else {})},
         },
