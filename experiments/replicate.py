@@ -40,8 +40,24 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import protocol  # noqa: E402
 from methods import BIAS_METHODS, CONTROLS, METHODS, train_kwargs  # noqa: E402
-from protocol import (EPOCHS, LONG_EPOCHS, MORE_SEEDS, SEEDS, SIZE_TASKS, SIZES, TASKS, TRAIN_SIZE,  # noqa: E402
-                      at_best, best_lr, epochs_for, key, model_dir, predictions_path, read_runs, search)
+from protocol import (  # noqa: E402
+    EPOCHS,
+    LONG_EPOCHS,
+    MORE_SEEDS,
+    SEEDS,
+    SIZE_TASKS,
+    SIZES,
+    TASKS,
+    TRAIN_SIZE,
+    at_best,
+    best_lr,
+    epochs_for,
+    key,
+    model_dir,
+    predictions_path,
+    read_runs,
+    search,
+)
 
 Plan = Callable[[list[dict]], list[dict]]
 

@@ -1,159 +1,349 @@
-"""The replication's table (the paper's Table 3 layout) and plots, from runs.jsonl."""
+"""The replication's report from runs.jsonl: the table (the paper's Table 3 layout) with 95% intervals, the
+final LR grids, one verdict per finding of the paper, the convergence control, the data-size curve, the
+controls, and the plots (Figure 1 per task, the data-size curve, the generalisation gap)."""
 from __future__ import annotations
 
+import json
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from methods import METHODS
-from protocol import TASKS, best_lr
+from methods import CONTROLS, METHODS
+from protocol import (
+    EPOCHS,
+    LONG_EPOCHS,
+    SIZE_TASKS,
+    SIZES,
+    TASKS,
+    TRAIN_SIZE,
+    at_best,
+    epochs_for,
+    predictions_path,
+    search,
+)
+from stats import (
+    Interval,
+    kendall_tau,
+    metric_fn,
+    paired_bootstrap,
+    paired_gap,
+    t_interval,
+)
 
 LABEL = {"full": "Full fine-tuning", "bitfit": "BitFit (all biases)", "bq,bm2": "bq + bm2", "bm2": "bm2 only",
          "bq": "bq only", "frozen": "Frozen encoder (head only)", "rand_uniform": "Random (uniform), same count",
-         "rand_row_col": "Random (rows/columns), same count"}
+         "rand_row_col": "Random (rows/columns), same count", "bitfit_constlr": "BitFit, constant LR",
+         "rand_row_col_authors": "Random rows/columns, authors' way"}
 PAPER_AVG = {"full": 82.3, "bitfit": 82.4, "bq,bm2": 81.1, "bm2": 80.0, "bq": 76.6, "frozen": 62.1,
              "rand_uniform": 78.5, "rand_row_col": 79.5}
 KINDS = ("bq", "bk", "bv", "bm1", "bLN1", "bm2", "bm3", "bLN2")
+Gold = Callable[[str], tuple[np.ndarray, str, int]]  # task -> (test gold, metric, number of classes)
 
 
-def final_runs(runs: list[dict], train_size: int, epochs: int) -> dict[tuple[str, str], list[dict]]:
-    """(method, task) -> runs at the best dev LR (all seeds)."""
-    out = {}
-    for m in METHODS:
+def by_seed(rows: list[dict], field: str = "test_metric") -> dict[int, float]:
+    return {r["seed"]: r[field] for r in rows}
+
+
+def final(runs: list[dict], methods=METHODS, tasks=TASKS, **where) -> dict[tuple[str, str], list[dict]]:
+    """(method, task) -> the runs at the chosen LR (every seed); absent while the search is unfinished."""
+    return {(m, t): rows for m in methods for t in tasks if (rows := at_best(runs, m, t, **where))}
+
+
+def seed_average(cells: dict, method: str, tasks=TASKS) -> dict[int, float]:
+    """Per seed, the average over `tasks` (only seeds every task has)."""
+    if not all((method, t) in cells for t in tasks):
+        return {}
+    per_task = [by_seed(cells[(method, t)]) for t in tasks]
+    seeds = set.intersection(*(set(p) for p in per_task))
+    return {s: float(np.mean([p[s] for p in per_task])) for s in sorted(seeds)}
+
+
+def table(cells: dict, methods=METHODS) -> str:
+    head = "| method | params | " + " | ".join(TASKS) + " | avg (4 tasks) | paper avg (GLUE, BERT-base) |"
+    lines = [head, "|" + "---|" * (len(TASKS) + 4)]
+    for m in methods:
+        row, share = [], ""
         for t in TASKS:
-            lr = best_lr(runs, m, t, train_size, epochs)
-            if lr is not None:
-                out[(m, t)] = [r for r in runs if r["method"] == m and r["task"] == t and r["lr"] == lr
-                               and r["train_size"] == train_size and r["epochs"] == epochs]
+            rows = cells.get((m, t))
+            if not rows:
+                row.append("-")
+                continue
+            share = share or f"{rows[0]['trainable_share']:.3%}"
+            row.append(f"{t_interval([r['test_metric'] for r in rows]).text()} lr {rows[0]['lr']:g}")
+        avg = seed_average(cells, m)
+        row.append(t_interval(list(avg.values())).text() if avg else "-")
+        lines.append(f"| {LABEL[m]} | {share} | " + " | ".join(row) + f" | {PAPER_AVG.get(m, '')} |")
+    return "\n".join(lines)
+
+
+def grids(runs: list[dict], methods=METHODS) -> str:
+    lines = ["| method | " + " | ".join(TASKS) + " |", "|" + "---|" * (len(TASKS) + 1)]
+    for m in methods:
+        cells = []
+        for t in TASKS:
+            chosen, nxt, tried = search(runs, m, t)
+            if not tried:
+                cells.append("-")
+            else:
+                shown = ", ".join(f"**{lr:g}**" if lr == chosen else f"{lr:g}" for lr in tried)
+                cells.append(shown + ("" if chosen is not None else f" (next {nxt:g})"))
+        lines.append(f"| {LABEL[m]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def findings(cells: dict, runs: list[dict]) -> list[str]:
+    """One line per finding of the paper: our interval, the paper's figure, the verdict."""
+    avg = {m: seed_average(cells, m) for m in METHODS}
+    out = []
+
+    def gap(a: str, b: str) -> Interval:
+        return paired_gap(avg[a], avg[b])
+
+    checks = [
+        ("BitFit matches full fine-tuning on average (paper: 82.4 vs 82.3; goal: full - BitFit < 1.5)",
+         gap("full", "bitfit"), 1.5, True),
+        ("bq + bm2 comes close to BitFit (paper: 81.1 vs 82.4; goal: BitFit - bq,bm2 < 1.5)",
+         gap("bitfit", "bq,bm2"), 1.5, True),
+        ("the frozen encoder is far below BitFit (paper: 20 points; goal: BitFit - frozen > 10)",
+         gap("bitfit", "frozen"), 10.0, False),
+        ("random parameters at BitFit's count are below BitFit, uniform (paper: 3.9 below; goal: > 0)",
+         gap("bitfit", "rand_uniform"), 0.0, False),
+        ("random parameters at BitFit's count are below BitFit, rows/columns (paper: 2.9 below; goal: > 0)",
+         gap("bitfit", "rand_row_col"), 0.0, False),
+        ("whole rows/columns beat uniform random entries (paper: 79.5 vs 78.5; goal: > 0)",
+         gap("rand_row_col", "rand_uniform"), 0.0, False),
+    ]
+    for text, interval, goal, below in checks:
+        if interval.n == 0:
+            out.append(f"- {text}: not run yet")
+            continue
+        verdict = interval.verdict(goal, below) if interval.n > 1 else "one seed: no interval"
+        out.append(f"- {text}: {interval.text()} points, **{verdict}**")
+    gen = generalisation(cells)
+    if gen.n:
+        out.append(f"- bias-only training overfits less (paper: a smaller train-dev gap; goal: BitFit's gap - full's "
+                   f"< 0): {gen.text()} points, **{gen.verdict(0.0, True) if gen.n > 1 else 'one seed'}**")
     return out
 
 
-def table(runs: list[dict], train_size: int, epochs: int) -> str:
-    final = final_runs(runs, train_size, epochs)
-    # An average over different task sets would compare methods on different things: while the grid is
-    # partial, every method is averaged over the tasks that all methods have.
-    common = [t for t in TASKS if all(final.get((m, t)) for m in METHODS)]
-    head = "| method | params (movie-sentiment) | " + " | ".join(TASKS) + " | avg | paper avg (GLUE, BERT-base) |"
-    lines = [head, "|" + "---|" * (len(TASKS) + 4)]
-    for m in METHODS:
-        cells, share = [], None
-        for t in TASKS:
-            rs = final.get((m, t), [])
-            if not rs:
-                cells.append("-")
-                continue
-            vals = np.array([r["test_metric"] for r in rs])
-            # the head grows with the labels: the share shown is the first task's (binary movie sentiment)
-            share = rs[0]["trainable_share"] if share is None else share
-            spread = f" ± {vals.std(ddof=1):.1f}" if len(vals) > 1 else ""  # sample std over seeds
-            cells.append(f"{vals.mean():.1f}{spread} (n={len(vals)}, lr {rs[0]['lr']:g})")
-        means = [np.mean([r["test_metric"] for r in final[(m, t)]]) for t in common]
-        avg = (f"{np.mean(means):.1f}" if len(common) == len(TASKS)
-               else f"({np.mean(means):.1f}, {len(common)} tasks)" if common else "-")
-        lines.append(f"| {LABEL[m]} | {'' if share is None else f'{share:.3%}'} | " + " | ".join(cells)
-                     + f" | {avg} | {PAPER_AVG[m]} |")
-    return "\n".join(lines)
+def generalisation(cells: dict) -> Interval:
+    """BitFit's train-dev gap minus full fine-tuning's, averaged over tasks, paired by seed."""
+    per = {}
+    for m in ("bitfit", "full"):
+        if all((m, t) in cells for t in TASKS):
+            rows = [{r["seed"]: r["train_metric"] - r["dev_metric"] for r in cells[(m, t)]} for t in TASKS]
+            seeds = set.intersection(*(set(g) for g in rows))
+            per[m] = {s: float(np.mean([g[s] for g in rows])) for s in seeds}
+    return paired_gap(per.get("bitfit", {}), per.get("full", {}))
 
 
-def edge_table(runs: list[dict], edge_runs: list[dict], train_size: int, epochs: int) -> str:
-    """Seed-0 dev metric at the grid's best LR against one step past the grid's top."""
-    lines = ["| method | task | grid best dev (lr) | dev one step past the grid (lr) | test there |", "|---|---|---|---|---|"]
-    for e in sorted(edge_runs, key=lambda r: (r["method"], TASKS.index(r["task"]))):
-        if (e["train_size"], e["epochs"]) != (train_size, epochs):
+def paired_tests(cells: dict, gold: Gold | None) -> list[str]:
+    """BitFit vs full fine-tuning per task from the saved test predictions: paired bootstrap."""
+    lines = ["| task | full - BitFit (paired bootstrap over test examples, mean over seeds) | p | seeds |",
+             "|---|---|---|---|"]
+    for t in TASKS:
+        preds = {}
+        for m in ("full", "bitfit"):
+            preds[m] = {r["seed"]: np.load(p)["pred"] for r in cells.get((m, t), [])
+                        if (p := predictions_path(r)).is_file()}
+        if gold is None or not preds["full"] or not preds["bitfit"]:
+            lines.append(f"| {t} | predictions not saved yet | | |")
             continue
-        lr = best_lr(runs, e["method"], e["task"], train_size, epochs)
-        grid = [r for r in runs if (r["method"], r["task"], r["seed"], r["lr"], r["train_size"], r["epochs"])
-                == (e["method"], e["task"], 0, lr, train_size, epochs)]
-        cell = f"{grid[0]['dev_metric']:.1f} ({lr:g})" if grid else "-"
-        lines.append(f"| {LABEL[e['method']]} | {e['task']} | {cell} | {e['dev_metric']:.1f} ({e['lr']:g}) | "
-                     f"{e['test_metric']:.1f} |")
-    return "\n".join(lines)
+        truth, metric, classes = gold(t)
+        interval, p = paired_bootstrap(preds["full"], preds["bitfit"], truth, metric_fn(metric, classes))
+        lines.append(f"| {t} | {interval.text()} | {p:.3f} | {interval.n} |")
+    return lines
 
 
-def write_report(runs: list[dict], out: Path, train_size: int, epochs: int, edge_runs: list[dict] = ()) -> None:
+def convergence(runs: list[dict]) -> list[str]:
+    """Seed 0 at the chosen LR: 4 vs 10 epochs, and whether the ranking of the methods changes."""
+    lines = ["| task | method | dev @4 | dev @10 | test @4 | test @10 |", "|---|---|---|---|---|---|"]
+    verdicts = []
+    for t in SIZE_TASKS:
+        short, long = {}, {}
+        for m in METHODS:
+            rows = [r for r in at_best(runs, m, t) if r["seed"] == 0]
+            longer = [r for r in runs if r["method"] == m and r["task"] == t and r["epochs"] == LONG_EPOCHS
+                      and r["seed"] == 0 and rows and r["lr"] == rows[0]["lr"] and r["train_size"] == TRAIN_SIZE]
+            if rows and longer:
+                short[m], long[m] = rows[0], longer[0]
+                lines.append(f"| {t} | {LABEL[m]} | {rows[0]['dev_metric']:.2f} | {longer[0]['dev_metric']:.2f} | "
+                             f"{rows[0]['test_metric']:.2f} | {longer[0]['test_metric']:.2f} |")
+        if len(short) >= 2:
+            ms = sorted(short)
+            tau = kendall_tau([short[m]["test_metric"] for m in ms], [long[m]["test_metric"] for m in ms])
+            order4 = sorted(ms, key=lambda m: -short[m]["test_metric"])
+            order10 = sorted(ms, key=lambda m: -long[m]["test_metric"])
+            verdicts.append(f"- {t}: Kendall tau of the test ranking 4 vs 10 epochs {tau:.2f} over {len(ms)} methods; "
+                            f"order at 4: {', '.join(order4)}; at 10: {', '.join(order10)}")
+    return lines + [""] + verdicts if verdicts else lines
+
+
+def size_curve(runs: list[dict]) -> tuple[list[str], dict]:
+    """BitFit vs full fine-tuning per size: means, and the seed-paired difference with its interval."""
+    lines = ["| task | examples | epochs | BitFit | full | BitFit - full | verdict |", "|---|---|---|---|---|---|---|"]
+    points = defaultdict(dict)
+    for t in SIZE_TASKS:
+        for n in SIZES:
+            e = epochs_for(n)
+            b, f = at_best(runs, "bitfit", t, n, e), at_best(runs, "full", t, n, e)
+            if not b or not f:
+                lines.append(f"| {t} | {n} | {e} | {'-' if not b else t_interval(list(by_seed(b).values())).text()} | "
+                             f"{'-' if not f else t_interval(list(by_seed(f).values())).text()} | | not run yet |")
+                continue
+            bi, fi = t_interval(list(by_seed(b).values())), t_interval(list(by_seed(f).values()))
+            d = paired_gap(by_seed(b), by_seed(f))
+            verdict = ("BitFit ahead" if d.low > 0 else "full ahead" if d.high < 0 else "no difference shown") \
+                if d.n > 1 else "one seed"
+            points[t][n] = (bi, fi)
+            lines.append(f"| {t} | {n} | {e} | {bi.text()} | {fi.text()} | {d.text()} | {verdict} |")
+    return lines, points
+
+
+def controls(cells_main: dict, cells_ctl: dict) -> list[str]:
+    lines = []
+    pairs = [("bitfit_constlr", "bitfit", "BitFit at a constant LR (the authors' schedule) minus BitFit with "
+                                          "warm-up and linear decay"),
+             ("rand_row_col_authors", "rand_row_col", "random rows/columns the authors' way minus ours")]
+    merged = {**cells_main, **cells_ctl}
+    for a, b, text in pairs:
+        gap = paired_gap(seed_average(merged, a), seed_average(merged, b))
+        lines.append(f"- {text}: {gap.text()} points (4-task average, paired by seed)" if gap.n else
+                     f"- {text}: not run yet")
+    return lines
+
+
+def bias_change_figure(cells: dict, out: Path, plt) -> list[str]:
+    """Figure 1 per task: mean |change| per bias kind and layer at the chosen LR, BitFit and bq + bm2."""
+    methods = [m for m in ("bitfit", "bq,bm2") if any((m, t) in cells for t in TASKS)]
+    if not methods:
+        return []
+    fig, axes = plt.subplots(len(methods), len(TASKS), figsize=(3.2 * len(TASKS), 2.8 * len(methods)),
+                             squeeze=False)
+    ranking = []
+    for i, m in enumerate(methods):
+        for j, t in enumerate(TASKS):
+            ax = axes[i][j]
+            rows = [r for r in cells.get((m, t), []) if "bias_change" in r]
+            if not rows:
+                ax.axis("off")
+                continue
+            names = rows[0]["bias_change"]
+            layers = sorted({int(n.split(".")[1]) for n in names if n.startswith("layer.")})
+            grid = np.array([[np.mean([r["bias_change"].get(f"layer.{k}.{kind}", np.nan) for r in rows])
+                              for k in layers] for kind in KINDS])
+            ax.imshow(grid, cmap="viridis", aspect="auto")
+            ax.set_xticks(range(len(layers)), [str(k) for k in layers])
+            ax.set_yticks(range(len(KINDS)), KINDS)
+            ax.set_title(f"{LABEL[m]}: {t}", fontsize=8)
+            if m == "bitfit":
+                means = {kind: float(np.nanmean(grid[KINDS.index(kind)])) for kind in KINDS}
+                top = sorted(means, key=lambda k: -means[k])
+                ranking.append(f"{t}: " + " > ".join(f"{k} {means[k]:.3f}" for k in top[:4]))
+    fig.suptitle("mean |change| per bias (layer on x), at the chosen LR, mean over seeds")
+    fig.tight_layout()
+    fig.savefig(out / "bias_change.png", dpi=110)
+    plt.close(fig)
+    return ["Figure 1 per task (BitFit, kinds by mean |change|): " + "; ".join(ranking), "",
+            "![bias change](bias_change.png)"]
+
+
+def write_report(runs: list[dict], out: Path, gold: Gold | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
+    gold = gold if gold is not None else builtin_gold
+    cells = final(runs)
+    cells_ctl = final(runs, CONTROLS)
+    curve_lines, points = size_curve(runs)
     text = [
         "# Replication on all-MiniLM-L6-v2 (not BERT-base, not GLUE)",
         "",
-        f"Test metric in percent (accuracy; SMS spam: F1; movie-score: Spearman), mean ± sample std over seeds at the "
-        f"best dev LR of seed 0; {train_size} training examples, {epochs} epochs, batch 16, max length 64. "
-        f"{len(runs)} runs in runs.jsonl. A '-' is a cell not run yet; while any is, 'avg' is over the tasks every method has (their number in brackets).",
+        f"Test metric in percent (accuracy; SMS spam: F1 of spam; movie-score: Spearman) at the LR the dev search "
+        f"chose (seed 0); mean [95% interval over seeds] (n seeds). {TRAIN_SIZE} training examples, {EPOCHS} epochs, "
+        f"batch 16, max length 64. The average's interval is over seeds of the 4-task average. {len(runs)} runs.",
         "",
-        table(runs, train_size, epochs),
+        table(cells),
+        "",
+        "## Findings of the paper",
+        "",
+        *findings(cells, runs),
+        "",
+        "Per task, full fine-tuning minus BitFit on the same test examples:",
+        "",
+        *paired_tests(cells, gold),
+        "",
+        "## Final LR grids (bold: chosen; the search moved any grid whose best was at its edge)",
+        "",
+        grids(runs),
+        "",
+        "## Convergence control: 10 epochs instead of 4 (seed 0, the 4-epoch LR)",
+        "",
+        *convergence(runs),
+        "",
+        "## Data size: BitFit vs full fine-tuning (>= 250 optimizer steps at every size, LR searched per size)",
+        "",
+        *curve_lines,
+        "",
+        "## Controls",
+        "",
+        table(cells_ctl, CONTROLS),
+        "",
+        *controls(cells, cells_ctl),
+        "",
+        *bias_change_figure(cells, out, plt),
     ]
-
-    # Figure 1: mean absolute change per bias kind and layer, over BitFit (all biases) runs
-    changes = defaultdict(list)
-    for r in runs:
-        if r["method"] == "bitfit" and "bias_change" in r:
-            for name, v in r["bias_change"].items():
-                changes[name].append(v)
-    if changes:
-        layers = sorted({int(n.split(".")[1]) for n in changes if n.startswith("layer.")})
-        grid = np.array([[np.mean(changes.get(f"layer.{i}.{k}", [np.nan])) for i in layers] for k in KINDS])
-        fig, ax = plt.subplots(figsize=(1 + 0.6 * len(layers), 4))
-        im = ax.imshow(grid, cmap="viridis", aspect="auto")
-        ax.set_xticks(range(len(layers)), [str(i) for i in layers])
-        ax.set_yticks(range(len(KINDS)), KINDS)
-        ax.set_xlabel("layer")
-        ax.set_title("BitFit: mean |change| per bias")
-        fig.colorbar(im, ax=ax)
+    if points:
+        fig, axes = plt.subplots(1, len(points), figsize=(4.5 * len(points), 3.5), squeeze=False)
+        for ax, (t, pts) in zip(axes[0], sorted(points.items())):
+            xs = sorted(pts)
+            for k, (name, color) in enumerate((("BitFit", "C0"), ("full fine-tuning", "C1"))):
+                means = [pts[x][k].mean for x in xs]
+                errs = [pts[x][k].half if pts[x][k].n > 1 else 0 for x in xs]
+                ax.errorbar(xs, means, yerr=errs, marker="o", capsize=3, label=name, color=color)
+            ax.set_xscale("log")
+            ax.set_xlabel("training examples")
+            ax.set_ylabel("test metric (%)")
+            ax.set_title(t)
+            ax.legend()
         fig.tight_layout()
-        fig.savefig(out / "bias_change.png", dpi=120)
-        plt.close(fig)
-        text += ["", "![bias change](bias_change.png)"]
-
-    # Figure 2: data size curve on movie-sentiment, at the LR `sizes` trained with (the best dev LR at the
-    # main train size): the other LRs of the search are not points of the curve
-    curve = defaultdict(dict)
-    for m in ("bitfit", "full"):
-        lr = best_lr(runs, m, "movie-sentiment", train_size, epochs)
-        for r in runs:
-            if (r["task"], r["method"], r["seed"], r["lr"], r["epochs"]) == ("movie-sentiment", m, 0, lr, epochs):
-                curve[m][r["train_size"]] = r["test_metric"]
-    if any(len(v) > 1 for v in curve.values()):
-        sizes = sorted({n for points in curve.values() for n in points})
-        text += ["", "Data size (movie-sentiment, seed 0, test accuracy):", "",
-                 "| method | " + " | ".join(str(n) for n in sizes) + " |", "|" + "---|" * (len(sizes) + 1)]
-        text += [f"| {LABEL[m]} | " + " | ".join(f"{points[n]:.1f}" if n in points else "-" for n in sizes) + " |"
-                 for m, points in curve.items()]
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for m, points in curve.items():
-            xs = sorted(points)
-            ax.plot(xs, [points[x] for x in xs], marker="o", label=LABEL[m])
-        ax.set_xscale("log")
-        ax.set_xlabel("training examples")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title("movie-sentiment: BitFit vs full fine-tuning")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "data_size.png", dpi=120)
+        fig.savefig(out / "data_size.png", dpi=110)
         plt.close(fig)
         text += ["", "![data size](data_size.png)"]
-
-    # train vs dev gap per method
-    final = final_runs(runs, train_size, epochs)
-    gaps = {m: np.mean([r["train_metric"] - r["dev_metric"] for t in TASKS for r in final.get((m, t), [])])
-            for m in METHODS if any((m, t) in final for t in TASKS)}
+    gaps = {m: t_interval([r["train_metric"] - r["dev_metric"] for t in TASKS for r in cells.get((m, t), [])])
+            for m in METHODS}
+    gaps = {m: g for m, g in gaps.items() if g.n}
     if gaps:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.bar(range(len(gaps)), list(gaps.values()))
+        fig, ax = plt.subplots(figsize=(6.5, 3.5))
+        ax.bar(range(len(gaps)), [g.mean for g in gaps.values()],
+               yerr=[g.half if g.n > 1 else 0 for g in gaps.values()], capsize=3)
         ax.set_xticks(range(len(gaps)), list(gaps), rotation=30, ha="right")
         ax.set_ylabel("train - dev (points)")
-        ax.set_title("generalisation gap per method")
+        ax.set_title("generalisation gap per method (runs of the table)")
         fig.tight_layout()
-        fig.savefig(out / "train_dev_gap.png", dpi=120)
+        fig.savefig(out / "train_dev_gap.png", dpi=110)
         plt.close(fig)
-        text += ["", "Train minus dev metric (points, mean over the table's runs): "
-                 + ", ".join(f"{LABEL[m]} {g:.1f}" for m, g in gaps.items()), "", "![train-dev gap](train_dev_gap.png)"]
-    if edge_runs:
-        text += ["", "LR edge check (`replicate.py edge`, seed 0, edge.jsonl; not part of the table above):", "",
-                 edge_table(runs, list(edge_runs), train_size, epochs)]
+        text += ["", "Train minus dev (points): " + ", ".join(f"{LABEL[m]} {g.text(1)}" for m, g in gaps.items()),
+                 "", "![train-dev gap](train_dev_gap.png)"]
+    mp = [r for r in runs if r.get("model") == "mpnet"]
+    if mp:
+        text += ["", "## all-mpnet-base-v2 (base size, 109M; seed 0, MiniLM's chosen LR)", "",
+                 "| method | task | dev | test | seconds |", "|---|---|---|---|---|"]
+        text += [f"| {LABEL[r['method']]} | {r['task']} | {r['dev_metric']:.2f} | {r['test_metric']:.2f} | "
+                 f"{r['seconds']:.0f} |" for r in mp]
     (out / "table.md").write_text("\n".join(text) + "\n")
+    summary = {"runs": len(runs), "findings": findings(cells, runs)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print("\n".join(text))
     print(f"wrote {out / 'table.md'}")
+
+
+def builtin_gold(task: str) -> tuple[np.ndarray, str, int]:
+    from bitfit.training.data import load_builtin
+
+    data = load_builtin(task)
+    return data.targets(data.test), data.metric, max(len(data.labels), 1)

@@ -1,10 +1,11 @@
 """experiments/: the paper's methods as parameter selections, and the resumable runner."""
 from __future__ import annotations
 
-import json
+import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -176,3 +177,50 @@ def test_authors_row_col_masks_and_the_constant_schedule(bert_model, data_files,
     assert seen and result.model is not None
     with pytest.raises(BitFitError, match="schedule must be one of linear, constant"):
         train(bert_model, data_files["sentiment"], None, schedule="cosine", progress=False)
+
+
+def synthetic_runs() -> list[dict]:
+    """Every method done on every task: the middle start LR best, BitFit 1.0 below full with little spread."""
+    runs = []
+    base = {"full": 81.0, "bitfit": 80.0, "bq,bm2": 79.5, "bm2": 79.0, "bq": 75.0, "frozen": 65.0,
+            "rand_uniform": 77.0, "rand_row_col": 78.0}
+    for m, score in base.items():
+        ladder = protocol.START[protocol.family(m)]
+        for t in protocol.TASKS:
+            for lr in ladder:
+                best = lr == ladder[1]
+                seeds = range(5 if m in ("bitfit", "full") else 3) if best else (0,)
+                for s in seeds:
+                    value = score + 0.1 * s if best else score - 5
+                    runs.append(row(m, t, lr, value, seed=s, metric="accuracy", train_metric=value + 5,
+                                    trainable_share=0.001, bias_change={"layer.0.bq": 0.03, "layer.0.bm2": 0.02}))
+    return runs
+
+
+def test_the_report_states_intervals_and_verdicts(tmp_path, monkeypatch):
+    import report
+    from stats import Interval, paired_gap, t_interval
+
+    assert Interval(1.0, 0.8, 1.2, 3).verdict(1.5, below=True) == "reproduced"
+    assert Interval(1.4, 0.8, 2.0, 3).verdict(1.5, below=True) == "undetermined"
+    assert Interval(2.0, 1.6, 2.4, 3).verdict(1.5, below=True) == "not reproduced"
+    assert t_interval([1.0]).n == 1 and paired_gap({0: 2.0, 1: 3.0}, {1: 1.0, 2: 0.0}).mean == 2.0  # seed 1 only
+
+    runs = synthetic_runs()
+    monkeypatch.setattr(protocol, "PREDICTIONS", tmp_path / "predictions")
+    gold = np.array([0, 1] * 50)
+    rng = np.random.default_rng(0)
+    for r in runs:  # full right on 90%, BitFit on 80%, of the same examples
+        if r["method"] in ("bitfit", "full") and r["test_metric"] > 70:
+            path = protocol.predictions_path(r)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            right = rng.random(100) < (0.9 if r["method"] == "full" else 0.8)
+            np.savez_compressed(path, pred=np.where(right, gold, 1 - gold).astype(np.int8))
+    report.write_report(runs, tmp_path / "out", gold=lambda task: (gold, "accuracy", 2))
+    text = (tmp_path / "out" / "table.md").read_text()
+    assert "81.20 [" in text and "(n=5)" in text  # full: seeds 81.0 .. 81.4, its interval
+    assert "goal: full - BitFit < 1.5): 1.00 [1.00, 1.00] (n=5) points, **reproduced**" in text
+    assert "goal: BitFit - frozen > 10): 15.00" in text and "**reproduced**" in text
+    assert re.search(r"\| trec6 \| (8|9|10|11)\.\d\d \[.*\] \(n=5\) \| 0\.0\d\d \| 5 \|", text)  # ~10 points
+    assert "**0.001**" in text  # the chosen LR is marked in the grids
+    assert (tmp_path / "out" / "bias_change.png").stat().st_size > 0
