@@ -10,8 +10,8 @@ import math
 import sys
 from collections.abc import Sequence
 
-from bitfit.runtime.errors import BitFitError
 from bitfit.runtime.compiled import DEFAULT_OPSET, OPSETS
+from bitfit.runtime.errors import BitFitError
 from bitfit.runtime.kinds import KINDS
 from bitfit.runtime.session import MAX_THREADS
 from bitfit.runtime.version import __version__
@@ -42,7 +42,8 @@ def _compile(a: argparse.Namespace) -> int:
 
     try:
         compile(a.model, a.out, biases=a.biases, opset=a.opset, quantize=a.quantize, fp16=a.fp16, fuse=a.fuse,
-                mixed=a.mixed, head=not a.no_head, overwrite=a.overwrite, verify=a.verify)
+                mixed=a.mixed, head=not a.no_head, bias_defaults=not a.no_defaults, overwrite=a.overwrite,
+                verify=a.verify)
     except ParityError as e:  # a failed check (exit 1), not bad input; the graph was not put in place
         print(f"bitfit compile: parity check failed, {a.out} left as it was: {e}", file=sys.stderr)
         return 1
@@ -252,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-head", action="store_true",
                    help="leave the task head out of the graph: onnxruntime runs it on every call (1-3%% of a "
                         "MiniLM call at batch 1); our runtime does not need it, adapter files and other bindings do")
+    p.add_argument("--no-defaults", action="store_true",
+                   help="bias inputs without the base values as defaults (plain required inputs): for graph "
+                        "compilers that freeze any input with a default, such as OpenVINO; no in-graph head")
     p.add_argument("--verify", nargs="*", metavar="PACK",
                    help="check the new graph (and these task packs, if any) against PyTorch before it is put in "
                         "place; on a mismatch exit 1 and leave --out as it was")

@@ -11,8 +11,14 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 from bitfit.encoder.biases import find_biases, parse_subset
-from bitfit.encoder.model import (base_fingerprint, load_encoder, load_tokenizer, max_positions, type_vocab_size,
-                                  uses_token_types)
+from bitfit.encoder.model import (
+    base_fingerprint,
+    load_encoder,
+    load_tokenizer,
+    max_positions,
+    type_vocab_size,
+    uses_token_types,
+)
 from bitfit.runtime import compiled as cm
 from bitfit.runtime.errors import BitFitError, CompiledModelError, ParityError
 from bitfit.runtime.fs import check_target, output_dir
@@ -21,10 +27,15 @@ from bitfit.runtime.version import __version__
 from safetensors.numpy import save_file
 
 from .export import export_onnx
-from .fuse import FUSE_STEPS, export_fused
+from .fuse import PLACEHOLDER_STEPS, export_fused
 from .head import AddHeadPass
-from .passes import BiasDefaultsPass, CheckBiasInputsPass, CheckTokenInputsPass, run_passes
-from .quantize import QUANTIZE_MODES, quantize_int8, to_fp16
+from .passes import (
+    BiasDefaultsPass,
+    CheckBiasInputsPass,
+    CheckTokenInputsPass,
+    run_passes,
+)
+from .quantize import QUANTIZE_MODES, export_int8_live, quantize_int8, to_fp16
 
 
 def compile(
@@ -39,6 +50,7 @@ def compile(
     mixed: bool = False,
     head: bool = True,
     overwrite: bool = False,
+    bias_defaults: bool = True,
     verify: Sequence[str | os.PathLike] | None = None,
     log: Callable[[str], None] = print,
 ) -> Path:
@@ -56,6 +68,13 @@ def compile(
     adapter files and other bindings need. onnxruntime runs it on every call, whichever outputs are bound
     (1-3% of a MiniLM call at batch 1, under 1% at 8: benchmarks/head_cost.py), so head=False drops it
     where only our runtime, which applies the head in numpy, serves. Mixed graphs never have one.
+    quantize int8 on a plain graph: the encoder is quantized with placeholder biases and optimised offline by
+    onnxruntime, which folds each bias Add into its int8 kernels, then the biases are lifted back to inputs
+    (compiler.quantize.export_int8_live: as fast as a baked int8 graph); where that fails, the plain int8
+    graph (bias Adds unfused, about 10% slower) is compiled instead, with a message.
+    bias_defaults=False: bias inputs are plain required inputs, without the base values as defaults (the
+    runtime feeds base values for biases a pack did not train). For graph compilers that turn any input with
+    a default into a constant (OpenVINO): such a graph has no in-graph head.
     verify: task packs (possibly none) to check against PyTorch before the graph is put in place
     (compiler.verify, strict): a graph that fails parity raises ParityError and never replaces `out`.
     """
@@ -79,47 +98,12 @@ def compile(
 
     with output_dir(out, overwrite=overwrite, marker=cm.MANIFEST_FILE, what="compiled model directory") as tmp:
         defaults = {s.name: s.parameter.detach().float().numpy() for s in slots}
-        shapes = {k: v.shape for k, v in defaults.items()}
-        # mixed graphs take [tasks, dim] tables where plain ones take [dim] vectors
-        checked = {k: (None, *v) for k, v in shapes.items()} if mixed else shapes
-        fused_ops: dict[str, int] = {}
-        if fuse:
-            log(f"exporting {config.model_type} with onnxruntime's fused kernels ({len(slots)} bias inputs) opset {opset}")
-            fused_ops = export_fused(encoder, slots, token_inputs, tmp / cm.MODEL_FILE, opset)
-            steps = list(FUSE_STEPS)
-        else:
-            log(f"exporting {config.model_type} ({len(slots)} bias inputs: {','.join(kinds)}) with opset {opset}")
-            raw = tmp / "raw.onnx"
-            export_onnx(encoder, slots, token_inputs, raw, opset, mixed=mixed)
-            graph = ir.load(raw)
-            raw.unlink()
-            # mixed defaults: a one-row table of base values (task_ids 0 then means the base model)
-            values = {k: v[None, :] for k, v in defaults.items()} if mixed else defaults
-            passes = [BiasDefaultsPass(values), CheckBiasInputsPass(checked), CheckTokenInputsPass(token_inputs)]
-            run_passes(graph, passes, f"compiling {model!r}")
-            ir.save(graph, tmp / cm.MODEL_FILE)
-            steps = [f"export({'bias tables + task_ids' if mixed else 'bias inputs'})", *(type(p).__name__ for p in passes)]
-        if quantize:
-            log(f"quantizing weights: {QUANTIZE_MODES[quantize]}")
-            fp32 = tmp / "fp32.onnx"
-            os.replace(tmp / cm.MODEL_FILE, fp32)
-            quantize_int8(fp32, tmp / cm.MODEL_FILE, per_channel=quantize == "int8")
-            fp32.unlink()
-            quantized = ir.load(tmp / cm.MODEL_FILE)
-            run_passes(quantized, [CheckBiasInputsPass(checked)], f"quantizing {model!r}", "compile without --quantize")
-            lost = [v.name for v in quantized.graph.inputs if v.name in defaults and v.const_value is None]
-            if lost:
-                raise CompiledModelError(f"quantizing dropped the base values of {lost[:4]}: compile without --quantize")
-            steps += [f"quantize_dynamic({QUANTIZE_MODES[quantize]})", "CheckBiasInputsPass"]
-        if fp16:
-            log("converting weights to fp16 (bias inputs stay fp32)")
-            to_fp16(tmp / cm.MODEL_FILE)
-            run_passes(ir.load(tmp / cm.MODEL_FILE), [CheckBiasInputsPass(checked)], f"fp16 conversion of {model!r}",
-                       "compile without --fp16")
-            steps += ["convert_float_to_float16(keep_io_types)", "CheckBiasInputsPass"]
+        built = _build_graph(encoder, slots, token_inputs, tmp / cm.MODEL_FILE, opset, quantize=quantize, fp16=fp16,
+                             fuse=fuse, mixed=mixed, defaults=bias_defaults, what=repr(model), log=log)
+        steps, fused_ops, optimized_with = built
         head_inputs: list[TensorSpec] = []
         outputs = [cm.OUTPUT_NAME]
-        if head and not mixed:  # last, so the head is never fused, quantized or cast: fp32 in every variant
+        if head and not mixed and bias_defaults:  # last, so the head is never fused, quantized or cast: fp32 always
             graph = ir.load(tmp / cm.MODEL_FILE)
             head_pass = AddHeadPass(int(config.hidden_size))
             run_passes(graph, [head_pass], f"adding the task head to {model!r}")
@@ -144,6 +128,8 @@ def compile(
             type_vocab_size=type_vocab_size(encoder),
             passes=steps,
             fused_ops=fused_ops,
+            optimized_with=optimized_with,
+            bias_defaults=bias_defaults,
             mixed=mixed,
             head_inputs=head_inputs,
             outputs=outputs,
@@ -161,3 +147,66 @@ def compile(
     size = (out / cm.MODEL_FILE).stat().st_size
     log(f"compiled {out / cm.MODEL_FILE} ({size / 2**20:.1f} MiB, {len(slots)} bias inputs, {len(token_inputs)} token inputs)")
     return out
+
+
+def _build_graph(encoder, slots, token_inputs: list[str], path: Path, opset: int, *, quantize: str | None, fp16: bool,
+                 fuse: bool, mixed: bool, defaults: bool, what: str, log: Callable[[str], None]
+                 ) -> tuple[list[str], dict[str, int], str]:
+    """Write the graph (without the head) to `path`: (the steps, as the manifest records them; fused op
+    counts; what optimised it offline, or "")."""
+    base = {s.name: s.parameter.detach().float().numpy() for s in slots}
+    shapes = {k: v.shape for k, v in base.items()}
+    # mixed graphs take [tasks, dim] tables where plain ones take [dim] vectors
+    checked = {k: (None, *v) for k, v in shapes.items()} if mixed else shapes
+    kinds = ",".join(dict.fromkeys(s.kind for s in slots))
+    placeholder_steps = [s for s in PLACEHOLDER_STEPS if defaults or s != "BiasDefaultsPass"]
+    if quantize and not fuse and not mixed:
+        log(f"exporting {encoder.config.model_type} with int8 kernels fused around {len(slots)} live bias inputs "
+            f"({QUANTIZE_MODES[quantize]}), opset {opset}")
+        try:
+            ops, optimised = export_int8_live(encoder, slots, token_inputs, path, opset,
+                                              per_channel=quantize == "int8", defaults=defaults)
+            steps = ["export(placeholder biases)", f"quantize_dynamic({QUANTIZE_MODES[quantize]})",
+                     f"optimise_offline({optimised})", *placeholder_steps]
+            return steps, ops, optimised
+        except (BitFitError, CompiledModelError) as e:
+            log(f"note: onnxruntime did not fuse its int8 kernels around the live biases here ({e}); compiling the "
+                "plain int8 graph instead (bias Adds unfused: about 10% slower)")
+    if fuse:
+        log(f"exporting {encoder.config.model_type} with onnxruntime's fused kernels ({len(slots)} bias inputs) "
+            f"opset {opset}")
+        fused_ops = export_fused(encoder, slots, token_inputs, path, opset, defaults=defaults)
+        steps = ["export(placeholder biases)", "onnxruntime.transformers.optimize_model(bert)", *placeholder_steps]
+    else:
+        log(f"exporting {encoder.config.model_type} ({len(slots)} bias inputs: {kinds}) with opset {opset}")
+        raw = path.with_name("raw.onnx")
+        export_onnx(encoder, slots, token_inputs, raw, opset, mixed=mixed)
+        graph = ir.load(raw)
+        raw.unlink()
+        # mixed defaults: a one-row table of base values (task_ids 0 then means the base model)
+        values = {k: v[None, :] for k, v in base.items()} if mixed else base
+        passes = [*([BiasDefaultsPass(values)] if defaults else []), CheckBiasInputsPass(checked),
+                  CheckTokenInputsPass(token_inputs)]
+        run_passes(graph, passes, f"compiling {what}")
+        ir.save(graph, path)
+        fused_ops = {}
+        steps = [f"export({'bias tables + task_ids' if mixed else 'bias inputs'})", *(type(p).__name__ for p in passes)]
+    if quantize:
+        log(f"quantizing weights: {QUANTIZE_MODES[quantize]}")
+        fp32 = path.with_name("fp32.onnx")
+        os.replace(path, fp32)
+        quantize_int8(fp32, path, per_channel=quantize == "int8")
+        fp32.unlink()
+        quantized = ir.load(path)
+        run_passes(quantized, [CheckBiasInputsPass(checked)], f"quantizing {what}", "compile without --quantize")
+        lost = [v.name for v in quantized.graph.inputs if v.name in base and (v.const_value is None) == defaults]
+        if lost:
+            raise CompiledModelError(f"quantizing changed the defaults of {lost[:4]}: compile without --quantize")
+        steps += [f"quantize_dynamic({QUANTIZE_MODES[quantize]})", "CheckBiasInputsPass"]
+    if fp16:
+        log("converting weights to fp16 (bias inputs stay fp32)")
+        to_fp16(path)
+        run_passes(ir.load(path), [CheckBiasInputsPass(checked)], f"fp16 conversion of {what}",
+                   "compile without --fp16")
+        steps += ["convert_float_to_float16(keep_io_types)", "CheckBiasInputsPass"]
+    return steps, fused_ops, ""

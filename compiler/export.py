@@ -18,7 +18,6 @@ from bitfit.runtime.errors import BitFitError
 from torch import nn
 
 
-
 class BiasInputWrapper(nn.Module):
     """forward(input_ids, attention_mask, [token_type_ids], *biases) -> last_hidden_state."""
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,15 +33,29 @@ import onnx_ir as ir
 import torch
 from bitfit.encoder.biases import BiasSlot
 from bitfit.runtime.errors import BitFitError
-from onnx_ir.passes import InPlacePass, PassResult, PostconditionError, PreconditionError
+from onnx_ir.passes import (
+    InPlacePass,
+    PassResult,
+    PostconditionError,
+    PreconditionError,
+)
 from torch import nn
 
 from .export import export_onnx
-from .passes import BiasDefaultsPass, CheckBiasInputsPass, CheckTokenInputsPass, listing, run_passes
+from .passes import (
+    BiasDefaultsPass,
+    CheckBiasInputsPass,
+    CheckTokenInputsPass,
+    listing,
+    run_passes,
+)
 
 # The ops export_fused counts: onnxruntime's fused kernels (com.microsoft contrib ops), and
 # LayerNormalization, which shows a LayerNorm the optimiser left unfused (RoBERTa's embeddings).
 FUSED_OPS = (
+    "DynamicQuantizeMatMul",  # int8: a MatMul (and the bias Add after it) on dynamically quantized input
+    "MatMulIntegerToFloat",
+    "FusedMatMul",
     "Attention",
     "MultiHeadAttention",
     "EmbedLayerNormalization",
@@ -52,6 +66,9 @@ FUSED_OPS = (
     "LayerNormalization",
 )
 PLACEHOLDER_SEED = 20240917
+# What with_placeholders does after the transform, as recorded in the compiled manifest.
+PLACEHOLDER_STEPS = ("LiftPlaceholderBiasesPass", "NoBakedBiasPass", "BiasDefaultsPass", "CheckBiasInputsPass",
+                     "CheckTokenInputsPass", "InputOrderPass")
 SUPPORTED_HINT = (
     "fusion with live biases is supported for BERT-style models only (BERT, RoBERTa, XLM-RoBERTa, ELECTRA, DistilBERT); "
     "compile without fusion for this model"
@@ -293,42 +310,28 @@ def _optimize(raw: Path, num_heads: int, hidden_size: int):
         logger.setLevel(level)
 
 
-# What export_fused does, in order, as recorded in the compiled manifest.
-FUSE_STEPS = (
-    "export(placeholder biases)", "onnxruntime.transformers.optimize_model(bert)", "LiftPlaceholderBiasesPass",
-    "NoBakedBiasPass", "BiasDefaultsPass", "CheckBiasInputsPass", "CheckTokenInputsPass", "InputOrderPass",
-)
 
 
-def export_fused(
+def with_placeholders(
     encoder: nn.Module,
     slots: list[BiasSlot],
     token_inputs: list[str],
-    path: str | Path,
     opset: int,
+    transform: Callable[[Path], ir.Model],
+    what: str,
+    hint: str,
     *,
+    defaults: bool = True,
     seed: int = PLACEHOLDER_SEED,
-) -> dict[str, int]:
-    """Write the fused graph, every slot a live input with its base value as default, to `path`.
-
-    `encoder` must be loaded with attn_implementation="eager" (the Attention fusion does not match
-    sdpa). Returns the fused op counts, e.g. {"Attention": 12, "SkipLayerNormalization": 24, ...}.
-    Raises BitFitError when the model does not fuse (one Attention per layer) or a bias cannot be lifted.
-    """
-
-    path = Path(path)
-    config = encoder.config
-    num_heads, hidden_size, num_layers = _config_sizes(config)
-    attn = getattr(config, "_attn_implementation", None)
-    if attn not in (None, "eager"):
-        raise BitFitError(
-            f"the encoder uses {attn!r} attention, which onnxruntime's Attention fusion does not match: load it "
-            "with load_encoder(model, attn_implementation='eager')"
-        )
-    defaults = {s.name: s.parameter.detach().float().cpu().numpy().copy() for s in slots}
+) -> ir.Model:
+    """The trick that lets an optimiser fuse biases it would leave alone while they are inputs: export the
+    encoder with every slot's bias baked in as a distinct placeholder value, let `transform` (given that
+    graph's path) optimise it however it likes, then lift each placeholder back to its slot's input (by
+    value; a fused q|k|v bias becomes a Concat of the inputs) and refuse any left baked. defaults: give each
+    input the base value as its default (False: plain required inputs)."""
+    base = {s.name: s.parameter.detach().float().cpu().numpy().copy() for s in slots}
     placeholders = make_placeholders(slots, seed)
-
-    with tempfile.TemporaryDirectory(prefix="bitfit-fuse-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bitfit-placeholders-") as tmp:
         raw = Path(tmp) / "baked.onnx"
         saved = [s.parameter.detach().clone() for s in slots]
         try:
@@ -340,28 +343,62 @@ def export_fused(
             with torch.no_grad():
                 for s, value in zip(slots, saved):
                     s.parameter.copy_(value)
-        optimized = _optimize(raw, num_heads, hidden_size)
-        model = ir.from_proto(optimized.model)
-
-    counts = fused_op_counts(model)
-    if counts.get("Attention", 0) != num_layers:
-        raise BitFitError(
-            f"onnxruntime's optimiser fused {counts.get('Attention', 0)} Attention nodes in the "
-            f"{num_layers}-layer {config.model_type!r} encoder (fused: {counts or 'nothing'}); {SUPPORTED_HINT}"
-        )
+        model = transform(raw)
     passes = [
         LiftPlaceholderBiasesPass(placeholders),
         NoBakedBiasPass(placeholders),
-        BiasDefaultsPass(defaults),
-        CheckBiasInputsPass({k: v.shape for k, v in defaults.items()}),
+        *([BiasDefaultsPass(base)] if defaults else []),
+        CheckBiasInputsPass({k: v.shape for k, v in base.items()}),
         CheckTokenInputsPass(token_inputs),
-        InputOrderPass([*token_inputs, *defaults]),
+        InputOrderPass([*token_inputs, *base]),
     ]
-    run_passes(model, passes, f"fusing {config.model_type!r} with live biases", SUPPORTED_HINT)
-    # The optimiser's contrib ops need their domain imported: onnxruntime runs without it, but onnx's
+    run_passes(model, passes, what, hint)
+    # The optimisers' contrib ops need their domain imported: onnxruntime runs without it, but onnx's
     # shape inference (and so the int8 quantizer) rejects the graph.
     if any(node.domain == "com.microsoft" for node in model.graph):
         model.opset_imports.setdefault("com.microsoft", 1)
+    return model
+
+
+def export_fused(
+    encoder: nn.Module,
+    slots: list[BiasSlot],
+    token_inputs: list[str],
+    path: str | Path,
+    opset: int,
+    *,
+    defaults: bool = True,
+    seed: int = PLACEHOLDER_SEED,
+) -> dict[str, int]:
+    """Write the fused graph, every slot a live input (with its base value as default), to `path`.
+
+    `encoder` must be loaded with attn_implementation="eager" (the Attention fusion does not match
+    sdpa). Returns the fused op counts, e.g. {"Attention": 12, "SkipLayerNormalization": 24, ...}.
+    Raises BitFitError when the model does not fuse (one Attention per layer) or a bias cannot be lifted.
+    """
+    config = encoder.config
+    num_heads, hidden_size, num_layers = _config_sizes(config)
+    attn = getattr(config, "_attn_implementation", None)
+    if attn not in (None, "eager"):
+        raise BitFitError(
+            f"the encoder uses {attn!r} attention, which onnxruntime's Attention fusion does not match: load it "
+            "with load_encoder(model, attn_implementation='eager')"
+        )
+
+    def optimise(raw: Path) -> ir.Model:
+        model = ir.from_proto(_optimize(raw, num_heads, hidden_size).model)
+        counts = fused_op_counts(model)
+        if counts.get("Attention", 0) != num_layers:
+            raise BitFitError(
+                f"onnxruntime's optimiser fused {counts.get('Attention', 0)} Attention nodes in the "
+                f"{num_layers}-layer {config.model_type!r} encoder (fused: {counts or 'nothing'}); {SUPPORTED_HINT}"
+            )
+        return model
+
+    model = with_placeholders(encoder, slots, token_inputs, opset, optimise,
+                              f"fusing {config.model_type!r} with live biases", SUPPORTED_HINT, defaults=defaults,
+                              seed=seed)
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ir.save(model, path)
-    return counts
+    return fused_op_counts(model)

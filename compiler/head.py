@@ -28,9 +28,19 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 from bitfit.runtime import compiled as cm
-from bitfit.runtime.heads import HEAD_BIAS, HEAD_POOLER_BIAS, HEAD_POOLER_WEIGHT, HEAD_WEIGHT
+from bitfit.runtime.heads import (
+    HEAD_BIAS,
+    HEAD_POOLER_BIAS,
+    HEAD_POOLER_WEIGHT,
+    HEAD_WEIGHT,
+)
 from bitfit.runtime.pack import TensorSpec
-from onnx_ir.passes import InPlacePass, PassResult, PostconditionError, PreconditionError
+from onnx_ir.passes import (
+    InPlacePass,
+    PassResult,
+    PostconditionError,
+    PreconditionError,
+)
 
 MIN_OPSET = 13  # Squeeze, Unsqueeze and ReduceSum take their axes as inputs from 13 on
 LABELS_AXIS = "labels"

@@ -9,7 +9,14 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import onnx_ir as ir
 from bitfit.runtime.errors import CompiledModelError
-from onnx_ir.passes import InPlacePass, PassError, PassManager, PassResult, PostconditionError, PreconditionError
+from onnx_ir.passes import (
+    InPlacePass,
+    PassError,
+    PassManager,
+    PassResult,
+    PostconditionError,
+    PreconditionError,
+)
 
 
 class BiasDefaultsPass(InPlacePass):

@@ -20,7 +20,12 @@ import numpy as np
 import torch
 from bitfit.runtime import TaskSession, load_pack
 from bitfit.runtime.compiled import changed_files, read_manifest
-from bitfit.runtime.errors import BitFitError, CompiledModelError, IncompatibleError, ParityError
+from bitfit.runtime.errors import (
+    BitFitError,
+    CompiledModelError,
+    IncompatibleError,
+    ParityError,
+)
 from bitfit.runtime.fs import write_file
 from bitfit.runtime.heads import softmax
 from bitfit.runtime.pack import TaskPack

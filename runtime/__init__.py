@@ -1,7 +1,14 @@
 """Deployment runtime: numpy, onnxruntime, safetensors and tokenizers only (no torch, no transformers)."""
 from . import decode
 from .compiled import CompiledManifest, CompiledModel, check_pack_fits, read_manifest
-from .errors import BitFitError, CompiledModelError, IncompatibleError, PackError, ParityError, UnknownTaskError
+from .errors import (
+    BitFitError,
+    CompiledModelError,
+    IncompatibleError,
+    PackError,
+    ParityError,
+    UnknownTaskError,
+)
 from .kinds import KINDS, TaskKind, WrongCallError
 from .pack import PackManifest, TaskPack, TensorSpec, load_pack, save_pack
 from .pack import read_manifest as read_pack_manifest

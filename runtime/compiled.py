@@ -62,6 +62,8 @@ MANIFEST_FIELDS = {
     "precision": S.text(64),
     "passes": S.list_of(S.string(256), 256),
     "fused_ops": S.mapping(S.integer(0)),
+    "optimized_with": S.string(256),
+    "bias_defaults": S.boolean(),
     "mixed": S.boolean(),
     "head_inputs": S.list_of(S.record(_HEAD_SPEC), 16),
     "outputs": S.list_of(S.one_of((OUTPUT_NAME, LOGITS, TOKEN_LOGITS)), 3, unique=True),
@@ -92,6 +94,11 @@ class CompiledManifest:
     precision: str = "fp32"
     passes: list[str] = field(default_factory=list)
     fused_ops: dict[str, int] = field(default_factory=dict)  # onnxruntime fused kernels in the graph, by op
+    # the onnxruntime that optimised the graph offline (its contrib ops are then in it), or "" (plain ONNX)
+    optimized_with: str = ""
+    # every bias input has the base value as its default (False: plain required inputs, which graph compilers
+    # such as OpenVINO do not freeze; the runtime then always feeds every bias)
+    bias_defaults: bool = True
     mixed: bool = False  # biases are [tasks, dim] tables picked per row by task_ids
     # Optional inputs of the in-graph head (-1 in a shape: any size, the number of labels); empty for mixed
     # graphs and graphs compiled with --no-head. outputs: every graph output, `output` first.

@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import BitFitError
-from .heads import DEFAULT_MAX_ANSWER_TOKENS, answers_nothing, best_span, null_score, softmax, word_logits
+from .heads import (
+    DEFAULT_MAX_ANSWER_TOKENS,
+    answers_nothing,
+    best_span,
+    null_score,
+    softmax,
+    word_logits,
+)
 from .results import Answers, Predictions, TokenPredictions
 from .tokenize import check_texts
 

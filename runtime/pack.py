@@ -21,7 +21,13 @@ from safetensors.numpy import save_file
 from . import schema as S
 from .errors import PackError
 from .fs import output_dir, read_json, regular_size, sha256_file
-from .heads import HEAD_BIAS, HEAD_POOLER_BIAS, HEAD_POOLER_WEIGHT, HEAD_WEIGHT, POOLINGS
+from .heads import (
+    HEAD_BIAS,
+    HEAD_POOLER_BIAS,
+    HEAD_POOLER_WEIGHT,
+    HEAD_WEIGHT,
+    POOLINGS,
+)
 from .kinds import KINDS, TaskKind, kind
 from .tensorfile import load_tensors
 

@@ -107,6 +107,11 @@ class TaskSession:
             pad_token_id=self.manifest.pad_token_id,
             token_inputs=self.manifest.token_inputs,
         )
+        # A graph without defaults (compiled with bias_defaults=False) is fed every bias on every run: the base
+        # values stand in for a task's untrained biases, and for all of them on a run without a task.
+        self._base_arrays = {} if self.manifest.bias_defaults else {
+            k: np.ascontiguousarray(v[None, :] if self.mixed else v, dtype=np.float32) for k, v in self.base_biases.items()}
+        self._base_values = {k: ort.OrtValue.ortvalue_from_numpy(v, self.device, 0) for k, v in self._base_arrays.items()}
         self._state = _State({}, {}, {}, {})
         self._lock = threading.Lock()
 
@@ -131,6 +136,8 @@ class TaskSession:
         self.compiled.check_pack(pack)
         name = name or pack.name
         arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in pack.biases.items()}
+        if not self.manifest.bias_defaults and not self.mixed:  # the graph has no default to fall back on
+            arrays = {**{k: np.ascontiguousarray(v, dtype=np.float32) for k, v in self.base_biases.items()}, **arrays}
         values = {} if self.mixed else {k: ort.OrtValue.ortvalue_from_numpy(v, self.device, 0) for k, v in arrays.items()}
         m = pack.manifest
         task = _Task(pack, kind(m.task_kind), values, arrays, Head.from_tensors(m.pooling, pack.tensors))
@@ -200,13 +207,13 @@ class TaskSession:
     ) -> np.ndarray:
         if self.mixed:
             rows = len(next(iter(feeds.values())))
-            if task is None:  # bind no table: the defaults hold one row, the base model's
-                return self._forward(feeds, np.zeros(rows, np.int64), {}, biases)
+            if task is None:  # the defaults (or, without them, the base tables) hold one row: the base model's
+                return self._forward(feeds, np.zeros(rows, np.int64), self._base_values, biases)
             if biases:
                 raise BitFitError("biases= overrides only apply with task=None")
             self._get(task, state)
             return self._forward(feeds, np.full(rows, state.index[task], np.int64), state.tables)
-        values = {} if task is None else self._get(task, state).values
+        values = self._base_values if task is None else self._get(task, state).values
         return self._forward(feeds, None, values, biases)
 
     def _forward(
@@ -224,7 +231,8 @@ class TaskSession:
         if task_ids is not None:
             binding.bind_cpu_input(cm.TASK_IDS, task_ids)
         for name, value in values.items():
-            binding.bind_ortvalue_input(name, value)
+            if name not in (biases or {}):  # an explicit array wins over the task's (or base) value
+                binding.bind_ortvalue_input(name, value)
         specs = self.manifest.bias_specs
         for name, array in (biases or {}).items():
             if name not in specs or tuple(np.shape(array)) != specs[name].shape:

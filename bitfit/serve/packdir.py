@@ -21,7 +21,13 @@ from typing import Any
 
 from bitfit.runtime.errors import BitFitError
 from bitfit.runtime.fs import MAX_JSON_BYTES, read_bounded, regular_size, sha256_file
-from bitfit.runtime.pack import MANIFEST_FILE, TENSORS_FILE, TaskPack, load_pack, read_manifest
+from bitfit.runtime.pack import (
+    MANIFEST_FILE,
+    TENSORS_FILE,
+    TaskPack,
+    load_pack,
+    read_manifest,
+)
 from bitfit.runtime.session import TaskSession
 
 
