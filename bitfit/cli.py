@@ -10,6 +10,7 @@ import math
 import sys
 from collections.abc import Sequence
 
+from bitfit.runtime.backends import BACKENDS
 from bitfit.runtime.compiled import DEFAULT_OPSET, OPSETS
 from bitfit.runtime.errors import BitFitError
 from bitfit.runtime.kinds import KINDS
@@ -67,7 +68,7 @@ def _predict(a: argparse.Namespace) -> int:
     if not texts:
         raise BitFitError("nothing to predict: pass --text T (repeatable) or --file F")
     describe = read_pack_manifest(a.pack).kind.describe  # how this kind prints a record
-    out = predict(a.compiled, a.pack, texts, pairs, threads=a.threads, device=a.device)
+    out = predict(a.compiled, a.pack, texts, pairs, threads=a.threads, device=a.device, backend=a.backend)
     for text, record in zip(texts, out.records()):
         print(json.dumps(record) if a.json else describe(record, text))
     return 0
@@ -77,7 +78,7 @@ def _verify(a: argparse.Namespace) -> int:
     from bitfit.compiler.verify import verify, write_report
 
     report = verify(a.compiled, a.pack, model=a.model, atol=a.atol, mode=a.mode, min_agreement=a.min_agreement,
-                    strict=False)
+                    strict=False, backend=a.backend)
     print(report.table())
     if a.report:
         write_report(report, a.report)
@@ -98,7 +99,7 @@ def _serve(a: argparse.Namespace) -> int:
         if e.name in ("starlette", "uvicorn", "prometheus_client", "anyio"):
             raise BitFitError(f"needs {e.name}; install the server extra: pip install 'bitfit-deploy[serve]'") from e
         raise
-    serve(a.compiled, a.packs, host=a.host, port=a.port, threads=a.threads, device=a.device,
+    serve(a.compiled, a.packs, host=a.host, port=a.port, threads=a.threads, device=a.device, backend=a.backend,
           max_texts=a.max_texts, max_text_chars=a.max_text_chars, max_batch_rows=a.max_batch_rows,
           max_wait_ms=a.max_wait_ms, batching=not a.no_batching, header_timeout_s=a.header_timeout,
           body_timeout_s=a.body_timeout, max_connections=a.max_connections, admin_token=a.admin_token)
@@ -272,8 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question", action="append", help="question answering: a question (repeatable)")
     p.add_argument("--context", action="append", help="question answering: the context of each --question")
     p.add_argument("--threads", type=THREADS, help="onnxruntime intra-op threads (default: all cores)")
-    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
-                   help="cuda needs onnxruntime-gpu; auto: cuda where present")
+    p.add_argument("--device", choices=["cpu", "cuda", "gpu", "npu", "auto"], default="cpu",
+                   help="cuda needs onnxruntime-gpu; auto: cuda where present (OpenVINO: cpu, gpu, npu, auto)")
+    p.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
+                   help="the engine: onnxruntime (default), openvino or openvino-int8 (OpenVINO's int8 weight "
+                        "compression); OpenVINO needs a graph compiled with --no-defaults and the [openvino] extra")
     p.add_argument("--json", action="store_true", help="one JSON object per text: label, scores, logits")
     p.set_defaults(run=_predict)
 
@@ -287,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-agreement", type=_float_in(0, 100), default=90.0,
                    help="fp16/int8 modes: %% of rows whose label must match fp32 PyTorch")
     p.add_argument("--report", help="also write the report as JSON here")
+    p.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
+                   help="the engine to check the graph on (every check, bias liveness included, runs on it)")
     p.set_defaults(run=_verify)
 
     p = sub.add_parser("serve", help="serve every task pack in a directory over HTTP (no torch)",
@@ -316,8 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
                                          "BITFIT_ADMIN_TOKEN environment variable, which `ps` does not show")
     p.add_argument("--threads", type=THREADS,
                    help="onnxruntime intra-op threads (default: all cores but one, which the HTTP loop needs)")
-    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
-                   help="cuda needs onnxruntime-gpu; auto: cuda where present")
+    p.add_argument("--device", choices=["cpu", "cuda", "gpu", "npu", "auto"], default="cpu",
+                   help="cuda needs onnxruntime-gpu; auto: cuda where present (OpenVINO: cpu, gpu, npu, auto)")
+    p.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
+                   help="the engine: onnxruntime (default), openvino or openvino-int8 (OpenVINO's int8 weight "
+                        "compression); OpenVINO needs a graph compiled with --no-defaults and the [openvino] extra")
     p.set_defaults(run=_serve)
 
     p = sub.add_parser("inspect", help="summarise a task pack or a compiled directory")

@@ -22,11 +22,12 @@ def predict(
     threads: int | None = None,
     device: str = "cpu",
     batch_size: int = 32,
+    backend: str = "onnxruntime",
 ) -> Predictions | TokenPredictions | Answers:
     """Run the pack's task kind (runtime.kinds): classification / regression -> Predictions; token-classification
     -> TokenPredictions (texts: strings, or lists of words); question-answering -> Answers (texts are the
     questions, text_pairs their contexts)."""
-    session = TaskSession(compiled, threads=threads, device=device)
+    session = TaskSession(compiled, threads=threads, device=device, backend=backend)
     task = session.register(pack)
     return session.predict(task, texts, text_pairs, batch_size=batch_size)
 

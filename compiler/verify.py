@@ -68,6 +68,7 @@ class VerifyReport:
     min_agreement: float = float("nan")
     precision: str = "fp32"
     checks: list[Check] = field(default_factory=list)
+    backend: str = "onnxruntime"
 
     @property
     def ok(self) -> bool:
@@ -95,7 +96,8 @@ class VerifyReport:
         else:
             rule = (f"{self.mode} mode ({self.precision} graph vs fp32 PyTorch): max |dlogit| <= {self.atol:g} per "
                     f"case and labels agree on >= {self.min_agreement:g}% of all rows per pack")
-        return "\n".join(lines) + f"\n\n{verdict}. {rule}; rel diff where |ref| >= 1e-2"
+        on = "" if self.backend == "onnxruntime" else f" on {self.backend}"
+        return "\n".join(lines) + f"\n\n{verdict}{on}. {rule}; rel diff where |ref| >= 1e-2"
 
     def failure_summary(self) -> str:
         """One line naming every failed check with its figure and tolerance."""
@@ -108,7 +110,8 @@ class VerifyReport:
                 "PyTorch does; compile again, or call verify(..., strict=False) for the report")
 
     def to_json(self) -> dict[str, Any]:
-        return {"compiled": self.compiled, "atol": self.atol, "mode": self.mode, "precision": self.precision,
+        return {"compiled": self.compiled, "backend": self.backend, "atol": self.atol, "mode": self.mode,
+                "precision": self.precision,
                 "min_agreement": None if np.isnan(self.min_agreement) else self.min_agreement, "ok": self.ok,
                 "checks": [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in asdict(c).items()}
                            for c in self.checks]}
@@ -188,6 +191,7 @@ def verify(
     seed: int = 0,
     log: Callable[[str], None] = print,
     strict: bool = True,
+    backend: str = "onnxruntime",
 ) -> VerifyReport:
     """Check the compiled graph and every pack against PyTorch. Every check runs; then, if any failed, a
     ParityError lists them all (its `report` has the figures), unless strict=False, which returns the
@@ -195,25 +199,28 @@ def verify(
 
     mode: "fp32" (every logit within atol, default 1e-4); "fp16" or "int8" (logits within atol, default
     2e-2 / 1.5, and labels agreeing with fp32 PyTorch on >= min_agreement % of all rows per pack); or
-    "auto", the mode of the graph's precision.
+    "auto", the mode of the graph's precision (int8 for backend "openvino-int8", which compresses weights).
+    backend: the engine the graph runs on (runtime.backends): every check, the liveness of each bias input
+    included, runs on it, so a backend that ignored a fed bias fails here.
     """
     from bitfit.encoder.model import load_tokenizer
 
     cm = read_manifest(compiled)  # not a compiled directory at all: bad input (exit 2)
     if mode == "auto":
-        mode = "int8" if cm.precision.startswith("int8") else cm.precision
+        mode = "int8" if cm.precision.startswith("int8") or backend.endswith("int8") else cm.precision
     if mode not in TOLERANCES:
         raise BitFitError(f"verify mode must be auto, {', '.join(TOLERANCES)}; got {mode!r}")
     if atol is None:
         atol = TOLERANCES[mode]
-    report = VerifyReport(str(compiled), atol, mode, min_agreement if mode != "fp32" else float("nan"), cm.precision)
+    report = VerifyReport(str(compiled), atol, mode, min_agreement if mode != "fp32" else float("nan"), cm.precision,
+                          backend=backend)
 
     # every file is the one that was compiled: a mismatch is a failed check (exit 1), not bad input
     changed = changed_files(Path(compiled), cm)
     report.checks.append(Check("graph", "files match their checksums", float("nan"), passed=not changed,
                                note=f"changed: {', '.join(changed)}" if changed else ""))
     try:
-        session = TaskSession(compiled, check_integrity=False)
+        session = TaskSession(compiled, check_integrity=False, backend=backend)
     except CompiledModelError:
         if not changed:
             raise

@@ -16,12 +16,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
-from . import compiled as cm
 from . import decode
-from .compiled import CompiledModel
-from .errors import BitFitError, CompiledModelError, UnknownTaskError
+from .backends import open_engine
+from .compiled import TASK_IDS, CompiledModel
+from .errors import BitFitError, UnknownTaskError
 from .heads import DEFAULT_MAX_ANSWER_TOKENS, Head
 from .kinds import TaskKind, WrongCallError, kind
 from .pack import TaskPack, load_pack
@@ -33,7 +32,7 @@ from .tokenize import TextEncoder
 class _Task:
     pack: TaskPack
     kind: TaskKind
-    values: dict[str, ort.OrtValue]  # bias input name -> OrtValue, built once at registration (plain graphs)
+    values: dict[str, Any]  # bias input name -> the engine's tensor, made once at registration (plain graphs)
     arrays: dict[str, np.ndarray]  # the memory those OrtValues point at: keep it alive
     head: Head
 
@@ -45,7 +44,7 @@ class _State:
 
     tasks: dict[str, _Task]
     index: dict[str, int]  # mixed graphs: each task's row in the tables
-    tables: dict[str, ort.OrtValue]  # mixed graphs: bias name -> [tasks, dim]
+    tables: dict[str, Any]  # mixed graphs: bias name -> [tasks, dim], as the engine's tensors
     arrays: dict[str, np.ndarray]  # the memory behind the tables
 
 
@@ -63,44 +62,27 @@ class TaskSession:
         device: str = "cpu",
         spinning: bool = True,
         check_integrity: bool = True,
+        backend: str = "onnxruntime",
     ) -> None:
-        """threads: onnxruntime intra-op threads (default: all cores). device: "cpu", "cuda" (task biases are
-        kept on the GPU, so a call copies none), or "auto" (cuda where onnxruntime has it). spinning=False
-        stops idle worker threads from busy-waiting after a run: do that when other sessions or processes
-        share the cores (measured on 2 cores: a spinning session slowed the next one by up to 40%)."""
+        """threads: intra-op threads (default: all cores). device: "cpu", "cuda" (task biases are kept on the
+        GPU, so a call copies none), or "auto" (cuda where onnxruntime has it); OpenVINO: cpu, gpu, npu or
+        auto. spinning=False stops idle worker threads from busy-waiting after a run: do that when other
+        sessions or processes share the cores (measured on 2 cores: a spinning session slowed the next one by
+        up to 40%). backend: "onnxruntime", "openvino", or "openvino-int8" (OpenVINO's own int8 weight
+        compression), runtime.backends; OpenVINO needs a graph compiled with --no-defaults."""
         if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
                                     or not 1 <= threads <= MAX_THREADS):
             raise BitFitError(f"threads must be a whole number from 1 to {MAX_THREADS} (or None: all cores), "
                               f"got {threads!r}")
-        self.device, providers = _device(device)
         self.compiled = CompiledModel.open(compiled_dir, check_integrity=check_integrity)
         self.directory = self.compiled.directory
         self.manifest = self.compiled.manifest
         self.base_biases = self.compiled.base_biases
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Bias inputs are initializers on purpose (their default is the base model): skip the warning per bias.
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = int(threads)
-        if not spinning:
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        model_path = self.compiled.model_path
-        try:
-            self.session = ort.InferenceSession(str(model_path), options, providers=providers)
-        except Exception as e:  # onnxruntime raises its own untyped errors
-            raise CompiledModelError(f"onnxruntime cannot load {model_path} ({e}): compile again") from e
-        inputs = {i.name for i in [*self.session.get_inputs(), *self.session.get_overridable_initializers()]}
-        # the in-graph head's inputs are optional and never fed here: the numpy head is applied to the hidden state
-        declared = set(self.manifest.token_inputs) | set(self.manifest.bias_specs)
-        declared |= {h.name for h in self.manifest.head_inputs}
-        if self.manifest.mixed:
-            declared.add(cm.TASK_IDS)
-        if inputs != declared:
-            raise CompiledModelError(
-                f"{model_path} has inputs that differ from its manifest (only in graph: "
-                f"{sorted(inputs - declared)[:4]}, only in manifest: {sorted(declared - inputs)[:4]}): compile again"
-            )
+        self.engine = open_engine(backend, self.compiled.model_path, self.manifest, threads=threads, device=device,
+                                  spinning=spinning)
+        self.backend = self.engine.name
+        self.device = getattr(self.engine, "device", device)  # what the engine resolved it to (auto -> cpu)
+        self.session = self.engine.session  # onnxruntime's InferenceSession (OpenVINO: its compiled model)
         self.encoder = TextEncoder(
             str(self.compiled.tokenizer_path),
             pad_token=self.manifest.pad_token,
@@ -111,7 +93,7 @@ class TaskSession:
         # values stand in for a task's untrained biases, and for all of them on a run without a task.
         self._base_arrays = {} if self.manifest.bias_defaults else {
             k: np.ascontiguousarray(v[None, :] if self.mixed else v, dtype=np.float32) for k, v in self.base_biases.items()}
-        self._base_values = {k: ort.OrtValue.ortvalue_from_numpy(v, self.device, 0) for k, v in self._base_arrays.items()}
+        self._base_values = {k: self.engine.value(v) for k, v in self._base_arrays.items()}
         self._state = _State({}, {}, {}, {})
         self._lock = threading.Lock()
 
@@ -138,7 +120,7 @@ class TaskSession:
         arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in pack.biases.items()}
         if not self.manifest.bias_defaults and not self.mixed:  # the graph has no default to fall back on
             arrays = {**{k: np.ascontiguousarray(v, dtype=np.float32) for k, v in self.base_biases.items()}, **arrays}
-        values = {} if self.mixed else {k: ort.OrtValue.ortvalue_from_numpy(v, self.device, 0) for k, v in arrays.items()}
+        values = {} if self.mixed else {k: self.engine.value(v) for k, v in arrays.items()}
         m = pack.manifest
         task = _Task(pack, kind(m.task_kind), values, arrays, Head.from_tensors(m.pooling, pack.tensors))
         with self._lock:  # build the new state aside, then swap it in with one assignment
@@ -161,7 +143,7 @@ class TaskSession:
             base = self.base_biases[spec.name]
             arrays[spec.name] = np.ascontiguousarray(np.stack([tasks[t].arrays.get(spec.name, base) for t in order]),
                                                      dtype=np.float32)
-        tables = {k: ort.OrtValue.ortvalue_from_numpy(v, self.device, 0) for k, v in arrays.items()}
+        tables = {k: self.engine.value(v) for k, v in arrays.items()}
         return _State(tasks, {t: i for i, t in enumerate(order)}, tables, arrays)
 
     def _get(self, task: str, state: _State | None = None) -> _Task:
@@ -220,29 +202,21 @@ class TaskSession:
         self,
         feeds: dict[str, np.ndarray],
         task_ids: np.ndarray | None,
-        values: dict[str, ort.OrtValue],
+        values: dict[str, Any],
         biases: dict[str, np.ndarray] | None = None,
     ) -> np.ndarray:
-        """One run: token feeds, task_ids (mixed graphs: row i reads row task_ids[i] of every table), bias
-        OrtValues (a task's vectors, or a mixed graph's tables), and raw `biases` arrays on top."""
-        binding = self.session.io_binding()
-        for name, array in feeds.items():
-            binding.bind_cpu_input(name, array)
-        if task_ids is not None:
-            binding.bind_cpu_input(cm.TASK_IDS, task_ids)
-        for name, value in values.items():
-            if name not in (biases or {}):  # an explicit array wins over the task's (or base) value
-                binding.bind_ortvalue_input(name, value)
+        """One run: token feeds, task_ids (mixed graphs: row i reads row task_ids[i] of every table), prepared
+        bias values (a task's vectors, or a mixed graph's tables), and raw `biases` arrays on top."""
         specs = self.manifest.bias_specs
+        extra, keep = {}, []  # raw arrays: prepared for this call only, and kept alive until it is done
         for name, array in (biases or {}).items():
             if name not in specs or tuple(np.shape(array)) != specs[name].shape:
                 raise BitFitError(f"no bias input {name} of shape {np.shape(array)} in the graph")
-            array = np.ascontiguousarray(array if task_ids is None else np.asarray(array)[None, :], np.float32)
-            # bind_cpu_input only knows required inputs; an OrtValue also binds an overridable initializer
-            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, self.device, 0))
-        binding.bind_output(self.manifest.output)
-        self.session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
+            keep.append(np.ascontiguousarray(array if task_ids is None else np.asarray(array)[None, :], np.float32))
+            extra[name] = self.engine.value(keep[-1])
+        if task_ids is not None:
+            feeds = {**feeds, TASK_IDS: task_ids}
+        return self.engine.run(feeds, {**values, **extra})  # an explicit array wins over the task's value
 
     def logits(self, task: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """The task's head on token inputs: [B, K] for sequence kinds, [B, T, K] for token kinds."""
@@ -394,22 +368,6 @@ class TaskSession:
         if empty.size:
             raise BitFitError(f"row {int(empty[0])} has no attended token (attention_mask all 0): every row needs one")
         return feeds
-
-
-def _device(device: str) -> tuple[str, list[str]]:
-    available = ort.get_available_providers()
-    if device == "auto":
-        device = "cuda" if "CUDAExecutionProvider" in available else "cpu"
-    if device == "cpu":
-        return "cpu", ["CPUExecutionProvider"]
-    if device == "cuda":
-        if "CUDAExecutionProvider" not in available:
-            raise BitFitError(
-                f"device 'cuda' asked for, but this onnxruntime has only {', '.join(available)}: install "
-                "onnxruntime-gpu (instead of onnxruntime), or use device 'cpu' or 'auto'"
-            )
-        return "cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    raise BitFitError(f"unknown device {device!r}: use cpu, cuda or auto")
 
 
 def load(compiled_dir: str | os.PathLike, packs: Sequence[str | os.PathLike] = (), **kwargs: Any) -> TaskSession:

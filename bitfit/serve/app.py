@@ -408,6 +408,7 @@ def serve(
     *,
     threads: int | None = None,
     device: str = "cpu",
+    backend: str = "onnxruntime",
     log_level: str = "warning",
     **limits: Any,
 ) -> None:
@@ -437,7 +438,7 @@ def serve(
     # cores (measured with benchmarks/load_test.py: client p99 600 ms with 2 threads, 180 ms with 1, at the
     # same throughput). Spinning off for the same reason.
     threads = threads or max(1, (os.cpu_count() or 2) - 1)
-    session = TaskSession(compiled, threads=threads, device=device, spinning=False)
+    session = TaskSession(compiled, threads=threads, device=device, spinning=False, backend=backend)
     app = create_app(session, packs_dir, config)
     initial: ReloadResult = app.state.initial_load
     for name, message in initial.refused.items():
@@ -448,7 +449,7 @@ def serve(
     batching = (f"batching up to {config.max_batch_rows} rows, {config.max_wait_ms:g} ms" if config.batching
                 else "batching off")
     print(f"bitfit serve: {len(session.tasks)} tasks ({', '.join(session.tasks)}) on http://{host}:{port} "
-          f"({batching}, {threads} onnxruntime threads)", file=sys.stderr, flush=True)
+          f"({batching}, {threads} {session.backend} threads)", file=sys.stderr, flush=True)
     uvicorn.run(app, host=host, port=int(port), log_level=log_level, access_log=False,
                 http=_with_header_timeout(config.header_timeout_s), limit_concurrency=config.max_connections,
                 timeout_keep_alive=5)
