@@ -8,9 +8,15 @@ Models: a bert-base-shaped encoder (random weights from BertConfig, random biase
 all-MiniLM-L6-v2. Shapes: batch 1 and 8 at sequence length 128. Every variant is built from the same
 weights, then timed interleaved (one call of each variant per round), so machine noise hits all alike.
 Rows: torch eager (sdpa attention); onnxruntime with baked biases (the reference); ours fp32 (bias
-inputs fed from a task pack); ours fused (onnxruntime's fused kernels, biases still inputs; when the
-compiler supports it); ours int8 (dynamic per-channel); baked int8. All onnxruntime sessions use
-ORT_ENABLE_ALL and the same thread count.
+inputs fed from a task pack); ours fused (onnxruntime's fused kernels, biases still inputs); ours int8
+(what compile --quantize int8 makes: int8 kernels fused around live biases); ours int8 plain (the
+int8 graph compile falls back to: bias Adds unfused); baked int8; and, where OpenVINO is installed,
+openvino fp32 and openvino int8 (its own int8 weight compression) on the no-defaults graph. All
+onnxruntime sessions use ORT_ENABLE_ALL and the same thread count; OpenVINO f32 compute, the same threads.
+
+How close to the machine: the same run measures a 1024 x 1024 x 1024 MatMul's GFLOP/s through onnxruntime
+(fp32, and dynamic int8) and OpenVINO (f32, int8 weights), and gives each variant's GFLOP/s as a share of
+the best of those for its precision.
 
 Also: the cost of switching tasks (alternating two tasks vs one, and the bias binding itself)
 against creating a session per task; resident memory with 1, 10 and 100 tasks registered, measured
@@ -103,19 +109,92 @@ def build(name: str, model_dir: Path, work: Path, threads: int, rng: np.random.G
     quiet = {"log": lambda *_: None}
     b.dirs["ours fp32"] = compile(model_dir, work / f"{name}-fp32", **quiet)
     b.dirs["ours int8"] = compile(model_dir, work / f"{name}-int8", quantize="int8", **quiet)
+    b.dirs["ours int8 plain"] = plain_int8(model_dir, work / f"{name}-int8-plain")
+    # what a deployment served only by our runtime compiles (it applies the head in numpy): no in-graph head,
+    # which onnxruntime would run on every call (benchmarks/head_cost.py)
+    b.dirs["ours fp32 no head"] = compile(model_dir, work / f"{name}-fp32-nohead", head=False, **quiet)
+    b.dirs["ours int8 no head"] = compile(model_dir, work / f"{name}-int8-nohead", quantize="int8", head=False, **quiet)
+    b.dirs["ours fused"] = compile(model_dir, work / f"{name}-fused", fuse=True, **quiet)
+    backends = {variant: "onnxruntime" for variant in b.dirs}
     try:
-        b.dirs["ours fused"] = compile(model_dir, work / f"{name}-fused", fuse=True, **quiet)
-    except TypeError:
-        b.notes.append("ours fused: this compiler has no fuse option")
+        import openvino  # noqa: F401
+    except ModuleNotFoundError:
+        b.notes.append("openvino rows: OpenVINO is not installed (pip install 'bitfit-deploy[openvino]')")
+    else:
+        no_defaults = compile(model_dir, work / f"{name}-no-defaults", bias_defaults=False, **quiet)
+        b.dirs["openvino fp32"] = b.dirs["openvino int8"] = no_defaults
+        backends |= {"openvino fp32": "openvino", "openvino int8": "openvino-int8"}
     for variant, directory in b.dirs.items():
-        session = TaskSession(directory, threads=threads, spinning=False)
+        session = TaskSession(directory, threads=threads, spinning=False, backend=backends[variant])
         for task in ("task-a", "task-b"):
             session.register(synthetic_pack(Path(directory), task, rng))
         b.sessions[variant] = session
         b.runners[variant] = (lambda s: lambda feed: s.hidden_states(feed, "task-a"))(session)
-    order = ["torch eager", "ort baked fp32", "ours fp32", "ours fused", "ours int8", "ort baked int8"]
+    order = ["torch eager", "ort baked fp32", "ours fp32", "ours fp32 no head", "ours fused", "openvino fp32",
+             "ours int8", "ours int8 no head", "ours int8 plain", "ort baked int8", "openvino int8"]
     b.runners = {k: b.runners[k] for k in order if k in b.runners}
     return b
+
+
+def plain_int8(model_dir: Path, out: Path) -> Path:
+    """The int8 graph compile falls back to where onnxruntime's offline fusion fails: bias Adds unfused."""
+    from bitfit.compiler import compile as compile_module
+    from bitfit.runtime.errors import BitFitError
+
+    real = compile_module.export_int8_live
+    compile_module.export_int8_live = lambda *a, **k: (_ for _ in ()).throw(BitFitError("the plain variant"))
+    try:
+        return compile(model_dir, out, quantize="int8", log=lambda *_: None)
+    finally:
+        compile_module.export_int8_live = real
+
+
+def matmul_peaks(work: Path, threads: int, rounds: int = 20, n: int = 1024) -> dict[str, float]:
+    """GFLOP/s of one n x n x n MatMul (constant weights) through onnxruntime fp32 and dynamic int8, and through
+    OpenVINO f32 and int8 weights: the most this machine gave a plain matrix product in this run."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.normal(0, 0.02, (n, n)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "matmul",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, n])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])], [weight])
+    fp32 = work / "matmul.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), fp32)
+    int8 = work / "matmul-int8.onnx"
+    quantize_int8(fp32, int8)
+    x = rng.normal(0, 1, (n, n)).astype(np.float32)
+    runners = {}
+    for name, path in (("onnxruntime fp32", fp32), ("onnxruntime int8", int8)):
+        session = ort_session(path, threads)
+        runners[name] = (lambda s: lambda feed: s.run(["y"], feed))(session)
+    try:
+        import nncf
+        import openvino as ov
+    except ModuleNotFoundError:
+        pass
+    else:
+        core = ov.Core()
+        config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads}
+        for name, model in (("openvino f32", core.read_model(str(fp32))),
+                            ("openvino int8 weights", nncf.compress_weights(core.read_model(str(fp32))))):
+            request = core.compile_model(model, "CPU", config).create_infer_request()
+            runners[name] = (lambda r: lambda feed: r.infer({"x": feed["x"]}))(request)
+    times = time_interleaved(runners, {"x": x}, rounds)
+    return {k: 2 * n**3 / float(np.median(v)) / 1e9 for k, v in times.items()}
+
+
+def paired_ratio(times: list[float], base: list[float], rng: np.random.Generator) -> tuple[float, float, float]:
+    """The median over rounds of this variant's time over the baked graph's in the same round (the rounds are
+    interleaved: a round's machine state hits both alike), and a 95% bootstrap interval of that median."""
+    r = np.asarray(times) / np.asarray(base)
+    boot = [np.median(rng.choice(r, r.size)) for _ in range(2000)]
+    return float(np.median(r)), float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))
+
+
+def precision_of(variant: str) -> str:
+    return "int8" if "int8" in variant else "fp32"
 
 
 def feed_for(b: Built, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -218,7 +297,7 @@ def main() -> None:
     ap.add_argument("--models", default="bert-base,minilm")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=20, help="timed calls per variant at batch 1 (batch 8: half)")
+    ap.add_argument("--rounds", type=int, default=40, help="timed calls per variant at batch 1 (batch 8: half)")
     ap.add_argument("--max-load", type=float, default=0.3, help="cores other processes may use while timing")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
@@ -226,7 +305,13 @@ def main() -> None:
     rng = np.random.default_rng(0)
     work = Path(tempfile.mkdtemp(prefix="bitfit-bench-"))
     rows, extras, skipped = [], {}, []
+    peaks: dict[str, float] = {}
     try:
+        if wait_until_quiet(args.max_load, patience=60) is None:
+            print("timing the machine's matmul peak ...", flush=True)
+            peaks = matmul_peaks(work, args.threads)
+        else:
+            skipped.append("matmul peak: machine busy; no share of peak")
         for name in args.models.split(","):
             model_dir = bert_base_dir(work) if name == "bert-base" else minilm_dir()
             b = build(name, model_dir, work, args.threads, rng)
@@ -241,13 +326,14 @@ def main() -> None:
                 times = time_interleaved(b.runners, feed_for(b, batch, rng), rounds)
                 medians = {k: float(np.median(v)) for k, v in times.items()}
                 for variant, ts in times.items():
-                    base = "ort baked int8" if "int8" in variant else "ort baked fp32"
+                    base = f"ort baked {precision_of(variant)}"
+                    ratio, low, high = paired_ratio(ts, times[base], rng)
                     rows.append({
                         "model": name, "batch": batch, "seq": SEQ, "variant": variant,
                         "median_ms": medians[variant] * 1e3, "p90_ms": float(np.percentile(ts, 90)) * 1e3,
                         "seq_per_s": batch / medians[variant],
                         "gflops": flops(b.config, batch, SEQ) / medians[variant] / 1e9,
-                        "vs_baked": medians[variant] / medians[base],
+                        "vs_baked": ratio, "vs_baked_low": low, "vs_baked_high": high,
                         "torch_over_this": medians["torch eager"] / medians[variant],
                     })
             if wait_until_quiet(args.max_load, patience=60) is None:
@@ -264,29 +350,49 @@ def main() -> None:
             del b
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    best = {p: max([v for k, v in peaks.items() if precision_of(k) == p], default=float("nan")) for p in ("fp32", "int8")}
+    for r in rows:
+        r["share_of_peak"] = r["gflops"] / best[precision_of(r["variant"])]
+    extras["matmul_peak_gflops"] = peaks
     report(rows, extras, skipped, args)
 
 
-def _goal(key: str, value: float) -> str:
+def _goal(key: str, value: float, low: float | None = None, high: float | None = None) -> str:
+    """Met / NOT met from the value; with an interval, 'not distinguishable' when it straddles the goal."""
     op, target = GOALS[key]
     ok = value <= target if op == "<=" else value >= target if op == ">=" else value < target
-    return f"{value:.3g} (goal {op} {target:g}: {'met' if ok else 'NOT met'})"
+    text = f"{value:.3g}"
+    if low is not None and high is not None:
+        text += f" [{low:.3g}, {high:.3g}]"
+        if low <= target <= high:
+            return f"{text} (goal {op} {target:g}: not distinguishable from the goal in this run)"
+    return f"{text} (goal {op} {target:g}: {'met' if ok else 'NOT met'})"
 
 
 def report(rows: list[dict], extras: dict, skipped: list[str], args: argparse.Namespace) -> None:
-    header = (f"{'model':<10} {'batch':>5} {'variant':<15} {'median ms':>10} {'p90 ms':>8} {'seq/s':>8} "
-              f"{'GFLOP/s':>8} {'vs baked':>9} {'torch/this':>10}")
+    header = (f"{'model':<10} {'batch':>5} {'variant':<17} {'median ms':>10} {'p90 ms':>8} {'seq/s':>8} "
+              f"{'GFLOP/s':>8} {'of peak':>8} {'vs baked [95%]':>22} {'torch/this':>10}")
     lines = [header, "-" * len(header)]
     for r in rows:
-        lines.append(f"{r['model']:<10} {r['batch']:>5} {r['variant']:<15} {r['median_ms']:>10.2f} {r['p90_ms']:>8.2f} "
-                     f"{r['seq_per_s']:>8.1f} {r['gflops']:>8.1f} {r['vs_baked']:>9.3f} {r['torch_over_this']:>10.2f}")
+        interval = f"{r['vs_baked']:.3f} [{r['vs_baked_low']:.3f}, {r['vs_baked_high']:.3f}]"
+        lines.append(f"{r['model']:<10} {r['batch']:>5} {r['variant']:<17} {r['median_ms']:>10.2f} {r['p90_ms']:>8.2f} "
+                     f"{r['seq_per_s']:>8.1f} {r['gflops']:>8.1f} {r['share_of_peak']:>8.0%} {interval:>22} "
+                     f"{r['torch_over_this']:>10.2f}")
+    peaks = extras.get("matmul_peak_gflops", {})
+    if peaks:
+        lines.append("matmul peak (1024^3, GFLOP/s, this run): " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items())
+                     + "; 'of peak' is a row's GFLOP/s over the best peak of its precision (fp32 / int8)")
     goals = {}
-    for model in sorted({r["model"] for r in rows}):
+    for model in sorted({r["model"] for r in rows if "model" in r}):
         get = {(r["batch"], r["variant"]): r for r in rows if r["model"] == model}
         for batch in sorted({r["batch"] for r in rows if r["model"] == model}):
             if (batch, "ours fp32") in get:
-                goals[f"{model} b{batch}: ours fp32 / baked fp32"] = _goal("ours fp32 / baked fp32", get[(batch, "ours fp32")]["vs_baked"])
-                goals[f"{model} b{batch}: ours int8 / baked int8"] = _goal("ours int8 / baked int8", get[(batch, "ours int8")]["vs_baked"])
+                for variant, goal in (("ours fp32", "ours fp32 / baked fp32"), ("ours fp32 no head", "ours fp32 / baked fp32"),
+                                      ("ours int8", "ours int8 / baked int8"), ("ours int8 no head", "ours int8 / baked int8")):
+                    if (batch, variant) in get:
+                        r = get[(batch, variant)]
+                        goals[f"{model} b{batch}: {variant} / baked"] = _goal(goal, r["vs_baked"], r["vs_baked_low"],
+                                                                              r["vs_baked_high"])
             if batch == 1 and (1, "ours fp32") in get:
                 goals[f"{model} b1: torch / ours fp32"] = _goal("torch / ours fp32 (batch 1)", get[(1, "ours fp32")]["torch_over_this"])
                 goals[f"{model} b1: torch / ours int8"] = _goal("torch / ours int8 (batch 1)", get[(1, "ours int8")]["torch_over_this"])
