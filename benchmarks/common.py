@@ -5,6 +5,7 @@ import json
 import os
 import platform
 import random
+import subprocess
 import time
 from pathlib import Path
 
@@ -48,21 +49,29 @@ def wait_until_quiet(limit: float, patience: float) -> float | None:
 
 
 def synthetic_pack(compiled: Path, name: str, rng: np.random.Generator, labels: int = 2, *, max_length: int = 128,
-                   noise: float = 0.02, head_scale: float = 0.02) -> TaskPack:
+                   noise: float = 0.02, head_scale: float = 0.02,
+                   pooler: tuple[np.ndarray, np.ndarray] | None = None) -> TaskPack:
     """A task pack whose biases are the base values plus noise and whose head is random: what a trained pack
-    looks like to the graph, without training one."""
+    looks like to the graph, without training one. With `pooler` (weight [H, H], bias [H]) it pools as HF's
+    *ForSequenceClassification does (pooling "pooler"), so the same task can be rebuilt as one of those."""
     opened = CompiledModel.open(compiled, check_integrity=False)
     m, base = opened.manifest, opened.base_biases
     tensors = {b.name: (base[b.name] + rng.normal(0, noise, b.shape)).astype(np.float32) for b in m.bias_inputs}
     tensors["head.weight"] = rng.normal(0, head_scale, (labels, m.hidden_size)).astype(np.float32)
     tensors["head.bias"] = rng.normal(0, head_scale, labels).astype(np.float32)
+    head = [TensorSpec("head.weight", (labels, m.hidden_size)), TensorSpec("head.bias", (labels,))]
+    if pooler is not None:
+        tensors["head.pooler.weight"] = np.asarray(pooler[0], np.float32)
+        tensors["head.pooler.bias"] = np.asarray(pooler[1], np.float32)
+        head += [TensorSpec("head.pooler.weight", (m.hidden_size, m.hidden_size)),
+                 TensorSpec("head.pooler.bias", (m.hidden_size,))]
     manifest = PackManifest(
-        task=name, task_kind="classification", labels=[f"{name}-label{i}" for i in range(labels)], pooling="mean",
+        task=name, task_kind="classification", labels=[f"{name}-label{i}" for i in range(labels)],
+        pooling="mean" if pooler is None else "pooler",
         max_length=max_length, text_pair=False, base_model=m.base_model, base_model_type=m.base_model_type,
         base_fingerprint=m.base_fingerprint, hidden_size=m.hidden_size, tokenizer=m.base_model,
         bias_subset=[k for k in BIAS_KINDS if any(b.kind == k for b in m.bias_inputs)],
-        biases=list(m.bias_inputs), head=[TensorSpec("head.weight", (labels, m.hidden_size)),
-                                          TensorSpec("head.bias", (labels,))],
+        biases=list(m.bias_inputs), head=head,
         trainable_params=sum(int(t.size) for t in tensors.values()), base_params=1, metrics={"synthetic": True},
     )
     return TaskPack(manifest, tensors)
@@ -113,6 +122,115 @@ def time_interleaved(runners: dict, feed: dict, rounds: int, warmup: int = 2, se
             run(feed)
             times[name].append(time.perf_counter() - t)
     return times
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class HttpServer:
+    """A server process on loopback, ready when GET `health` answers 200; always terminated by `stop` (use it
+    as a context manager). `command(port)` is its command line."""
+
+    def __init__(self, command, log: Path, *, cwd: Path | None = None, env: dict | None = None,
+                 start_timeout: float = 300.0, health: str = "/healthz"):
+        self.command, self.log_path, self.cwd, self.health = command, log, cwd, health
+        self.env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+        self.start_timeout = start_timeout
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self.log = None
+
+    def __enter__(self) -> HttpServer:
+        import httpx
+
+        for _ in range(3):  # the free port can be taken between probing and binding: retry
+            self.port = free_port()
+            self.log = open(self.log_path, "a")
+            self.proc = subprocess.Popen(self.command(self.port), stdout=self.log, stderr=subprocess.STDOUT,
+                                         cwd=self.cwd, env=self.env)
+            deadline = time.monotonic() + self.start_timeout
+            try:
+                while time.monotonic() < deadline and self.proc.poll() is None:
+                    try:
+                        if httpx.get(f"{self.url}{self.health}", timeout=2).status_code == 200:
+                            return self
+                    except httpx.HTTPError:
+                        pass
+                    time.sleep(0.2)
+            finally:
+                if self.proc is not None and not self._healthy():
+                    self.stop()
+            if "address already in use" not in self.log_path.read_text().lower():
+                break
+        raise RuntimeError(f"the server did not start; its log:\n{self.log_path.read_text()[-3000:]}")
+
+    def _status(self, key: str) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as fh:
+            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith(key))
+
+    def rss(self) -> int:
+        """Resident memory now, and (peak_rss) at its highest, in bytes (Linux /proc)."""
+        return self._status("VmRSS:")
+
+    def peak_rss(self) -> int:
+        return self._status("VmHWM:")
+
+    def cpu_seconds(self) -> float:
+        """CPU time the server process used so far (Linux /proc; 0 where unavailable)."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, AttributeError, IndexError, ValueError):
+            return 0.0
+
+    def _healthy(self) -> bool:
+        import httpx
+
+        try:
+            return self.proc is not None and self.proc.poll() is None and \
+                httpx.get(f"{self.url}{self.health}", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.proc = None
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def plain_int8(model_dir: Path, out: Path) -> Path:
+    """The int8 graph compile falls back to where onnxruntime's offline fusion fails: bias Adds unfused."""
+    from bitfit.compiler import compile as compile_module
+    from bitfit.compiler.compile import compile
+    from bitfit.runtime.errors import BitFitError
+
+    real = compile_module.export_int8_live
+    compile_module.export_int8_live = lambda *a, **k: (_ for _ in ()).throw(BitFitError("the plain variant"))
+    try:
+        return compile(model_dir, out, quantize="int8", log=lambda *_: None)
+    finally:
+        compile_module.export_int8_live = real
 
 
 def minilm_dir() -> Path:

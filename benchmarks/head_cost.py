@@ -25,7 +25,15 @@ import onnx_ir as ir
 from bitfit.compiler.compile import compile
 from bitfit.compiler.head import HEAD_INPUT_NAMES, HEAD_OUTPUTS
 from bitfit.runtime.compiled import MODEL_FILE, read_manifest
-from common import hidden_runner, machine, minilm_dir, ort_session, time_interleaved, wait_until_quiet, write_results
+from common import (
+    hidden_runner,
+    machine,
+    minilm_dir,
+    ort_session,
+    time_interleaved,
+    wait_until_quiet,
+    write_results,
+)
 
 SEQ = 128
 

@@ -1,8 +1,10 @@
 """Task accuracy of quantised graphs vs fp32, on the quickstart's real tasks and packs.
 
-Variants: fp32; dynamic int8 per-channel (what `--quantize int8` makes); dynamic int8 per-tensor;
+Variants: fp32; dynamic int8 per-channel (what `--quantize int8` makes: the bias Adds folded into the int8
+kernels) and the same unfused (compile's fallback); dynamic int8 per-tensor;
 static QDQ int8 (MatMul weights and activations, calibrated on 64 training texts of each task with
-that task's biases fed, so the ranges cover every task the graph serves). Metrics on each task's
+that task's biases fed, so the ranges cover every task the graph serves); with OpenVINO installed, the
+no-defaults graph on OpenVINO in f32 and with its own int8 weight compression. Metrics on each task's
 test split (1,500 examples) in percent, and label agreement with fp32.
 
     python benchmarks/int8_accuracy.py [--packs runs/quickstart/packs] [--out benchmarks/results]
@@ -24,6 +26,7 @@ from bitfit.runtime import TaskSession
 from bitfit.runtime.compiled import read_manifest, write_manifest
 from bitfit.training.data import load_builtin
 from bitfit.training.metrics import evaluate
+from common import plain_int8
 
 TASKS = ("movie-sentiment", "trec6", "sms-spam")
 
@@ -80,6 +83,9 @@ def main() -> None:
         dirs = {
             "fp32": compile(model, work / "fp32", log=lambda *_: None),
             "int8 dynamic per-channel": compile(model, work / "pc", quantize="int8", log=lambda *_: None),
+            # the same int8 weights without the bias Adds folded into the int8 kernels: what compile falls back
+            # to, and what --quantize int8 made before the fold (benchmarks/common.plain_int8)
+            "int8 per-channel, unfused": plain_int8(model, work / "pc-plain"),
             "int8 dynamic per-tensor": compile(model, work / "pt", quantize="int8-per-tensor", log=lambda *_: None),
         }
         fp32 = TaskSession(dirs["fp32"])
@@ -87,10 +93,19 @@ def main() -> None:
             fp32.register(packs[t])
         static_int8(dirs["fp32"], work / "static", fp32, data)
         dirs["int8 static QDQ"] = work / "static"
+        backends = dict.fromkeys(dirs, "onnxruntime")
+        try:
+            import openvino  # noqa: F401
+        except ModuleNotFoundError:
+            print("no openvino rows: OpenVINO is not installed (pip install 'bitfit-deploy[openvino]')")
+        else:
+            no_defaults = compile(model, work / "no-defaults", bias_defaults=False, log=lambda *_: None)
+            dirs["openvino fp32"] = dirs["openvino int8 weights"] = no_defaults
+            backends |= {"openvino fp32": "openvino", "openvino int8 weights": "openvino-int8"}
 
         rows, reference = [], {}
         for variant, directory in dirs.items():
-            session = TaskSession(directory)
+            session = TaskSession(directory, backend=backends[variant])
             row = {"variant": variant, "model_mb": (Path(directory) / "model.onnx").stat().st_size / 2**20}
             for t in TASKS:
                 session.register(packs[t])

@@ -53,6 +53,7 @@ from common import (
     machine,
     minilm_dir,
     ort_session,
+    plain_int8,
     synthetic_pack,
     time_interleaved,
     wait_until_quiet,
@@ -130,23 +131,17 @@ def build(name: str, model_dir: Path, work: Path, threads: int, rng: np.random.G
             session.register(synthetic_pack(Path(directory), task, rng))
         b.sessions[variant] = session
         b.runners[variant] = (lambda s: lambda feed: s.hidden_states(feed, "task-a"))(session)
+    # where ours int8 / baked int8 loses what it loses, in layers: the engine alone (no TaskSession input
+    # checks), and the engine with nothing bound for the biases (the graph's defaults: no binding either)
+    engine = b.sessions["ours int8 no head"]
+    values = engine._get("task-a", engine._state).values
+    b.runners["ours int8 no head, engine only"] = lambda feed: engine.engine.run(feed, values)
+    b.runners["ours int8 no head, defaults"] = lambda feed: engine.engine.run(feed, {})
     order = ["torch eager", "ort baked fp32", "ours fp32", "ours fp32 no head", "ours fused", "openvino fp32",
-             "ours int8", "ours int8 no head", "ours int8 plain", "ort baked int8", "openvino int8"]
+             "ours int8", "ours int8 no head", "ours int8 no head, engine only", "ours int8 no head, defaults",
+             "ours int8 plain", "ort baked int8", "openvino int8"]
     b.runners = {k: b.runners[k] for k in order if k in b.runners}
     return b
-
-
-def plain_int8(model_dir: Path, out: Path) -> Path:
-    """The int8 graph compile falls back to where onnxruntime's offline fusion fails: bias Adds unfused."""
-    from bitfit.compiler import compile as compile_module
-    from bitfit.runtime.errors import BitFitError
-
-    real = compile_module.export_int8_live
-    compile_module.export_int8_live = lambda *a, **k: (_ for _ in ()).throw(BitFitError("the plain variant"))
-    try:
-        return compile(model_dir, out, quantize="int8", log=lambda *_: None)
-    finally:
-        compile_module.export_int8_live = real
 
 
 def matmul_peaks(work: Path, threads: int, rounds: int = 20, n: int = 1024) -> dict[str, float]:
@@ -370,12 +365,13 @@ def _goal(key: str, value: float, low: float | None = None, high: float | None =
 
 
 def report(rows: list[dict], extras: dict, skipped: list[str], args: argparse.Namespace) -> None:
-    header = (f"{'model':<10} {'batch':>5} {'variant':<17} {'median ms':>10} {'p90 ms':>8} {'seq/s':>8} "
+    w = max([17] + [len(r["variant"]) for r in rows if "variant" in r])
+    header = (f"{'model':<10} {'batch':>5} {'variant':<{w}} {'median ms':>10} {'p90 ms':>8} {'seq/s':>8} "
               f"{'GFLOP/s':>8} {'of peak':>8} {'vs baked [95%]':>22} {'torch/this':>10}")
     lines = [header, "-" * len(header)]
     for r in rows:
         interval = f"{r['vs_baked']:.3f} [{r['vs_baked_low']:.3f}, {r['vs_baked_high']:.3f}]"
-        lines.append(f"{r['model']:<10} {r['batch']:>5} {r['variant']:<17} {r['median_ms']:>10.2f} {r['p90_ms']:>8.2f} "
+        lines.append(f"{r['model']:<10} {r['batch']:>5} {r['variant']:<{w}} {r['median_ms']:>10.2f} {r['p90_ms']:>8.2f} "
                      f"{r['seq_per_s']:>8.1f} {r['gflops']:>8.1f} {r['share_of_peak']:>8.0%} {interval:>22} "
                      f"{r['torch_over_this']:>10.2f}")
     peaks = extras.get("matmul_peak_gflops", {})

@@ -30,8 +30,6 @@ import os
 import platform
 import random
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from common import minilm_dir, synthetic_pack
+from common import HttpServer, minilm_dir, synthetic_pack
 
 REPO = Path(__file__).resolve().parents[1]
 SWAP_TASK_INDEX = 3
@@ -90,84 +88,10 @@ def expected_results(compiled: Path, packs: dict[str, object], threads: int | No
 
 
 # -- the server -----------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`bitfit serve` in a subprocess on loopback; always terminated by `stop` (use it as a context manager)."""
-
-    def __init__(self, compiled: Path, packs: Path, log: Path, extra: list[str], start_timeout: float = 120.0):
-        self.compiled, self.packs, self.log_path, self.extra = compiled, packs, log, extra
-        self.start_timeout = start_timeout
-        self.proc: subprocess.Popen | None = None
-        self.port = 0
-
-    def __enter__(self) -> Server:
-        import httpx
-
-        for attempt in range(3):  # the free port can be taken between probing and binding: retry
-            self.port = free_port()
-            cmd = [sys.executable, "-m", "bitfit.cli", "serve", "--compiled", str(self.compiled), "--packs",
-                   str(self.packs), "--host", "127.0.0.1", "--port", str(self.port), *self.extra]
-            self.log = open(self.log_path, "a")
-            env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-            self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-            deadline = time.monotonic() + self.start_timeout
-            try:
-                while time.monotonic() < deadline and self.proc.poll() is None:
-                    try:
-                        if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                            return self
-                    except httpx.HTTPError:
-                        pass
-                    time.sleep(0.2)
-            finally:
-                if self.proc is not None and not self._healthy():
-                    self.stop()
-            if "address already in use" not in self.log_path.read_text().lower():
-                break
-        raise RuntimeError(f"the server did not start; its log:\n{self.log_path.read_text()[-3000:]}")
-
-    def cpu_seconds(self) -> float:
-        """CPU time the server process used so far (Linux /proc; 0 where unavailable)."""
-        try:
-            with open(f"/proc/{self.proc.pid}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, AttributeError, IndexError, ValueError):
-            return 0.0
-
-    def _healthy(self) -> bool:
-        import httpx
-
-        try:
-            return self.proc is not None and self.proc.poll() is None and \
-                httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self.proc = None
-        if getattr(self, "log", None) is not None:
-            self.log.close()
-            self.log = None
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+def bitfit_server(compiled: Path, packs: Path, log: Path, extra: list[str]) -> HttpServer:
+    """`bitfit serve` in a subprocess on loopback (use it as a context manager)."""
+    return HttpServer(lambda port: [sys.executable, "-m", "bitfit.cli", "serve", "--compiled", str(compiled), "--packs",
+                                    str(packs), "--host", "127.0.0.1", "--port", str(port), *extra], log, cwd=REPO)
 
 
 # -- the clients ----------------------------------------------------------------------------------
@@ -219,9 +143,19 @@ def matches(got: list | None, want: list[dict]) -> bool:
     return True
 
 
+async def post_predict(client, task: str, texts: list[str]) -> tuple[int, list | None, str]:
+    """One request to `bitfit serve`'s API: (status, predictions or None, error text)."""
+    r = await client.post("/v1/predict", json={"task": task, "texts": texts})
+    body = r.json()
+    if r.status_code == 200:
+        return 200, body.get("predictions"), ""
+    return r.status_code, None, str(body.get("error", ""))[:200]
+
+
 async def drive(url: str, plan: list[tuple[str, list[int]]], clients: int, timeout: float,
-                swap=None) -> tuple[list[Outcome | None], float, dict | None]:
-    """Send every planned request with `clients` workers; swap(client, done_event) runs alongside."""
+                swap=None, post=post_predict) -> tuple[list[Outcome | None], float, dict | None]:
+    """Send every planned request with `clients` workers (each through `post`, for servers with another
+    API); swap(client, done_event) runs alongside."""
     import httpx
 
     outcomes: list[Outcome | None] = [None] * len(plan)
@@ -236,11 +170,7 @@ async def drive(url: str, plan: list[tuple[str, list[int]]], clients: int, timeo
             start = time.monotonic()
             status, predictions, error = None, None, ""
             try:
-                r = await client.post("/v1/predict", json={"task": task, "texts": [POOL[t] for t in texts]})
-                status = r.status_code
-                body = r.json()
-                predictions = body.get("predictions") if status == 200 else None
-                error = "" if status == 200 else str(body.get("error", ""))[:200]
+                status, predictions, error = await post(client, task, [POOL[t] for t in texts])
             except Exception as e:  # noqa: BLE001 - counted as lost
                 error = f"{type(e).__name__}: {e}"[:200]
             outcomes[i] = Outcome(task, texts, start, time.monotonic() - start, status, predictions, error)
@@ -300,7 +230,7 @@ def run_mode(mode: str, args, compiled: Path, packs_dir: Path, packs: dict, expe
     extra += ["--threads", str(args.threads)] if args.threads else []
     do_swap = mode == "batching" and not args.no_swap
     print(f"[{mode}] starting the server ...", flush=True)
-    with Server(compiled, packs_dir, work / f"server-{mode}.log", extra) as server:
+    with bitfit_server(compiled, packs_dir, work / f"server-{mode}.log", extra) as server:
         # warm up: every task once, not counted
         with httpx.Client(base_url=server.url, timeout=30) as c:
             for name in expected:
@@ -312,7 +242,7 @@ def run_mode(mode: str, args, compiled: Path, packs_dir: Path, packs: dict, expe
             await asyncio.wait_for(halfway.wait(), args.timeout)
             await asyncio.to_thread(save_pack, packs[f"{swap_name}@v2"], packs_dir / swap_name, overwrite=True)
             swap_times["sent"] = time.monotonic()
-            r = await client.post("/v1/admin/reload", timeout=60)
+            r = await client.post("/v1/admin/reload", json={}, timeout=60)  # admin routes take JSON (issue 12)
             swap_times["returned"] = time.monotonic()
             body = r.json()
             return {"task": swap_name, "status": r.status_code, "response": body,
@@ -432,6 +362,8 @@ def main() -> int:
         if r["swap"]:
             sw = r["swap"]
             resp = sw.get("response", {})
+            if sw.get("status") != 200:
+                print(f"hot swap ({r['mode']}): the reload was answered {sw.get('status')}: {resp}")
             print(f"hot swap ({r['mode']}): {sw.get('task')} replaced={resp.get('replaced')} "
                   f"refused={resp.get('refused')} in {sw.get('reload_ms')} ms; answers for it: {sw.get('answers')}")
         for e in r["examples"]:

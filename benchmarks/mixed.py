@@ -20,7 +20,14 @@ from pathlib import Path
 import numpy as np
 from bitfit.compiler.compile import compile
 from bitfit.runtime import TaskSession
-from common import machine, minilm_dir, synthetic_pack, time_interleaved, wait_until_quiet, write_results
+from common import (
+    machine,
+    minilm_dir,
+    synthetic_pack,
+    time_interleaved,
+    wait_until_quiet,
+    write_results,
+)
 
 SENTENCES = [
     "A gripping, beautifully acted film that stays with you long after the credits roll.",
