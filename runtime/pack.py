@@ -8,6 +8,7 @@ mismatch between the manifest and the tensors is an error, never a silent skip.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -223,6 +224,19 @@ class TaskPack:
     @property
     def nbytes(self) -> int:
         return sum(int(t.nbytes) for t in self.tensors.values())
+
+    def digest(self) -> str:
+        """sha256 of what the pack computes: its manifest (less its checksums, which depend on how it was
+        saved) and every tensor's name, shape and float32 bytes. The same pack gives the same digest in
+        memory, saved, and loaded again; servers report it so a caller can tell which version answered."""
+        h = hashlib.sha256()
+        meta = {k: v for k, v in self.manifest.to_json().items() if k not in ("tensors_sha256", S.SEAL)}
+        h.update(json.dumps(_jsonable(meta), sort_keys=True).encode())
+        for name in sorted(self.tensors):
+            array = np.ascontiguousarray(self.tensors[name], dtype="<f4")
+            h.update(f"\n{name}{array.shape}".encode())
+            h.update(array.tobytes())
+        return h.hexdigest()
 
     def validate(self, where: str = "the pack") -> None:
         check_tensors(self.manifest, self.tensors, where)

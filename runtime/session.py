@@ -35,6 +35,7 @@ class _Task:
     values: dict[str, Any]  # bias input name -> the engine's tensor, made once at registration (plain graphs)
     arrays: dict[str, np.ndarray]  # the memory those OrtValues point at: keep it alive
     head: Head
+    digest: str  # TaskPack.digest: which version of the task this is
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,11 @@ class TaskSession:
     def pack(self, task: str) -> TaskPack:
         return self._get(task).pack
 
+    def digest(self, task: str) -> str:
+        """The registered pack's TaskPack.digest: servers report it, so a caller can tell which version of a
+        task answered (and replicas can be checked to serve the same)."""
+        return self._get(task).digest
+
     def register(self, pack: TaskPack | str | os.PathLike, *, name: str | None = None, replace: bool = False) -> str:
         """Validate a pack against the graph's manifest and make it servable under `name`."""
         if not isinstance(pack, TaskPack):
@@ -122,7 +128,7 @@ class TaskSession:
             arrays = {**{k: np.ascontiguousarray(v, dtype=np.float32) for k, v in self.base_biases.items()}, **arrays}
         values = {} if self.mixed else {k: self.engine.value(v) for k, v in arrays.items()}
         m = pack.manifest
-        task = _Task(pack, kind(m.task_kind), values, arrays, Head.from_tensors(m.pooling, pack.tensors))
+        task = _Task(pack, kind(m.task_kind), values, arrays, Head.from_tensors(m.pooling, pack.tensors), pack.digest())
         with self._lock:  # build the new state aside, then swap it in with one assignment
             if name in self._state.tasks and not replace:
                 raise BitFitError(f"a task named {name!r} is already registered: pass replace=True or another name")

@@ -53,6 +53,26 @@ def test_save_load_save_load_is_identical(pack_all, tmp_path):
     assert (tmp_path / "a" / TENSORS_FILE).read_bytes() == (pack_all / TENSORS_FILE).read_bytes()
 
 
+def test_the_digest_names_what_the_pack_computes(pack_all, pack_min, tmp_path):
+    """Same digest in memory, saved and loaded again (servers report it as the task's version); another bias
+    value, another head or another label gives another."""
+    pack = load_pack(pack_all)
+    fresh = TaskPack(pack.manifest, {k: v.copy() for k, v in pack.tensors.items()})
+    fresh.manifest.manifest_sha256 = fresh.manifest.tensors_sha256 = ""  # as a pack built in memory
+    assert fresh.digest() == pack.digest() == load_pack(save_pack(fresh, tmp_path / "again")).digest()
+    name = pack.manifest.biases[0].name
+    for change in ("bias", "head", "label"):
+        other = load_pack(pack_all)
+        if change == "bias":
+            other.tensors[name] = other.tensors[name] + np.float32(1e-3)
+        elif change == "head":
+            other.tensors["head.bias"] = other.tensors["head.bias"] + np.float32(1e-3)
+        else:
+            other.manifest.labels = [*other.manifest.labels[:-1], "renamed"]
+        assert other.digest() != pack.digest(), change
+    assert load_pack(pack_min).digest() != pack.digest()
+
+
 def test_saving_is_byte_for_byte_reproducible(pack_all, tmp_path):
     """The same pack saved again gives the same bytes, so the same checksum in its manifest."""
     pack = load_pack(pack_all)

@@ -117,8 +117,9 @@ def test_tasks_health_and_initial_load(client, names):
     tasks = client.get("/v1/tasks").json()["tasks"]
     by_name = {t["name"]: t for t in tasks}
     assert set(by_name) == {names["single"], names["pairs"], names["scores"]}
-    assert all(set(t) == {"name", "task_kind", "labels", "text_pair", "max_length"} for t in tasks)
+    assert all(set(t) == {"name", "task_kind", "labels", "text_pair", "max_length", "digest"} for t in tasks)
     single, pairs, scores = by_name[names["single"]], by_name[names["pairs"]], by_name[names["scores"]]
+    assert single["digest"] == client.app.state.session.pack(names["single"]).digest()
     assert single["task_kind"] == "classification" and sorted(single["labels"]) == ["negative", "positive"]
     assert pairs["text_pair"] is True and single["text_pair"] is False
     assert scores["task_kind"] == "regression" and isinstance(single["max_length"], int)

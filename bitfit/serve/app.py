@@ -2,7 +2,7 @@
 
 Endpoints (JSON in and out; errors are 4xx {"error": message}, never a crash):
 
-    GET  /v1/tasks          {"tasks": [{"name", "task_kind", "labels", "text_pair", "max_length"}, ...]}
+    GET  /v1/tasks          {"tasks": [{"name", "task_kind", "labels", "text_pair", "max_length", "digest"}, ...]}
     POST /v1/predict        {"task": NAME, "texts": [...], "text_pairs": [...]?}
                             -> {"predictions": [{"label", "scores", "logits"}, ...]}
                                (the numbers `bitfit predict --json` prints for that pack)
@@ -16,6 +16,8 @@ Endpoints (JSON in and out; errors are 4xx {"error": message}, never a crash):
     GET  /metrics           Prometheus text (bitfit.serve.metrics)
     POST /v1/admin/reload   rescan the packs directory -> {"added", "replaced", "unchanged", "refused", "missing"}
                             (the rules: bitfit.serve.packdir)
+    /v2/...                 the Open Inference Protocol (KServe v2 / Triton HTTP), one model per task:
+                            health, metadata, ready and infer (bitfit.serve.v2)
 
 Which endpoint serves a task is its kind's `route` (runtime.kinds). This layer checks only the JSON shape
 of a body and the server's limits; everything about the task (registered? this endpoint's kind? pairs?
@@ -57,10 +59,13 @@ from bitfit.runtime.errors import BitFitError, UnknownTaskError
 from bitfit.runtime.kinds import KINDS, WrongCallError
 from bitfit.runtime.pack import MANIFEST_FILE, TENSORS_FILE
 from bitfit.runtime.session import TaskSession
+from bitfit.runtime.version import __version__
 
+from . import v2
 from .batcher import Batcher, ServiceUnavailable
 from .metrics import Metrics, MetricsMiddleware
 from .packdir import PackDirectory, ReloadResult
+from .v2 import ProtocolError
 
 
 @dataclass
@@ -139,7 +144,14 @@ assert {k.route for k in KINDS.values()} <= set(BODIES), "every kind's route nee
 # -- errors -------------------------------------------------------------------------------------------
 def error_response(request: Request, exc: BaseException) -> Response:
     """The one mapping of errors to HTTP answers (every handler raises; nothing else builds an error)."""
-    if isinstance(exc, RequestError):
+    response = _map_error(request, exc)
+    if request.url.path.startswith("/v2/") and response.status_code == 422:
+        response.status_code = 400  # the Open Inference Protocol answers every invalid request 400
+    return response
+
+
+def _map_error(request: Request, exc: BaseException) -> Response:
+    if isinstance(exc, (RequestError, ProtocolError)):
         return _error(exc.status, exc.message)
     if isinstance(exc, WrongCallError):  # the session names a call; a client needs the route
         route = KINDS[exc.kind].route
@@ -171,13 +183,28 @@ def _json(content: Any, status: int = 200) -> Response:
 async def read_json(request: Request, limit: int, timeout: float = 30.0) -> Any:
     """The body as JSON: at most `limit` bytes, arriving within `timeout` seconds (a client that trickles its
     body holds a connection and a task; 408 after that)."""
+    body = await read_body(request, limit, timeout)
+    if not body.strip():
+        raise RequestError(400, "invalid JSON: the request body is empty")
     try:
-        return await asyncio.wait_for(_read_json(request, limit), timeout)
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(400, f"invalid JSON: {e}") from None
+    except RecursionError:
+        raise RequestError(400, "invalid JSON: nested too deeply") from None
+    except ValueError as e:  # an integer of thousands of digits: Python refuses to convert it
+        raise RequestError(400, f"invalid JSON: {e}"[:300]) from None
+
+
+async def read_body(request: Request, limit: int, timeout: float = 30.0) -> bytes:
+    """The raw body: at most `limit` bytes, arriving within `timeout` seconds."""
+    try:
+        return await asyncio.wait_for(_read_body(request, limit), timeout)
     except asyncio.TimeoutError:
         raise RequestError(408, f"the request body did not arrive within {timeout:g} s") from None
 
 
-async def _read_json(request: Request, limit: int) -> Any:
+async def _read_body(request: Request, limit: int) -> bytes:
     length = request.headers.get("content-length")
     if length is not None:
         try:
@@ -192,17 +219,7 @@ async def _read_json(request: Request, limit: int) -> Any:
         if size > limit:
             raise RequestError(413, f"request body is over the limit of {limit} bytes")
         chunks.append(chunk)
-    body = b"".join(chunks)
-    if not body.strip():
-        raise RequestError(400, "invalid JSON: the request body is empty")
-    try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RequestError(400, f"invalid JSON: {e}") from None
-    except RecursionError:
-        raise RequestError(400, "invalid JSON: nested too deeply") from None
-    except ValueError as e:  # an integer of thousands of digits: Python refuses to convert it
-        raise RequestError(400, f"invalid JSON: {e}"[:300]) from None
+    return b"".join(chunks)
 
 
 # -- doors: who may call what ---------------------------------------------------------------------------
@@ -303,7 +320,8 @@ def create_app(
             except UnknownTaskError:  # removed since the listing
                 continue
             out.append({"name": name, "task_kind": m.task_kind, "labels": list(m.labels),
-                        "text_pair": bool(m.text_pair), "max_length": int(m.max_length)})
+                        "text_pair": bool(m.text_pair), "max_length": int(m.max_length),
+                        "digest": session.digest(name)})
         return _json({"tasks": out})
 
     async def post(request: Request) -> Response:
@@ -349,6 +367,63 @@ def create_app(
         metrics.reloads.labels("refused").inc(len(result.refused))
         return _json(result.to_json())
 
+    # -- the Open Inference Protocol (KServe v2 / Triton HTTP): one model per task ----------------------
+    async def v2_server(request: Request) -> Response:
+        check_door(request, config, admin=False)
+        return _json({"name": "bitfit", "version": __version__, "extensions": ["binary_tensor_data"]})
+
+    async def v2_live(request: Request) -> Response:
+        check_door(request, config, admin=False)
+        return _json({"live": True})
+
+    async def v2_ready(request: Request) -> Response:
+        check_door(request, config, admin=False)
+        ready = bool(session.tasks)
+        return _json({"ready": ready}, 200 if ready else 503)
+
+    def v2_task(request: Request) -> tuple[str, str, Any]:
+        """The task a /v2/models/{model}[/versions/{version}] path names, its digest and pack (404 otherwise)."""
+        task = request.path_params["model"]
+        pack = session.pack(task)  # UnknownTaskError: 404
+        digest = session.digest(task)
+        version = request.path_params.get("version")
+        if version is not None and version != v2.version_of(digest):
+            raise RequestError(404, f"task {task!r} is served at version {v2.version_of(digest)}, not {version!r} "
+                                    f"(a version is the start of the pack's digest; GET /v2/models/{task})")
+        return task, digest, pack
+
+    async def v2_model(request: Request) -> Response:
+        check_door(request, config, admin=False)
+        task, digest, pack = v2_task(request)
+        m = pack.manifest
+        return _json(v2.model_metadata(task, digest, KINDS[m.task_kind], m, f"bitfit-{session.backend}"))
+
+    async def v2_model_ready(request: Request) -> Response:
+        check_door(request, config, admin=False)
+        task, _, _ = v2_task(request)
+        return _json({"name": task, "ready": True})
+
+    async def v2_infer(request: Request) -> Response:
+        check_door(request, config, admin=False)
+        task, _, pack = v2_task(request)
+        kind = KINDS[pack.manifest.task_kind]
+        raw = await read_body(request, int(config.max_body_bytes or 0), config.body_timeout_s)
+        req = v2.parse_infer(raw, request.headers.get(v2.HEADER_LENGTH), v2.inputs_of(kind, pack.manifest),
+                             config.max_texts, config.max_text_chars)
+        v2.check_outputs(req, v2.outputs_of(kind, pack.manifest))
+        if kind.call == "answer":
+            result = await batcher.call(session.answer, task, req.inputs["question"], req.inputs["context"])
+            records = result.records()
+        elif kind.call == "run_tokens":
+            records = (await batcher.call(session.run_tokens, task, req.inputs["text"])).records()
+        else:  # batched with every other sequence request, /v1 and /v2 alike
+            records = await batcher.submit(task, req.inputs["text"], req.inputs.get("text_pair"))
+        try:
+            body, headers = v2.encode_response(task, session.digest(task), req, v2.output_tensors(kind, records))
+        except ValueError:  # NaN or inf in an output: the pack is broken, not the request
+            return _error(500, "the model produced a non-finite value (NaN or inf): check the task pack")
+        return Response(body, headers=headers)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         await batcher.start()
@@ -365,11 +440,19 @@ def create_app(
             Route("/healthz", healthz, methods=["GET"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
             Route("/v1/admin/reload", reload, methods=["POST"]),
+            Route("/v2", v2_server, methods=["GET"]),
+            Route("/v2/health/live", v2_live, methods=["GET"]),
+            Route("/v2/health/ready", v2_ready, methods=["GET"]),
+            *(r for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}") for r in (
+                Route(base, v2_model, methods=["GET"]),
+                Route(f"{base}/ready", v2_model_ready, methods=["GET"]),
+                Route(f"{base}/infer", v2_infer, methods=["POST"]),
+            )),
         ],
         middleware=[Middleware(MetricsMiddleware, metrics=metrics)],
         # one handler for all: the expected errors by type, and Exception (answered 500, and logged by uvicorn)
-        exception_handlers={t: error_response for t in (RequestError, BitFitError, ServiceUnavailable, HTTPException,
-                                                         Exception)},
+        exception_handlers={t: error_response for t in (RequestError, ProtocolError, BitFitError, ServiceUnavailable,
+                                                         HTTPException, Exception)},
         lifespan=lifespan,
     )
     app.state.session = session

@@ -1,0 +1,316 @@
+"""The Open Inference Protocol (KServe v2, Triton's HTTP API) for `bitfit serve`: one model per task.
+
+Only the protocol lives here: what a task's model looks like as tensors (its kind's signature), reading an
+infer request (JSON, or JSON plus binary tensors: the `binary_tensor_data` extension that tritonclient uses
+by default) and writing the response. The routes are in app.py, beside /v1, and share its doors, limits,
+batcher and error mapping (errors are `{"error": message}` with a 4xx status, which is also the protocol's
+error shape).
+
+A task's model, by its kind (`TaskKind.call`):
+
+    run (classification, regression)  in:  text BYTES [-1], text_pair BYTES [-1] (pair tasks only)
+                                      out: logits FP32 [-1, K]; classification: label BYTES [-1],
+                                           scores FP32 [-1, K] (softmax); regression: value FP32 [-1]
+    run_tokens (token classification) in:  text BYTES [-1]
+                                      out: record BYTES [-1]: one JSON document per text, /v1/tokens' record
+    answer (question answering)       in:  question BYTES [-1], context BYTES [-1]
+                                      out: answer BYTES [-1], record BYTES [-1] (/v1/answer's record)
+
+The model's version is the first 16 hex digits of the pack's digest (TaskPack.digest): a reload that
+changes a pack changes its version, and a request for another version is answered 404.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from bitfit.runtime.kinds import KINDS, TaskKind
+from bitfit.runtime.pack import PackManifest
+
+VERSION_DIGITS = 16
+HEADER_LENGTH = "inference-header-content-length"
+
+
+class ProtocolError(Exception):
+    """A request the protocol layer refuses: answered with `status` and {"error": message}."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+# -- a task's signature --------------------------------------------------------------------------------
+def inputs_of(kind: TaskKind, manifest: PackManifest) -> list[Tensor]:
+    """The model's inputs (required, all of them: text_pair appears only for pair tasks)."""
+    if kind.call == "answer":
+        return [Tensor("question", "BYTES", (-1,)), Tensor("context", "BYTES", (-1,))]
+    if kind.call == "run_tokens":
+        return [Tensor("text", "BYTES", (-1,))]
+    pair = [Tensor("text_pair", "BYTES", (-1,))] if manifest.text_pair else []
+    return [Tensor("text", "BYTES", (-1,)), *pair]
+
+
+def outputs_of(kind: TaskKind, manifest: PackManifest) -> list[Tensor]:
+    if kind.call == "answer":
+        return [Tensor("answer", "BYTES", (-1,)), Tensor("record", "BYTES", (-1,))]
+    if kind.call == "run_tokens":
+        return [Tensor("record", "BYTES", (-1,))]
+    k = kind.outputs(manifest.labels)
+    if kind.labels == "value":
+        return [Tensor("logits", "FP32", (-1, k)), Tensor("value", "FP32", (-1,))]
+    return [Tensor("logits", "FP32", (-1, k)), Tensor("label", "BYTES", (-1,)), Tensor("scores", "FP32", (-1, k))]
+
+
+assert {k.call for k in KINDS.values()} <= {"run", "run_tokens", "answer"}, "every kind's call needs a signature"
+
+
+def version_of(digest: str) -> str:
+    return digest[:VERSION_DIGITS]
+
+
+def model_metadata(task: str, digest: str, kind: TaskKind, manifest: PackManifest, platform: str) -> dict[str, Any]:
+    return {"name": task, "versions": [version_of(digest)], "platform": platform,
+            "inputs": [t.to_json() for t in inputs_of(kind, manifest)],
+            "outputs": [t.to_json() for t in outputs_of(kind, manifest)]}
+
+
+def output_tensors(kind: TaskKind, records: Sequence[dict[str, Any]]) -> dict[str, tuple[str, tuple[int, ...], Any]]:
+    """Every output of the model as (datatype, shape, values), from the records the session returned (so the
+    numbers are /v1's, and the shapes are those of the pack that ran, even across a reload)."""
+    n = len(records)
+    if kind.call == "answer":
+        return {"answer": ("BYTES", (n,), [r["answer"] for r in records]),
+                "record": ("BYTES", (n,), [_dumps(r) for r in records])}
+    if kind.call == "run_tokens":
+        return {"record": ("BYTES", (n,), [_dumps(r) for r in records])}
+    logits = np.asarray([r["logits"] for r in records], dtype=np.float32).reshape(n, -1)
+    out: dict[str, tuple[str, tuple[int, ...], Any]] = {"logits": ("FP32", logits.shape, logits)}
+    if kind.labels == "value":
+        out["value"] = ("FP32", (n,), np.asarray([r["label"] for r in records], dtype=np.float32))
+    else:
+        out["label"] = ("BYTES", (n,), [r["label"] for r in records])
+        out["scores"] = ("FP32", logits.shape, np.asarray([list(r["scores"].values()) for r in records], np.float32))
+    return out
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+# -- requests ------------------------------------------------------------------------------------------
+@dataclass
+class InferRequest:
+    id: str | None
+    inputs: dict[str, list[str]]
+    outputs: dict[str, bool] = field(default_factory=dict)  # requested output -> binary; empty: all
+    binary_default: bool = False  # the request's binary_data_output
+
+
+def parse_infer(raw: bytes, header_length: str | None, expected: Sequence[Tensor], max_items: int,
+                max_chars: int) -> InferRequest:
+    """An infer request's JSON (and binary tensors after it when `header_length` is given), checked against
+    the model's inputs: names, datatypes, shapes, element counts, UTF-8, and the server's limits."""
+    header, binary = _split(raw, header_length)
+    try:
+        body = json.loads(header)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ProtocolError(400, f"invalid JSON in the inference request: {e}"[:300]) from None
+    except ValueError as e:
+        raise ProtocolError(400, f"invalid JSON in the inference request: {e}"[:300]) from None
+    if not isinstance(body, dict):
+        raise ProtocolError(400, "the inference request must be a JSON object with 'inputs'")
+    unknown = sorted(set(body) - {"id", "inputs", "outputs", "parameters"})
+    if unknown:
+        raise ProtocolError(400, f"unknown fields {unknown} in the inference request: it takes id, inputs, outputs "
+                                 "and parameters")
+    request_id = body.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise ProtocolError(400, f"the request id must be a string, got {type(request_id).__name__}")
+    params = _params(body.get("parameters"), "the request's parameters")
+    binary_default = params.get("binary_data_output", False)
+    if not isinstance(binary_default, bool):
+        raise ProtocolError(400, "parameters.binary_data_output must be true or false")
+
+    wanted = {t.name: t for t in expected}
+    names = ", ".join(wanted)
+    inputs = body.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise ProtocolError(400, f"'inputs' must be a non-empty list of tensors; this model takes {names}")
+    out: dict[str, list[str]] = {}
+    offset = 0
+    for i, tensor in enumerate(inputs):
+        if not isinstance(tensor, dict):
+            raise ProtocolError(400, f"inputs[{i}] must be an object with name, shape, datatype and data")
+        name = tensor.get("name")
+        if name not in wanted:
+            raise ProtocolError(400, f"unknown input {name!r}: this model takes {names}"[:300])
+        if name in out:
+            raise ProtocolError(400, f"input {name!r} is given twice")
+        datatype = tensor.get("datatype")
+        if datatype != wanted[name].datatype:
+            raise ProtocolError(400, f"input {name!r} has datatype {datatype!r}: this model takes "
+                                     f"{wanted[name].datatype} (strings)"[:300])
+        count = _count(tensor.get("shape"), name)
+        size = _params(tensor.get("parameters"), f"input {name!r}'s parameters").get("binary_data_size")
+        if size is not None:
+            if "data" in tensor:
+                raise ProtocolError(400, f"input {name!r} has both data and binary_data_size: give one")
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary):
+                raise ProtocolError(400, f"input {name!r}: binary_data_size {size!r} does not fit the "
+                                         f"{len(binary) - offset} binary bytes left in the request")
+            values = _bytes_elements(binary[offset : offset + size], name)
+            offset += size
+        else:
+            values = _json_elements(tensor.get("data"), name)
+        if len(values) != count:
+            raise ProtocolError(400, f"input {name!r} has shape {tensor.get('shape')} ({count} elements) but "
+                                     f"{len(values)} values")
+        if count > max_items:
+            raise ProtocolError(413, f"input {name!r} has {count} elements, over the limit of {max_items} per request")
+        for j, text in enumerate(values):
+            if len(text) > max_chars:
+                raise ProtocolError(413, f"input {name!r}[{j}] has {len(text)} characters, over the limit of "
+                                         f"{max_chars}")
+        out[name] = values
+    if offset != len(binary):
+        raise ProtocolError(400, f"{len(binary) - offset} binary bytes after the inputs that no input claims "
+                                 "(binary_data_size)")
+    missing = [n for n in wanted if n not in out]
+    if missing:
+        raise ProtocolError(400, f"missing inputs {missing}: this model takes {names}")
+    return InferRequest(request_id, out, _requested(body.get("outputs")), binary_default)
+
+
+def _split(raw: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    if header_length is None:
+        return raw, b""
+    try:
+        n = int(header_length)
+    except ValueError:
+        raise ProtocolError(400, f"invalid Inference-Header-Content-Length {header_length!r}") from None
+    if not 0 < n <= len(raw):
+        raise ProtocolError(400, f"Inference-Header-Content-Length {n} does not fit a body of {len(raw)} bytes")
+    return raw[:n], raw[n:]
+
+
+def _params(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ProtocolError(400, f"{where} must be an object")
+    return value
+
+
+def _count(shape: Any, name: str) -> int:
+    if (not isinstance(shape, list) or not shape or len(shape) > 2
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+            or (len(shape) == 2 and shape[1] != 1)):
+        raise ProtocolError(400, f"input {name!r} has shape {shape!r}: give [n] (or [n, 1]) for n strings"[:300])
+    if shape[0] < 1:
+        raise ProtocolError(400, f"input {name!r} has no elements: give at least one string")
+    return shape[0]
+
+
+def _json_elements(data: Any, name: str) -> list[str]:
+    if not isinstance(data, list):
+        raise ProtocolError(400, f"input {name!r} needs 'data' (a list of strings) or binary data")
+    flat = [x for row in data for x in row] if data and all(isinstance(x, list) for x in data) else data
+    for j, x in enumerate(flat):
+        if not isinstance(x, str):
+            raise ProtocolError(400, f"input {name!r} element {j} is {type(x).__name__}, not a string")
+    return flat
+
+
+def _bytes_elements(blob: bytes, name: str) -> list[str]:
+    """BYTES in the binary extension: each element a 4-byte little-endian length, then that many bytes."""
+    out, i = [], 0
+    while i < len(blob):
+        if i + 4 > len(blob):
+            raise ProtocolError(400, f"input {name!r}: its binary data ends inside an element's length")
+        (n,) = struct.unpack_from("<I", blob, i)
+        i += 4
+        if i + n > len(blob):
+            raise ProtocolError(400, f"input {name!r}: element {len(out)} claims {n} bytes, {len(blob) - i} remain")
+        try:
+            out.append(blob[i : i + n].decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ProtocolError(400, f"input {name!r} element {len(out)} is not UTF-8 text") from None
+        i += n
+    return out
+
+
+def _requested(outputs: Any) -> dict[str, bool]:
+    if outputs is None:
+        return {}
+    if not isinstance(outputs, list):
+        raise ProtocolError(400, "'outputs' must be a list of {name, parameters}")
+    out = {}
+    for i, o in enumerate(outputs):
+        if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+            raise ProtocolError(400, f"outputs[{i}] must be an object with a name")
+        binary = _params(o.get("parameters"), f"output {o['name']!r}'s parameters").get("binary_data")
+        if binary is not None and not isinstance(binary, bool):
+            raise ProtocolError(400, f"output {o['name']!r}: binary_data must be true or false")
+        out[o["name"]] = binary
+    return out
+
+
+def check_outputs(request: InferRequest, available: Sequence[Tensor]) -> None:
+    names = [t.name for t in available]
+    unknown = [n for n in request.outputs if n not in names]
+    if unknown:
+        raise ProtocolError(400, f"unknown outputs {unknown}: this model gives {', '.join(names)}")
+
+
+# -- responses -----------------------------------------------------------------------------------------
+def encode_response(task: str, digest: str, request: InferRequest,
+                    tensors: dict[str, tuple[str, tuple[int, ...], Any]]) -> tuple[bytes, dict[str, str]]:
+    """The response body and its headers: JSON, or JSON then binary tensors for outputs asked in binary."""
+    names = list(request.outputs) or list(tensors)
+    outputs, blobs = [], []
+    for name in names:
+        datatype, shape, values = tensors[name]
+        binary = request.outputs.get(name)
+        binary = request.binary_default if binary is None else binary
+        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(shape)}
+        if binary:
+            blob = _to_bytes(datatype, values)
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = list(values) if datatype == "BYTES" else np.asarray(values).reshape(-1).tolist()
+        outputs.append(entry)
+    body: dict[str, Any] = {"model_name": task, "model_version": version_of(digest), "outputs": outputs}
+    if request.id is not None:
+        body["id"] = request.id
+    header = json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    if not blobs:
+        return header, {"content-type": "application/json"}
+    return header + b"".join(blobs), {"content-type": "application/octet-stream",
+                                      "inference-header-content-length": str(len(header))}
+
+
+def _to_bytes(datatype: str, values: Any) -> bytes:
+    if datatype == "BYTES":
+        parts = []
+        for v in values:
+            b = v.encode("utf-8")
+            parts.append(struct.pack("<I", len(b)) + b)
+        return b"".join(parts)
+    return np.ascontiguousarray(values, dtype="<f4").tobytes()

@@ -1,0 +1,278 @@
+"""The Open Inference Protocol (KServe v2 / Triton HTTP) on `bitfit serve` (bitfit.serve.v2), talked to by
+tritonclient.http, Triton's own client, on a real uvicorn server: metadata, infer of several texts with
+`bitfit predict`'s numbers (binary and JSON tensors), pairs, regression, token and QA tasks, versions, and
+the refusals (unknown task 404, bad datatype 400, malformed binary data, limits)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import socket
+import struct
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from bitfit.runtime import TaskSession, read_pack_manifest
+from starlette.testclient import TestClient
+
+from bitfit.cli import main
+from bitfit.serve import ServeConfig, create_app
+
+httpclient = pytest.importorskip("tritonclient.http")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+ATOL = 1e-4  # batching changes padding, which moves logits by ~1e-6
+TEXTS = ["good fun movie", "awful boring plot", "the actor", "love the city"]
+
+
+@pytest.fixture(scope="module")
+def head_packs(bert_model, tmp_path_factory) -> dict[str, Path]:
+    from bitfit.training.train import train
+    from head_data import write_qa_data, write_token_data
+
+    root = tmp_path_factory.mktemp("v2-heads")
+    tags = train(bert_model, write_token_data(root / "tags.jsonl"), root / "tags", epochs=1, batch_size=8,
+                 task_name="tags", log=lambda *_: None, progress=False).pack_path
+    qa = train(bert_model, write_qa_data(root / "qa.jsonl"), root / "qa", epochs=1, batch_size=8,
+               task_kind="question-answering", task_name="qa", log=lambda *_: None, progress=False).pack_path
+    return {"tags": Path(tags), "qa": Path(qa)}
+
+
+@pytest.fixture(scope="module")
+def packs_dir(tmp_path_factory, pack_all, pack_pairs, pack_scores, head_packs) -> Path:
+    root = tmp_path_factory.mktemp("v2-packs")
+    for key, path in {"single": pack_all, "pairs": pack_pairs, "scores": pack_scores, **head_packs}.items():
+        shutil.copytree(path, root / key)
+    return root
+
+
+@pytest.fixture(scope="module")
+def names(packs_dir) -> dict[str, str]:
+    return {d.name: read_pack_manifest(d).task for d in packs_dir.iterdir()}
+
+
+@contextlib.contextmanager
+def running(app):
+    """The app on a real uvicorn server on a free loopback port (tritonclient needs a socket)."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started, "the server did not start"
+    try:
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(bert_compiled, packs_dir):
+    app = create_app(TaskSession(bert_compiled, threads=1), packs_dir, ServeConfig(max_texts=8))
+    with running(app) as url:
+        yield url, app
+
+
+@pytest.fixture
+def client(server):
+    c = httpclient.InferenceServerClient(server[0])
+    yield c
+    c.close()
+
+
+def predict_json(compiled: Path, pack: Path, texts: list[str], capsys) -> list[dict]:
+    """What `bitfit predict --json` prints for these texts: a JSON line per text."""
+    args = ["predict", "--compiled", str(compiled), "--pack", str(pack), "--json"]
+    for t in texts:
+        args += ["--text", t]
+    assert main(args) == 0
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def strings(values) -> list[str]:
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in np.asarray(values).reshape(-1)]
+
+
+def text_input(name: str, texts: list[str], binary: bool = True):
+    t = httpclient.InferInput(name, [len(texts)], "BYTES")
+    t.set_data_from_numpy(np.array([s.encode() for s in texts], dtype=np.object_), binary_data=binary)
+    return t
+
+
+def test_health_and_metadata_declare_each_kind(client, server, names):
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.get_server_metadata()["name"] == "bitfit"
+    session = server[1].state.session
+    single = client.get_model_metadata(names["single"])
+    assert single["versions"] == [session.digest(names["single"])[:16]]
+    assert single["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
+    labels = len(read_pack_manifest_of(session, names["single"]).labels)
+    assert single["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, labels]},
+                                 {"name": "label", "datatype": "BYTES", "shape": [-1]},
+                                 {"name": "scores", "datatype": "FP32", "shape": [-1, labels]}]
+    assert [i["name"] for i in client.get_model_metadata(names["pairs"])["inputs"]] == ["text", "text_pair"]
+    assert [o["name"] for o in client.get_model_metadata(names["scores"])["outputs"]] == ["logits", "value"]
+    assert [o["name"] for o in client.get_model_metadata(names["tags"])["outputs"]] == ["record"]
+    assert [i["name"] for i in client.get_model_metadata(names["qa"])["inputs"]] == ["question", "context"]
+    for task in names.values():
+        assert client.is_model_ready(task)
+
+
+def read_pack_manifest_of(session: TaskSession, task: str):
+    return session.pack(task).manifest
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary tensors", "json tensors"])
+def test_infer_gives_bitfit_predicts_numbers(client, names, packs_dir, bert_compiled, capsys, binary):
+    want = predict_json(bert_compiled, packs_dir / "single", TEXTS, capsys)
+    outputs = [httpclient.InferRequestedOutput(n, binary_data=binary) for n in ("logits", "label", "scores")]
+    result = client.infer(names["single"], [text_input("text", TEXTS, binary)], outputs=outputs, request_id="r-1")
+    logits = result.as_numpy("logits")
+    assert logits.shape == (len(TEXTS), len(want[0]["logits"])) and logits.dtype == np.float32
+    assert np.allclose(logits, [w["logits"] for w in want], atol=ATOL, rtol=0)
+    assert strings(result.as_numpy("label")) == [w["label"] for w in want]
+    assert np.allclose(result.as_numpy("scores"), [list(w["scores"].values()) for w in want], atol=ATOL)
+    assert result.get_response()["id"] == "r-1"
+
+
+def test_pairs_and_regression(client, names, server):
+    session = server[1].state.session
+    pairs = ["a bad plot", "great fun"]
+    r = client.infer(names["pairs"], [text_input("text", TEXTS[:2]), text_input("text_pair", pairs)])
+    want = session.run(names["pairs"], TEXTS[:2], pairs).records()
+    assert np.allclose(r.as_numpy("logits"), [w["logits"] for w in want], atol=ATOL, rtol=0)
+    assert strings(r.as_numpy("label")) == [w["label"] for w in want]
+    r = client.infer(names["scores"], [text_input("text", TEXTS)])
+    want = session.run(names["scores"], TEXTS).records()
+    assert np.allclose(r.as_numpy("value"), [w["label"] for w in want], atol=ATOL, rtol=0)
+
+
+def test_token_and_qa_tasks(client, names, server):
+    session = server[1].state.session
+    r = client.infer(names["tags"], [text_input("text", ["the movie in the city"])])
+    assert [json.loads(x) for x in strings(r.as_numpy("record"))] == \
+        session.run_tokens(names["tags"], ["the movie in the city"]).records()
+    questions, contexts = ["what is the answer ?"], ["good fun answer movie plot"]
+    r = client.infer(names["qa"], [text_input("question", questions), text_input("context", contexts)])
+    want = session.answer(names["qa"], questions, contexts).records()
+    assert strings(r.as_numpy("answer")) == [w["answer"] for w in want]
+    assert json.loads(strings(r.as_numpy("record"))[0])["start"] == want[0]["start"]
+
+
+def test_unknown_task_is_404_in_the_protocols_error_shape(client, names):
+    with pytest.raises(InferenceServerException) as e:
+        client.infer("no-such-task", [text_input("text", TEXTS)])
+    assert e.value.status() == "404" and "unknown task 'no-such-task'" in e.value.message()
+    with pytest.raises(InferenceServerException) as e:
+        client.get_model_metadata("no-such-task")
+    assert e.value.status() == "404"
+    assert not client.is_model_ready("no-such-task")
+
+
+def test_a_bad_datatype_is_400(client, names):
+    bad = httpclient.InferInput("text", [2], "FP32")
+    bad.set_data_from_numpy(np.zeros(2, np.float32))
+    with pytest.raises(InferenceServerException) as e:
+        client.infer(names["single"], [bad])
+    assert e.value.status() == "400" and "input 'text' has datatype 'FP32'" in e.value.message()
+    with pytest.raises(InferenceServerException) as e:  # a pair input for a single-text task
+        client.infer(names["single"], [text_input("text", TEXTS[:1]), text_input("text_pair", ["x"])])
+    assert e.value.status() == "400" and "unknown input 'text_pair'" in e.value.message()
+
+
+def test_versions_are_the_pack_digest(client, names, server):
+    digest = server[1].state.session.digest(names["single"])
+    r = client.infer(names["single"], [text_input("text", TEXTS[:1])], model_version=digest[:16])
+    assert r.get_response()["model_version"] == digest[:16]
+    with pytest.raises(InferenceServerException) as e:
+        client.infer(names["single"], [text_input("text", TEXTS[:1])], model_version="0" * 16)
+    assert e.value.status() == "404" and f"served at version {digest[:16]}" in e.value.message()
+
+
+def test_v2_and_v1_requests_share_the_batcher(server, names):
+    import httpx
+
+    url, app = server
+    before = app.state.batcher.stats.rows
+    body = {"inputs": [{"name": "text", "shape": [3], "datatype": "BYTES", "data": TEXTS[:3]}]}
+    r = httpx.post(f"http://{url}/v2/models/{names['single']}/infer", json=body)
+    assert r.status_code == 200, r.text
+    assert app.state.batcher.stats.rows == before + 3
+
+
+def binary_body(header: dict, blob: bytes) -> tuple[bytes, dict]:
+    h = json.dumps(header).encode()
+    return h + blob, {"inference-header-content-length": str(len(h)), "content-type": "application/octet-stream"}
+
+
+def elements(*texts: bytes) -> bytes:
+    return b"".join(struct.pack("<I", len(t)) + t for t in texts)
+
+
+REFUSED = [
+    # (name, body or (header, blob), status, part of the error)
+    ("not json", b"{", 400, "invalid JSON"),
+    ("no inputs", {"inputs": []}, 400, "'inputs' must be a non-empty list"),
+    ("unknown field", {"inputs": [], "model": "x"}, 400, "unknown fields ['model']"),
+    ("shape mismatch", {"inputs": [{"name": "text", "shape": [3], "datatype": "BYTES", "data": ["a", "b"]}]}, 400,
+     "has shape [3] (3 elements) but 2 values"),
+    ("2-d shape", {"inputs": [{"name": "text", "shape": [2, 2], "datatype": "BYTES", "data": ["a"] * 4}]}, 400,
+     "give [n] (or [n, 1])"),
+    ("a number as text", {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [5]}]}, 400,
+     "element 0 is int, not a string"),
+    ("twice", {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"]}] * 2}, 400,
+     "given twice"),
+    ("unknown output", {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"]}],
+                        "outputs": [{"name": "hidden"}]}, 400, "unknown outputs ['hidden']"),
+    ("over max_texts", {"inputs": [{"name": "text", "shape": [9], "datatype": "BYTES", "data": ["a"] * 9}]}, 413,
+     "over the limit of 8"),
+    ("empty text", {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [""]}]}, 400,
+     "texts[0] is empty"),
+    ("binary cut short", ({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES",
+                                       "parameters": {"binary_data_size": 12}}]}, elements(b"good fun")[:-3]), 400,
+     "does not fit the 9 binary bytes left"),
+    ("binary element overruns", ({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES",
+                                              "parameters": {"binary_data_size": 8}}]},
+                                 struct.pack("<I", 100) + b"good"), 400, "claims 100 bytes, 4 remain"),
+    ("binary not utf-8", ({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES",
+                                       "parameters": {"binary_data_size": 6}}]}, elements(b"\xff\xfe")), 400,
+     "is not UTF-8 text"),
+    ("unclaimed bytes", ({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES",
+                                      "parameters": {"binary_data_size": 8}}]}, elements(b"good") + b"xx"), 400,
+     "2 binary bytes after the inputs"),
+]
+
+
+@pytest.mark.parametrize("body, status, message", [r[1:] for r in REFUSED], ids=[r[0] for r in REFUSED])
+def test_malformed_infer_requests_are_refused(bert_compiled, packs_dir, names, body, status, message):
+    app = create_app(TaskSession(bert_compiled, threads=1), packs_dir, ServeConfig(max_texts=8))
+    with TestClient(app) as c:
+        path = f"/v2/models/{names['single']}/infer"
+        if isinstance(body, tuple):
+            raw, headers = binary_body(*body)
+        else:
+            raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+            headers = {"content-type": "application/json"}
+        r = c.post(path, content=raw, headers=headers)
+        assert r.status_code == status and message in r.json()["error"], r.text
+        ok = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["good"]}]}
+        assert c.post(path, json=ok).status_code == 200  # and it keeps serving
+
+
+def test_a_bad_header_length_is_refused(bert_compiled, packs_dir, names):
+    app = create_app(TaskSession(bert_compiled, threads=1), packs_dir, ServeConfig())
+    with TestClient(app) as c:
+        path = f"/v2/models/{names['single']}/infer"
+        for value, message in (("abc", "invalid Inference-Header-Content-Length"), ("9999", "does not fit a body")):
+            r = c.post(path, content=b"{}", headers={"inference-header-content-length": value})
+            assert r.status_code == 400 and message in r.json()["error"]
