@@ -163,3 +163,56 @@ def test_int8_and_fp16_mixed_graphs_carry_over(precision, bert_model, packs, tok
         logits, = model.run([LOGITS], {**x, TASK_IDS: np.full(3, task_id, np.int64)})
         k = pack.manifest.num_outputs
         np.testing.assert_allclose(logits[:, :k], session.logits(pack.name, x), rtol=0, atol=TOL)
+
+
+def test_the_example_client_sends_what_the_config_declares_and_gets_each_tasks_logits(repo, packs, bert_compiled):
+    """examples/triton_client.py builds its request with tritonclient.http; every tensor matches config.pbtxt
+    (name, type, dims after Triton's batch axis), and the model fed those bytes, reshaped as the config says,
+    gives each row its task's logits: what a tritonserver would answer, short of running one (none here)."""
+    http = pytest.importorskip("tritonclient.http")
+    model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+    import importlib.util
+    from pathlib import Path
+
+    from google.protobuf import text_format
+
+    spec = importlib.util.spec_from_file_location(
+        "triton_client", Path(__file__).resolve().parents[1] / "examples" / "triton_client.py")
+    client = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(client)
+    tasks, tokenizer = client.load_repo(repo.parent, repo.name)
+    rows = [(packs[0].name, "good fun movie"), (packs[4].name, "the city"), (packs[0].name, "awful plot"),
+            (packs[2].name, "love money")]
+    inputs = client.build_inputs(tasks, tokenizer, rows)
+    config = text_format.Parse((repo / CONFIG_FILE).read_text(), model_config_pb2.ModelConfig())
+    declared = {t.name: t for t in config.input}
+    assert [i.name() for i in inputs] == [t.name for t in config.input]
+    feed = {}
+    for i in inputs:
+        t = declared[i.name()]
+        assert i.datatype() == "INT64" and t.data_type == model_config_pb2.TYPE_INT64
+        shape = i.shape()
+        assert shape[0] == len(rows) <= config.max_batch_size
+        assert all(d in (-1, s) for d, s in zip(t.dims, shape[1:])) and len(t.dims) == len(shape) - 1, i.name()
+        array = np.frombuffer(i._get_binary_data(), np.int64).reshape(shape)  # the bytes on the wire
+        feed[i.name()] = array.reshape([shape[0], *t.reshape.shape]) if t.HasField("reshape") else array
+    model = ort.InferenceSession(str(repo / "1" / MODEL_FILE), providers=["CPUExecutionProvider"])
+    logits = model.run([LOGITS], feed)[0]
+    session = TaskSession(bert_compiled)
+    for p in packs:
+        session.register(p)
+    for row, (task, text) in enumerate(rows):
+        want = session.run(task, [text]).records()[0]
+        k = len(want["logits"])
+        np.testing.assert_allclose(logits[row, :k], want["logits"], rtol=0, atol=1e-4, err_msg=task)
+    kinds = {t["task"]: t["task_kind"] for t in tasks["tasks"]}
+    got = client.answers(tasks, rows, logits)
+    assert kinds[packs[2].name] == "regression"
+    for (task, text), answer in zip(rows, got):
+        result = session.run(task, [text])
+        if kinds[task] == "regression":
+            assert abs(float(answer) - float(result.records()[0]["logits"][0])) < 1e-3
+        else:
+            assert answer == result.labels[0]
+    with pytest.raises(SystemExit, match="token_logits"):
+        client.answers(tasks, [(packs[3].name, "x")], logits[:1])
