@@ -92,6 +92,18 @@ def _inspect(a: argparse.Namespace) -> int:
     return 0
 
 
+def _replicas(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 1024:
+        raise argparse.ArgumentTypeError(f"give a number of replicas from 1 to 1024, or auto; got {text!r}")
+    return n
+
+
 def _serve(a: argparse.Namespace) -> int:
     try:
         from .serve.app import serve
@@ -99,10 +111,22 @@ def _serve(a: argparse.Namespace) -> int:
         if e.name in ("starlette", "uvicorn", "prometheus_client", "anyio"):
             raise BitFitError(f"needs {e.name}; install the server extra: pip install 'bitfit-deploy[serve]'") from e
         raise
+    limits = {"max_texts": a.max_texts, "max_text_chars": a.max_text_chars, "max_batch_rows": a.max_batch_rows,
+              "max_wait_ms": a.max_wait_ms, "batching": not a.no_batching, "header_timeout_s": a.header_timeout,
+              "body_timeout_s": a.body_timeout, "max_connections": a.max_connections, "admin_token": a.admin_token,
+              "reload_every_s": a.reload_every}
+    if a.ray:
+        try:
+            from .serve.ray_app import run
+        except ModuleNotFoundError as e:
+            if e.name == "ray":
+                raise BitFitError("--ray needs Ray Serve: pip install 'bitfit-deploy[ray]'") from e
+            raise
+        run(a.compiled, a.packs, host=a.host, port=a.port, address=a.ray_address, replicas=a.replicas,
+            replica_cpus=a.replica_cpus, threads=a.threads or 1, backend=a.backend, **limits)
+        return 0
     serve(a.compiled, a.packs, host=a.host, port=a.port, threads=a.threads, device=a.device, backend=a.backend,
-          max_texts=a.max_texts, max_text_chars=a.max_text_chars, max_batch_rows=a.max_batch_rows,
-          max_wait_ms=a.max_wait_ms, batching=not a.no_batching, header_timeout_s=a.header_timeout,
-          body_timeout_s=a.body_timeout, max_connections=a.max_connections, admin_token=a.admin_token)
+          **limits)
     return 0
 
 
@@ -327,6 +351,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
                    help="the engine: onnxruntime (default), openvino or openvino-int8 (OpenVINO's int8 weight "
                         "compression); OpenVINO needs a graph compiled with --no-defaults and the [openvino] extra")
+    p.add_argument("--reload-every", type=_float_in(0, 86_400), default=0.0, metavar="SECONDS",
+                   help="also rescan --packs this often (default 0: only on POST /v1/admin/reload)")
+    ray = p.add_argument_group("Ray Serve (pip install 'bitfit-deploy[ray]'; docs/serving.md)")
+    ray.add_argument("--ray", action="store_true", help="run as a Ray Serve application: replicas of this server "
+                                                        "behind Ray's proxy, a reload reaching every replica")
+    ray.add_argument("--replicas", type=_replicas, default=2, help="replicas, or auto for Ray's autoscaling (default 2)")
+    ray.add_argument("--replica-cpus", type=_float_in(0, 1024, above=True), default=1.0,
+                     help="Ray CPUs each replica reserves (default 1)")
+    ray.add_argument("--ray-address", help="join this Ray cluster (default: start one on this machine)")
     p.set_defaults(run=_serve)
 
     p = sub.add_parser("inspect", help="summarise a task pack or a compiled directory")

@@ -10,6 +10,7 @@ import asyncio
 import json
 import random
 import shutil
+import time
 from pathlib import Path
 
 import httpx
@@ -583,3 +584,20 @@ def test_token_and_qa_tasks_are_served_as_the_session_runs_them(graphs, graph, p
         metrics = c.get("/metrics").text
         assert 'bitfit_requests_total{endpoint="/v1/tokens",status="200"} 1.0' in metrics
         assert 'bitfit_requests_total{endpoint="/v1/answer",status="200"} 1.0' in metrics
+
+
+def test_a_periodic_rescan_picks_up_a_new_pack_version(bert_compiled, packs_dir, packs, names):
+    """reload_every_s: the server rescans on its own (what a replica that missed a reload relies on)."""
+    with TestClient(make_app(bert_compiled, packs_dir, reload_every_s=0.2)) as c:
+        before = {t["name"]: t["digest"] for t in c.get("/v1/tasks").json()["tasks"]}
+        new = renamed(packs["other"], names["single"])
+        save_pack(new, packs_dir / "single", overwrite=True)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            now = {t["name"]: t["digest"] for t in c.get("/v1/tasks").json()["tasks"]}
+            if now[names["single"]] != before[names["single"]]:
+                break
+            time.sleep(0.1)
+        assert now[names["single"]] == new.digest() and now[names["pairs"]] == before[names["pairs"]]
+    with pytest.raises(BitFitError, match="reload_every_s must be 0"):
+        ServeConfig(reload_every_s=-1)

@@ -22,7 +22,7 @@ from bitfit.cli import main
 from bitfit.serve import ServeConfig, create_app
 
 httpclient = pytest.importorskip("tritonclient.http")
-from tritonclient.utils import InferenceServerException  # noqa: E402
+from tritonclient.utils import InferenceServerException
 
 ATOL = 1e-4  # batching changes padding, which moves logits by ~1e-6
 TEXTS = ["good fun movie", "awful boring plot", "the actor", "love the city"]

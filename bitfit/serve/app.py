@@ -43,6 +43,7 @@ import json
 import os
 import socket
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,7 @@ class ServeConfig:
     max_connections: int = 256  # open connections (and requests in flight); more are answered 503
     admin_token: str | None = None  # POST /v1/admin/* needs `Authorization: Bearer <token>` when set
     allowed_hosts: tuple[str, ...] | None = None  # Host headers answered (None: any); loopback servers set it
+    reload_every_s: float = 0.0  # rescan the packs directory this often (0: only on POST /v1/admin/reload)
 
     def __post_init__(self) -> None:
         for name in ("max_texts", "max_text_chars", "max_batch_rows", "max_connections"):
@@ -93,6 +95,9 @@ class ServeConfig:
                 raise BitFitError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(self.max_wait_ms, (int, float)) or not 0 <= self.max_wait_ms <= 10_000:
             raise BitFitError(f"max_wait_ms must be between 0 and 10000, got {self.max_wait_ms!r}")
+        if not isinstance(self.reload_every_s, (int, float)) or not 0 <= self.reload_every_s <= 86_400:
+            raise BitFitError(f"reload_every_s must be 0 (off) or a number of seconds up to 86400, got "
+                              f"{self.reload_every_s!r}")
         for name in ("body_timeout_s", "header_timeout_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 < value <= 3600:
@@ -297,11 +302,19 @@ def parse_body(data: Any, shape: Body, config: ServeConfig) -> dict[str, Any]:
 
 # -- the app ------------------------------------------------------------------------------------------
 def create_app(
-    session: TaskSession, packs_dir: str | os.PathLike | None, config: ServeConfig | None = None
+    session: TaskSession,
+    packs_dir: str | os.PathLike | None,
+    config: ServeConfig | None = None,
+    *,
+    replica: str | None = None,
+    reload_all: Callable[[], Awaitable[dict[str, Any]]] | None = None,
 ) -> Starlette:
     """The server app for `session`. With `packs_dir`, every valid pack in it is registered now (the outcome
     is `app.state.initial_load`, a ReloadResult) and POST /v1/admin/reload rescans it. `app.state` also
-    holds session, config, batcher (its `stats` count batches, rows and mixed-task batches) and metrics."""
+    holds session, config, batcher (its `stats` count batches, rows and mixed-task batches), metrics and
+    `reload` (rescan now, in this process: the ReloadResult). Where the app is one of several replicas
+    (bitfit.serve.ray_app), `replica` names it in /v1/tasks and /healthz, and `reload_all` is what the
+    admin route runs instead: the rescan on every replica, its answer the route's."""
     config = config or ServeConfig()
     metrics = Metrics()
     batcher = Batcher(session, max_batch_rows=config.max_batch_rows, max_wait_ms=config.max_wait_ms,
@@ -322,7 +335,7 @@ def create_app(
             out.append({"name": name, "task_kind": m.task_kind, "labels": list(m.labels),
                         "text_pair": bool(m.text_pair), "max_length": int(m.max_length),
                         "digest": session.digest(name)})
-        return _json({"tasks": out})
+        return _json({"tasks": out, **({"replica": replica} if replica else {})})
 
     async def post(request: Request) -> Response:
         """Every POST endpoint of a kind: the body's shape here, the rest is the session's."""
@@ -343,16 +356,16 @@ def create_app(
     async def healthz(request: Request) -> Response:
         check_door(request, config, admin=False)
         n = len(session.tasks)
+        named = {"replica": replica} if replica else {}
         if n == 0:
-            return _json({"status": "no tasks", "tasks": 0}, 503)
-        return _json({"status": "ok", "tasks": n})
+            return _json({"status": "no tasks", "tasks": 0, **named}, 503)
+        return _json({"status": "ok", "tasks": n, **named})
 
     async def metrics_endpoint(request: Request) -> Response:
         check_door(request, config, admin=False)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    async def reload(request: Request) -> Response:
-        check_door(request, config, admin=True)
+    async def reload_here() -> ReloadResult:
         if packs is None:
             raise RequestError(409, "this server was started without a packs directory: nothing to reload")
         async with reload_lock:  # one reload at a time
@@ -365,7 +378,24 @@ def create_app(
         for outcome in ("added", "replaced"):
             metrics.reloads.labels(outcome).inc(len(getattr(result, outcome)))
         metrics.reloads.labels("refused").inc(len(result.refused))
-        return _json(result.to_json())
+        return result
+
+    async def reload(request: Request) -> Response:
+        check_door(request, config, admin=True)
+        if reload_all is not None:
+            return _json(await reload_all())
+        return _json((await reload_here()).to_json())
+
+    async def rescan_periodically() -> None:
+        while True:
+            await asyncio.sleep(config.reload_every_s)
+            try:
+                result = await reload_here()
+            except Exception as e:  # noqa: BLE001 - a failed rescan is reported and retried, never fatal
+                print(f"bitfit serve: rescanning {packs_dir} failed: {e}", file=sys.stderr, flush=True)
+                continue
+            if result.added or result.replaced or result.refused:
+                print(f"bitfit serve: rescan: {json.dumps(result.to_json())}", file=sys.stderr, flush=True)
 
     # -- the Open Inference Protocol (KServe v2 / Triton HTTP): one model per task ----------------------
     async def v2_server(request: Request) -> Response:
@@ -427,9 +457,14 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         await batcher.start()
+        rescans = asyncio.create_task(rescan_periodically()) if config.reload_every_s and packs else None
         try:
             yield
         finally:
+            if rescans is not None:
+                rescans.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await rescans
             await batcher.stop()
             batcher.close()  # the inference thread goes with the app
 
@@ -461,6 +496,7 @@ def create_app(
     app.state.metrics = metrics
     app.state.packs = packs
     app.state.initial_load = initial
+    app.state.reload = reload_here
     return app
 
 
@@ -483,6 +519,22 @@ def _check_listen(host: str, port: int) -> None:
 ADMIN_TOKEN_ENV = "BITFIT_ADMIN_TOKEN"
 
 
+def door_limits(host: str, limits: dict[str, Any]) -> dict[str, Any]:
+    """`limits` with the doors a server listening on `host` needs: the admin token (from BITFIT_ADMIN_TOKEN when
+    not given), loopback Host names only on a loopback address; BitFitError for a non-loopback address
+    without a token. Every way of starting a server (here, bitfit.serve.ray_app) goes through it."""
+    limits = dict(limits)
+    if limits.get("admin_token") is None:
+        limits["admin_token"] = os.environ.get(ADMIN_TOKEN_ENV) or None
+    loopback = host in LOOPBACK
+    if loopback:  # a page that rebinds its own domain to 127.0.0.1 sends its own name as Host
+        limits.setdefault("allowed_hosts", LOOPBACK)
+    elif limits["admin_token"] is None:
+        raise BitFitError(f"listening on {host} would open POST /v1/admin/reload to the network: set an admin token "
+                          f"({ADMIN_TOKEN_ENV}, or --admin-token), or listen on 127.0.0.1")
+    return limits
+
+
 def serve(
     compiled: str | os.PathLike,
     packs: str | os.PathLike,
@@ -502,15 +554,7 @@ def serve(
     bound, or a non-loopback host is asked for without an admin token."""
     import uvicorn
 
-    if limits.get("admin_token") is None:
-        limits["admin_token"] = os.environ.get(ADMIN_TOKEN_ENV) or None
-    loopback = host in LOOPBACK
-    if loopback:  # a page that rebinds its own domain to 127.0.0.1 sends its own name as Host
-        limits.setdefault("allowed_hosts", LOOPBACK)
-    config = ServeConfig.from_limits(**limits)
-    if not loopback and config.admin_token is None:
-        raise BitFitError(f"listening on {host} would open POST /v1/admin/reload to the network: set an admin token "
-                          f"({ADMIN_TOKEN_ENV}, or --admin-token), or listen on 127.0.0.1")
+    config = ServeConfig.from_limits(**door_limits(host, limits))
     if not 0 <= int(port) <= 65535:
         raise BitFitError(f"port must be between 0 and 65535, got {port}")
     _check_listen(host, int(port))
