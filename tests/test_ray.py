@@ -202,3 +202,35 @@ def test_a_replica_killed_and_a_pack_reloaded_under_load(cluster):
             break
         time.sleep(1)
     assert len(described) == 2 and all(d["digests"].get(swapped) == new.digest() for d in described)
+
+
+def test_the_documented_config_builds_and_bad_arguments_are_refused(bert_compiled, tmp_path, monkeypatch):
+    """examples/ray-serve.yaml's args, paths swapped for real ones, build the app (no cluster needed to bind);
+    what a person might get wrong in that file is refused by name."""
+    import yaml
+    from bitfit.runtime.errors import BitFitError
+    from bitfit.serve.ray_app import build
+
+    monkeypatch.delenv("BITFIT_ADMIN_TOKEN", raising=False)
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "examples" / "ray-serve.yaml").read_text())
+    args = dict(config["applications"][0]["args"], compiled=str(bert_compiled), packs=str(tmp_path))
+    app = build(args)
+    assert isinstance(app, serve.Application)
+    with pytest.raises(BitFitError, match="unknown arguments \\['replica'\\]"):
+        build(dict(args, replica="2"))
+    with pytest.raises(BitFitError, match="give packs=DIR"):
+        build({k: v for k, v in args.items() if k != "packs"})
+    with pytest.raises(BitFitError, match="no compiled directory at .*every node"):
+        build(dict(args, compiled=str(tmp_path / "missing")))
+    with pytest.raises(BitFitError, match="admin_token"):
+        build({k: v for k, v in args.items() if k != "admin_token"})
+    with pytest.raises(BitFitError):
+        build(dict(args, max_texts="0"))  # a ServeConfig limit is checked once, not in every replica
+
+
+def test_the_cli_refuses_a_bad_replica_count(capsys):
+    from bitfit.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--ray", "--compiled", "c", "--packs", "p", "--replicas", "0"])
+    assert e.value.code == 2 and "give a number of replicas from 1 to 1024, or auto" in capsys.readouterr().err
