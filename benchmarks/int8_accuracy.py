@@ -26,7 +26,7 @@ from bitfit.runtime import TaskSession
 from bitfit.runtime.compiled import read_manifest, write_manifest
 from bitfit.training.data import load_builtin
 from bitfit.training.metrics import evaluate
-from common import plain_int8
+from common import plain_int8, write_results
 
 TASKS = ("movie-sentiment", "trec6", "sms-spam")
 
@@ -121,19 +121,16 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     header = f"{'variant':<26} {'MiB':>6} " + " ".join(f"{t:>16}" for t in TASKS) + f" {'max drop':>9}"
-    print(header + "\n" + "-" * len(header))
+    lines = [f"int8 accuracy on the quickstart's packs (all-MiniLM-L6-v2); {platform.processor() or platform.machine()}",
+             "", header, "-" * len(header)]
     for r in rows:
         cells = " ".join(f"{r[t]:>7.2f} ({r[t + ' agree']:5.1f}%)" for t in TASKS)
-        print(f"{r['variant']:<26} {r['model_mb']:>6.1f} {cells} {r['max drop']:>9.2f}")
-    print("test-set metric in percent (accuracy; SMS: spam F1), label agreement with fp32 in brackets; "
-          "goal: drop <= 1 point")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+        lines.append(f"{r['variant']:<26} {r['model_mb']:>6.1f} {cells} {r['max drop']:>9.2f}")
+    lines.append("test-set metric in percent (accuracy; SMS: spam F1), label agreement with fp32 in brackets; "
+                 "goal: drop <= 1 point")
     result = {"machine": platform.platform(), "processor": platform.processor(), "model": "all-MiniLM-L6-v2",
               "packs": str(args.packs), "rows": rows}
-    (out / "int8_accuracy.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out / 'int8_accuracy.json'}")
-
+    write_results(args.out, "int8_accuracy", "\n".join(lines), result)
 
 if __name__ == "__main__":
     main()
