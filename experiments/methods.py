@@ -18,6 +18,13 @@ BIAS_METHODS = {"bitfit": "all", "bq,bm2": "bq,bm2", "bm2": "bm2", "bq": "bq", "
 # random rows/columns as their code picks them (LayerNorm gains trained too)
 METHODS = ("full", "bitfit", "bq,bm2", "bm2", "bq", "frozen", "rand_uniform", "rand_row_col")
 CONTROLS = ("bitfit_constlr", "rand_row_col_authors")
+# what users pick instead of BitFit (issue 16), trained with PEFT: LoRA on query and value (PEFT's default
+# targets for BERT) at rank 3, whose 27,648 trainable entries on MiniLM-L6 match BitFit's 25,728 biases
+# (2 x 6 layers x 3 x (384 + 384)), and at the usual rank 8. alpha = 2r (scaling 2, as r=8/alpha=16).
+# A bottleneck adapter would come from AdapterHub's `adapters`, whose 1.3.0 pins transformers ~=4.57.6
+# against our 5.x: it does not install beside this toolkit, so no adapter row.
+LORA_METHODS = {"lora_matched": 3, "lora_r8": 8}
+LORA_TARGETS = ("query", "value")
 
 
 def _encoder_weights(net: BitFitModel) -> list[torch.nn.Parameter]:
@@ -112,6 +119,22 @@ def frozen(net: BitFitModel) -> Selection:
     return Selection([])
 
 
+def lora(rank: int) -> Callable[[BitFitModel], Selection]:
+    """PEFT's LoRA injected into the encoder in place (B starts at zero, so training starts from the base
+    model); only the LoRA matrices and the head train. The injection draws A from torch's generator,
+    which training.train has seeded."""
+
+    def select(net: BitFitModel) -> Selection:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, bias="none",
+                            target_modules=list(LORA_TARGETS))
+        inject_adapter_in_model(config, net.encoder)
+        return Selection([p for n, p in net.encoder.named_parameters() if "lora_" in n])
+
+    return select
+
+
 def train_kwargs(method: str, seed: int) -> dict:
     """The keyword arguments that make training.train run `method`."""
     if method == "bitfit_constlr":
@@ -122,4 +145,6 @@ def train_kwargs(method: str, seed: int) -> dict:
                   "rand_row_col": lambda: rand_row_col(seed), "rand_row_col_authors": lambda: rand_row_col_authors(seed)}
     if method in selections:
         return {"select": selections[method]()}
-    raise ValueError(f"unknown method {method!r}: one of {', '.join(METHODS + CONTROLS)}")
+    if method in LORA_METHODS:
+        return {"select": lora(LORA_METHODS[method])}
+    raise ValueError(f"unknown method {method!r}: one of {', '.join(METHODS + CONTROLS + tuple(LORA_METHODS))}")

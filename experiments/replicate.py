@@ -2,6 +2,7 @@
 
     python experiments/replicate.py grid        [--tasks ...] [--methods ...] [--max-minutes M]
     python experiments/replicate.py controls    [--max-minutes M]
+    python experiments/replicate.py lora        [--tasks ...] [--max-minutes M]
     python experiments/replicate.py epochs      [--max-minutes M]
     python experiments/replicate.py sizes       [--max-minutes M]
     python experiments/replicate.py predictions [--max-minutes M]
@@ -11,6 +12,7 @@
 `grid`: per task and method, the LR search on dev at seed 0 (protocol.search: the grid moves while the best
 LR is at its edge), then seeds 1-2 at the chosen LR (BitFit and full fine-tuning: seeds 1-4).
 `controls`: the same for BitFit at a constant LR and random rows/columns as the authors' code picks them.
+`lora`: the same for LoRA through PEFT (rank 3, BitFit's trainable count, and rank 8, on query and value).
 `epochs`: the convergence control: every method on movie sentiment and TREC-6 at 10 epochs (seed 0, the
 4-epoch run's LR). `sizes`: BitFit vs full fine-tuning at 250 ... 2,000 examples on two tasks, the LR
 searched at every size, at least 250 optimizer steps at every size, 3 seeds. `predictions`: the test-set
@@ -39,7 +41,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import protocol  # noqa: E402
-from methods import BIAS_METHODS, CONTROLS, METHODS, train_kwargs  # noqa: E402
+from methods import BIAS_METHODS, CONTROLS, LORA_METHODS, METHODS, train_kwargs  # noqa: E402
 from protocol import (  # noqa: E402
     EPOCHS,
     LONG_EPOCHS,
@@ -169,6 +171,10 @@ def plan_controls(args: argparse.Namespace) -> Plan:
     return lambda runs: searched(runs, CONTROLS, args.tasks)
 
 
+def plan_lora(args: argparse.Namespace) -> Plan:
+    return lambda runs: searched(runs, tuple(LORA_METHODS), args.tasks)
+
+
 def plan_epochs(args: argparse.Namespace) -> Plan:
     def plan(runs: list[dict]) -> list[dict]:
         out = []
@@ -221,9 +227,10 @@ def rerun_predictions(max_minutes: float | None) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("command", choices=["grid", "controls", "epochs", "sizes", "predictions", "mpnet", "report"])
+    ap.add_argument("command", choices=["grid", "controls", "lora", "epochs", "sizes", "predictions", "mpnet",
+                                        "report"])
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + CONTROLS)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + CONTROLS + tuple(LORA_METHODS))
     ap.add_argument("--max-minutes", type=float, help="start no new run after this long; run again to go on")
     args = ap.parse_args()
     if args.command == "report":
@@ -233,7 +240,7 @@ def main() -> None:
     elif args.command == "predictions":
         rerun_predictions(args.max_minutes)
     else:
-        plans = {"grid": plan_grid, "controls": plan_controls, "epochs": plan_epochs, "sizes": plan_sizes,
+        plans = {"grid": plan_grid, "controls": plan_controls, "lora": plan_lora, "epochs": plan_epochs, "sizes": plan_sizes,
                  "mpnet": plan_mpnet}
         drive(plans[args.command](args), args.max_minutes, args.command)
 

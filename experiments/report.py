@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from methods import CONTROLS, METHODS
+from methods import CONTROLS, LORA_METHODS, METHODS
 from protocol import (
     EPOCHS,
     LONG_EPOCHS,
@@ -34,7 +34,8 @@ from stats import (
 LABEL = {"full": "Full fine-tuning", "bitfit": "BitFit (all biases)", "bq,bm2": "bq + bm2", "bm2": "bm2 only",
          "bq": "bq only", "frozen": "Frozen encoder (head only)", "rand_uniform": "Random (uniform), same count",
          "rand_row_col": "Random (rows/columns), same count", "bitfit_constlr": "BitFit, constant LR",
-         "rand_row_col_authors": "Random rows/columns, authors' way"}
+         "rand_row_col_authors": "Random rows/columns, authors' way", "lora_matched": "LoRA r=3 q,v (BitFit's count)",
+         "lora_r8": "LoRA r=8 q,v"}
 PAPER_AVG = {"full": 82.3, "bitfit": 82.4, "bq,bm2": 81.1, "bm2": 80.0, "bq": 76.6, "frozen": 62.1,
              "rand_uniform": 78.5, "rand_row_col": 79.5}
 KINDS = ("bq", "bk", "bv", "bm1", "bLN1", "bm2", "bm3", "bLN2")
@@ -214,6 +215,22 @@ def controls(cells_main: dict, cells_ctl: dict) -> list[str]:
     return lines
 
 
+def against_lora(cells: dict, cells_lora: dict) -> list[str]:
+    """BitFit against LoRA (issue 16): LoRA minus BitFit, 4-task average paired by seed, and per task."""
+    merged, lines = {**cells, **cells_lora}, []
+    for m in LORA_METHODS:
+        gap = paired_gap(seed_average(merged, m), seed_average(merged, "bitfit"))
+        per_task = [f"{t} {paired_gap(by_seed(merged[(m, t)]), by_seed(merged[('bitfit', t)])).text()}"
+                    for t in TASKS if (m, t) in merged and ("bitfit", t) in merged]
+        if gap.n:
+            lines.append(f"- {LABEL[m]} minus BitFit: {gap.text()} points (4-task average, paired by seed)")
+        elif per_task:
+            lines.append(f"- {LABEL[m]} minus BitFit, per task (paired by seed): " + "; ".join(per_task))
+        else:
+            lines.append(f"- {LABEL[m]}: not run yet")
+    return lines
+
+
 def bias_change_figure(cells: dict, out: Path, plt) -> list[str]:
     """Figure 1 per task: mean |change| per bias kind and layer at the chosen LR, BitFit and bq + bm2."""
     methods = [m for m in ("bitfit", "bq,bm2") if any((m, t) in cells for t in TASKS)]
@@ -259,6 +276,7 @@ def write_report(runs: list[dict], out: Path, gold: Gold | None = None) -> None:
     gold = gold if gold is not None else builtin_gold
     cells = final(runs)
     cells_ctl = final(runs, CONTROLS)
+    cells_lora = final(runs, tuple(LORA_METHODS))
     curve_lines, points = size_curve(runs)
     text = [
         "# Replication on all-MiniLM-L6-v2 (not BERT-base, not GLUE)",
@@ -294,6 +312,12 @@ def write_report(runs: list[dict], out: Path, gold: Gold | None = None) -> None:
         table(cells_ctl, CONTROLS),
         "",
         *controls(cells, cells_ctl),
+        "",
+        "## What users pick instead: LoRA (PEFT, on query and value)",
+        "",
+        table(cells_lora, tuple(LORA_METHODS)),
+        "",
+        *against_lora(cells, cells_lora),
         "",
         *bias_change_figure(cells, out, plt),
     ]

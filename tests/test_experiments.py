@@ -66,6 +66,27 @@ def test_select_runs_make_no_pack(bert_model, data_files, tmp_path):
         train(bert_model, data_files["sentiment"], tmp_path / "p", select=methods.full, progress=False)
 
 
+@pytest.mark.parametrize("method,rank", sorted(methods.LORA_METHODS.items()))
+def test_lora_trains_only_its_matrices_and_the_head(bert_model, data_files, method, rank):
+    """PEFT's LoRA on query and value: the frozen encoder's own weights never move, the LoRA matrices
+    (rank r, B starting at zero) do, and the trainable count is theirs plus the head's."""
+    fresh = {n: p.detach().clone() for n, p in load_encoder(bert_model).named_parameters()}
+    result = _train(bert_model, data_files["sentiment"], methods.train_kwargs(method, 0)["select"])
+    params = dict(result.model.encoder.named_parameters())
+    lora = {n: p for n, p in params.items() if "lora_" in n}
+    targets = [n for n in lora if n.endswith("lora_A.default.weight")]
+    layers = load_encoder(bert_model).config.num_hidden_layers
+    assert len(targets) == 2 * layers and all(any(t in n for t in methods.LORA_TARGETS) for n in targets)
+    assert all(p.shape[0] == rank for n, p in lora.items() if "lora_A" in n)
+    assert all(bool((p != 0).any()) for n, p in lora.items() if "lora_B" in n)  # B trained away from zero
+    for n, p in params.items():
+        if "lora_" not in n:
+            assert torch.equal(p.detach(), fresh[n.replace(".base_layer", "")]), f"{n} moved"
+    hidden = result.model.encoder.config.hidden_size
+    assert result.trainable_params == sum(p.numel() for p in lora.values()) + 2 * hidden + 2
+    assert result.base_params == sum(p.numel() for p in fresh.values())  # the LoRA matrices are not "base"
+
+
 def test_bias_methods_record_bias_change(bert_model, data_files):
     result = train(bert_model, data_files["sentiment"], None, biases="bq,bm2", epochs=1, lr=1e-2, progress=False,
                    log=lambda *_: None)
@@ -143,7 +164,8 @@ def test_committed_results_hold_only_real_runs():
         where = f"row {protocol.key(r)}"
         assert all(k in r for k in protocol.REQUIRED), where
         assert r["seconds"] > 0 and r["train_size"] in allowed_sizes and r.get("model", "minilm") in protocol.MODELS
-        assert r["method"] in methods.METHODS + methods.CONTROLS and r["task"] in protocol.TASKS, where
+        assert r["method"] in (*methods.METHODS, *methods.CONTROLS, *methods.LORA_METHODS), where
+        assert r["task"] in protocol.TASKS, where
         assert r["epochs"] in {protocol.EPOCHS, protocol.LONG_EPOCHS, *map(protocol.epochs_for, protocol.SIZES)}
         assert 0 < r["lr"] < 1 and 0 <= r["seed"] < 10 and 1 <= r["best_epoch"] <= r["epochs"], where
         low = -100 if r["metric"] == "spearman" else 0

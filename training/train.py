@@ -225,6 +225,7 @@ def train(
     slots = find_biases(encoder, kinds)
     num_outputs = kind(task.kind).outputs(task.labels)
     net = BitFitModel(encoder, num_outputs, pooling, pooler=load_pooler(model) if pooling == "pooler" else None)
+    n_base = count_parameters(encoder)  # before `select`, which may add parameters (LoRA)
     masks: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
     if select is None:
         params = mark_trainable(net, slots)
@@ -246,7 +247,6 @@ def train(
     n_head = sum(p.numel() for p in net.head.parameters())
     if train_pooler:
         n_head += sum(p.numel() for p in net.pooler.parameters())
-    n_base = count_parameters(encoder)
     log(
         f"BitFit on {task.name}: training {n_bias:,} {what}; {n_bias / n_base:.3%} of "
         f"{n_base:,}) + {n_head:,} head parameters; {len(task.train)} train / {len(task.dev)} dev examples"
