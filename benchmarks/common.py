@@ -248,6 +248,20 @@ def machine(threads: int) -> str:
             f"onnxruntime {ort.__version__}")
 
 
+def timing_arguments(description: str, rounds: int):
+    """The options every timing benchmark takes, parsed."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--models", default="bert-base,minilm")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=rounds, help="timed calls per variant at batch 1 (batch 8: half)")
+    ap.add_argument("--max-load", type=float, default=0.3, help="cores other processes may use while timing")
+    ap.add_argument("--out", default="benchmarks/results")
+    return ap.parse_args()
+
+
 def write_results(out: str | Path, name: str, text: str, data: dict) -> None:
     """Print the table and write it as NAME.md beside NAME.json (benchmarks/results/ by default)."""
     print("\n" + text)

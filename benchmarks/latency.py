@@ -56,6 +56,7 @@ from common import (
     plain_int8,
     synthetic_pack,
     time_interleaved,
+    timing_arguments,
     wait_until_quiet,
     write_results,
 )
@@ -288,14 +289,7 @@ def bert_base_dir(work: Path) -> Path:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="bert-base,minilm")
-    ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=40, help="timed calls per variant at batch 1 (batch 8: half)")
-    ap.add_argument("--max-load", type=float, default=0.3, help="cores other processes may use while timing")
-    ap.add_argument("--out", default="benchmarks/results")
-    args = ap.parse_args()
+    args = timing_arguments(__doc__.splitlines()[0], rounds=40)
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     work = Path(tempfile.mkdtemp(prefix="bitfit-bench-"))

@@ -24,7 +24,6 @@ their graphs. Before each block the script waits for the machine to be quiet, el
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import gc
 import json
@@ -41,7 +40,15 @@ from bitfit.compiler.compile import compile
 from bitfit.compiler.export import export_onnx
 from bitfit.encoder.model import load_encoder, uses_token_types
 from bitfit.runtime.compiled import CompiledModel
-from common import machine, minilm_dir, ort_session, time_interleaved, wait_until_quiet, write_results
+from common import (
+    machine,
+    minilm_dir,
+    ort_session,
+    time_interleaved,
+    timing_arguments,
+    wait_until_quiet,
+    write_results,
+)
 from latency import bert_base_dir, paired_ratio
 from torch import nn
 
@@ -293,14 +300,7 @@ def task_bytes(b: dict) -> dict[str, int]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="bert-base,minilm")
-    ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=30, help="timed calls per variant at batch 1 (batch 8: half)")
-    ap.add_argument("--max-load", type=float, default=0.3, help="cores other processes may use while timing")
-    ap.add_argument("--out", default="benchmarks/results")
-    args = ap.parse_args()
+    args = timing_arguments(__doc__.splitlines()[0], rounds=30)
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     work = Path(tempfile.mkdtemp(prefix="bitfit-lora-"))
