@@ -12,6 +12,7 @@ import numpy as np
 from methods import CONTROLS, LORA_METHODS, METHODS
 from protocol import (
     EPOCHS,
+    LADDER,
     LONG_EPOCHS,
     SIZE_TASKS,
     SIZES,
@@ -19,6 +20,7 @@ from protocol import (
     TRAIN_SIZE,
     at_best,
     epochs_for,
+    family,
     predictions_path,
     search,
 )
@@ -88,7 +90,10 @@ def grids(runs: list[dict], methods=METHODS) -> str:
                 cells.append("-")
             else:
                 shown = ", ".join(f"**{lr:g}**" if lr == chosen else f"{lr:g}" for lr in tried)
-                cells.append(shown + ("" if chosen is not None else f" (next {nxt:g})"))
+                ladder = LADDER[family(m)]
+                edge = chosen is not None and chosen in (ladder[0], ladder[-1])
+                cells.append(shown + ("" if chosen is not None else f" (next {nxt:g})")
+                             + (" (at the ladder's end: an untested edge)" if edge else ""))
         lines.append(f"| {LABEL[m]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

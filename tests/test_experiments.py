@@ -111,7 +111,11 @@ def test_the_search_moves_the_grid_until_the_best_lr_is_inside_it():
     low = [row("full", "trec6", lr, dev) for lr, dev in ((1e-5, 90), (3e-5, 80), (5e-5, 70))]
     assert protocol.search(low, "full", "trec6")[:2] == (None, 3e-6)  # best at the bottom: one step down
     low.append(row("full", "trec6", 3e-6, 95))
-    assert protocol.search(low, "full", "trec6")[:2] == (3e-6, None)  # the ladder ends there
+    assert protocol.search(low, "full", "trec6")[:2] == (None, 1e-6)
+    low.append(row("full", "trec6", 1e-6, 99))
+    assert protocol.search(low, "full", "trec6")[:2] == (1e-6, None)  # the ladder ends there
+    high = [row("bq", "trec6", lr, dev) for lr, dev in ((3e-4, 70), (1e-3, 75), (3e-3, 80), (1e-2, 85), (3e-2, 90))]
+    assert protocol.search(high, "bq", "trec6")[:2] == (None, 1e-1)  # 3e-2 is not the end: one step out
     tie = [row("bq", "trec6", lr, 80) for lr in (3e-4, 1e-3, 3e-3)]
     assert protocol.search(tie, "bq", "trec6")[:2] == (None, 1e-4)  # ties go to the smaller LR: an edge
 
