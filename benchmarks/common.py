@@ -262,6 +262,18 @@ def timing_arguments(description: str, rounds: int):
     return ap.parse_args()
 
 
+def quiet_batches(args, name: str, skipped: list[str]):
+    """(batch, rounds) for each of --batches that the machine is quiet enough to time; a busy one is skipped,
+    noted in `skipped` and printed. Batch 1 gets --rounds interleaved rounds, larger batches half."""
+    for batch in (int(x) for x in args.batches.split(",")):
+        load = wait_until_quiet(args.max_load, patience=60)
+        if load is not None:
+            skipped.append(f"{name} batch {batch}: other processes used {load:.1f} cores; not timed")
+            print("  skipped: " + skipped[-1], flush=True)
+            continue
+        yield batch, (args.rounds if batch == 1 else max(5, args.rounds // 2))
+
+
 def write_results(out: str | Path, name: str, text: str, data: dict) -> None:
     """Print the table and write it as NAME.md beside NAME.json (benchmarks/results/ by default)."""
     print("\n" + text)

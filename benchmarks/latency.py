@@ -54,6 +54,7 @@ from common import (
     minilm_dir,
     ort_session,
     plain_int8,
+    quiet_batches,
     synthetic_pack,
     time_interleaved,
     timing_arguments,
@@ -304,13 +305,7 @@ def main() -> None:
         for name in args.models.split(","):
             model_dir = bert_base_dir(work) if name == "bert-base" else minilm_dir()
             b = build(name, model_dir, work, args.threads, rng)
-            for batch in (int(x) for x in args.batches.split(",")):
-                load = wait_until_quiet(args.max_load, patience=60)
-                if load is not None:
-                    skipped.append(f"{name} batch {batch}: other processes used {load:.1f} cores; not timed")
-                    print("  skipped: " + skipped[-1], flush=True)
-                    continue
-                rounds = args.rounds if batch == 1 else max(5, args.rounds // 2)
+            for batch, rounds in quiet_batches(args, name, skipped):
                 print(f"[{name}] timing batch {batch} x {SEQ}, {rounds} interleaved rounds ...", flush=True)
                 times = time_interleaved(b.runners, feed_for(b, batch, rng), rounds)
                 medians = {k: float(np.median(v)) for k, v in times.items()}

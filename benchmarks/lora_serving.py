@@ -44,9 +44,9 @@ from common import (
     machine,
     minilm_dir,
     ort_session,
+    quiet_batches,
     time_interleaved,
     timing_arguments,
-    wait_until_quiet,
     write_results,
 )
 from latency import bert_base_dir, paired_ratio
@@ -310,13 +310,7 @@ def main() -> None:
         b = build(name, model_dir, work, args.threads, rng)
         extras[name] = {"parity": check_parity(parity(b, rng), name), "task_bytes": task_bytes(b),
                         "lora_inputs": len(b["lora_names"]), "bias_inputs": len(b["biases"])}
-        for batch in (int(x) for x in args.batches.split(",")):
-            load = wait_until_quiet(args.max_load, patience=60)
-            if load is not None:
-                skipped.append(f"{name} batch {batch}: other processes used {load:.1f} cores; not timed")
-                print("  skipped: " + skipped[-1], flush=True)
-                continue
-            rounds = args.rounds if batch == 1 else max(5, args.rounds // 2)
+        for batch, rounds in quiet_batches(args, name, skipped):
             tokens = token_feed(b, batch, rng)
             ids = (np.arange(batch) % MIXED_TASKS).astype(np.int64)
             feeds = {k: (tokens, v) for k, v in b["per_task"].items()}
