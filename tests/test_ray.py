@@ -1,7 +1,7 @@
 """`bitfit serve` on Ray Serve (bitfit.serve.ray_app), on a local Ray cluster of this machine with 2 replicas:
 answers equal the session's (what `bitfit predict` prints), every replica reports the packs it serves, and
 a load of mixed-task requests survives a replica killed with ray.kill and a pack reloaded midway: no wrong
-answer, every failure a 5xx (or a dropped connection) that succeeds on retry, and after the reload every
+answer, every failure a 5xx, a 408 from Ray's proxy or a dropped connection that succeeds on retry, and after the reload every
 replica serves the new pack."""
 from __future__ import annotations
 
@@ -176,7 +176,9 @@ def test_a_replica_killed_and_a_pack_reloaded_under_load(cluster):
                       "reload": events["reload"]})[:2000])
     assert len(answered) == len(plan), "every request succeeded, on retry where it failed"
     for o in failed:  # what a failure looked like: a server error or a dropped connection, never a 4xx
-        assert all(f in (500, 502, 503, 504) or isinstance(f, str) for f in o["failures"]), o["failures"]
+        # 5xx, or 408: Ray's proxy times a request out when the replica holding it died (seen once in a
+        # fresh-clone CI run on 2 busy cores); both are retryable and the retry is checked to succeed above
+        assert all(f in (408, 500, 502, 503, 504) or isinstance(f, str) for f in o["failures"]), o["failures"]
     reload_answers = events["reload"]["replicas"]
     assert len(reload_answers) == events["reload"]["running"] == 2, events["reload"]
     assert all(a["digests"][swapped] == new.digest() for a in reload_answers)
