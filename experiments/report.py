@@ -240,6 +240,60 @@ def against_lora(cells: dict, cells_lora: dict) -> list[str]:
     return lines
 
 
+SERVING = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "lora_serving.json"
+# (method whose scores the row shows, serving variant timed, its mixed-task variant, label); full fine-tuning
+# is served as a whole graph per task, which is what the benchmark's merged LoRA graph is
+COMPARED = (("full", "lora merged", None, "Full fine-tuning (a graph per task)"),
+            ("bitfit", "bitfit", "bitfit mixed", "BitFit (bias inputs)"),
+            ("lora_matched", None, None, "LoRA r=3 q,v (BitFit's count)"),
+            ("lora_r8", "lora inputs", "lora mixed", "LoRA r=8 q,v (A/B inputs)"),
+            ("lora_r8", "lora merged", None, "LoRA r=8 q,v merged (a graph per task)"))
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e3:,.0f} KB" if n < 1e7 else f"{n / 1e6:,.0f} MB"
+
+
+def comparison(cells: dict, serving: dict | None) -> list[str]:
+    """Issue 16's one table: each method's score (the replication's runs) beside what serving a task costs
+    (benchmarks/lora_serving.py's JSON): latency against the frozen graph over every model and batch timed,
+    bytes per task, and whether rows of different tasks share one forward pass."""
+    head = ["| method | trainable share | test score, task average | minus BitFit (paired by seed) | "
+            "latency vs frozen graph | bytes per task (MiniLM / bert-base) | mixed-task batch |", "|---|---|---|---|---|---|---|"]
+    models = [m for m in ("minilm", "bert-base") if m in (serving or {}).get("models", {})]
+    lines = []
+    for method, variant, mixed, label in COMPARED:
+        done = [t for t in TASKS if (method, t) in cells]
+        if not done:
+            lines.append(f"| {label} | - | not run | - | - | - | - |")
+            continue
+        which = "" if len(done) == len(TASKS) else " (" + ", ".join(done) + " only)"
+        score = t_interval(list(seed_average(cells, method, done).values()))
+        gap = paired_gap(seed_average(cells, method, done), seed_average(cells, "bitfit", done)) \
+            if method != "bitfit" and all(("bitfit", t) in cells for t in done) else None
+        share = f"{cells[(method, done[0])][0]['trainable_share']:.3%}"
+        latency = size = batch = "not timed"
+        if serving and variant:
+            ratios = [r["vs_frozen"] for r in serving["rows"] if r["variant"] == variant]
+            latency = f"{min(ratios):.3f}-{max(ratios):.3f}x" if ratios else "not timed"
+            size = " / ".join(_size(serving["models"][m]["task_bytes"][variant]) for m in models)
+            parity = [serving["models"][m]["parity"].get(f"{mixed} rows vs each task alone") for m in models] \
+                if mixed else []
+            if not mixed:
+                batch = "no: a graph per task"
+            elif None in parity:
+                batch = "not measured"
+            else:  # a mixed batch counts only when its rows match each task run alone
+                batch = (f"yes (rows within {max(parity):.1e} of each task alone)" if max(parity) <= 1e-4 else
+                         f"no: mixed rows {max(parity):.1e} from each task alone")
+        lines.append(f"| {label} | {share} | {score.text()}{which} | {gap.text() if gap else '-'} | {latency} | "
+                     f"{size} | {batch} |")
+    note = (f"Serving: {serving['machine']}, sequence {serving['seq']}, {' and '.join(models)} at batch 1 and 8; "
+            "the latency column is the range of the medians' ratios over those four. LoRA was timed at r=8 only."
+            if serving else "Serving columns: benchmarks/results/lora_serving.json not found.")
+    return head + lines + ["", note]
+
+
 def bias_change_figure(cells: dict, out: Path, plt) -> list[str]:
     """Figure 1 per task: mean |change| per bias kind and layer at the chosen LR, BitFit and bq + bm2."""
     methods = [m for m in ("bitfit", "bq,bm2") if any((m, t) in cells for t in TASKS)]
@@ -275,7 +329,7 @@ def bias_change_figure(cells: dict, out: Path, plt) -> list[str]:
             "![bias change](bias_change.png)"]
 
 
-def write_report(runs: list[dict], out: Path, gold: Gold | None = None) -> None:
+def write_report(runs: list[dict], out: Path, gold: Gold | None = None, serving: Path | None = SERVING) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -327,6 +381,11 @@ def write_report(runs: list[dict], out: Path, gold: Gold | None = None) -> None:
         table(cells_lora, tuple(LORA_METHODS)),
         "",
         *against_lora(cells, cells_lora),
+        "",
+        "BitFit against LoRA in one table (issue 16): accuracy from these runs, cost from benchmarks/lora_serving.py:",
+        "",
+        *comparison({**cells, **cells_lora},
+                    json.loads(serving.read_text()) if serving is not None and serving.is_file() else None),
         "",
         *bias_change_figure(cells, out, plt),
     ]

@@ -250,3 +250,31 @@ def test_the_report_states_intervals_and_verdicts(tmp_path, monkeypatch):
     assert re.search(r"\| trec6 \| (8|9|10|11)\.\d\d \[.*\] \(n=5\) \| 0\.0\d\d \| 5 \|", text)  # ~10 points
     assert "**0.001**" in text  # the chosen LR is marked in the grids
     assert (tmp_path / "out" / "bias_change.png").stat().st_size > 0
+
+
+def test_the_lora_comparison_joins_scores_and_serving_costs():
+    import report
+
+    def cell(method, task, scores, share):
+        return [row(method, task, 1e-3, v, seed=s, trainable_share=share) for s, v in enumerate(scores)]
+
+    cells = {}
+    for t in protocol.TASKS:
+        cells[("bitfit", t)] = cell("bitfit", t, [80.0, 81.0, 82.0], 0.001)
+        cells[("full", t)] = cell("full", t, [82.0, 83.0, 84.0], 1.0)
+    cells[("lora_r8", "trec6")] = cell("lora_r8", "trec6", [81.0, 82.5, 83.0], 0.003)  # one task only
+    rows = [{"variant": v, "vs_frozen": x} for v, x in
+            (("bitfit", 1.01), ("bitfit", 1.02), ("lora inputs", 1.03), ("lora merged", 0.99), ("lora mixed", 1.05))]
+    models = {m: {"task_bytes": {"bitfit": 100_000 * k, "lora inputs": 300_000 * k, "lora merged": 90_000_000 * k},
+                  "parity": {"bitfit mixed rows vs each task alone": 2e-6, "lora mixed rows vs each task alone": 3e-4}}
+              for m, k in (("minilm", 1), ("bert-base", 4))}
+    serving = {"machine": "m", "seq": 128, "rows": rows, "models": models}
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in report.comparison(cells, serving)}
+    assert "| 81.00 [78.52, 83.48] (n=3) | - | 1.010-1.020x | 100 KB / 400 KB | yes (rows within 2.0e-06" \
+        in lines["BitFit (bias inputs)"]
+    assert "| 2.00 [2.00, 2.00] (n=3) | 0.990-0.990x | 90 MB / 360 MB | no: a graph per task |" \
+        in lines["Full fine-tuning (a graph per task)"]
+    lora = lines["LoRA r=8 q,v (A/B inputs)"]  # its gap is paired with BitFit on its task only
+    assert "(trec6 only) | 1.17 [0.45, 1.88] (n=3) | 1.030-1.030x | 300 KB / 1,200 KB |" in lora
+    assert lora.endswith("| no: mixed rows 3.0e-04 from each task alone |")  # not claimed as sharing a pass
+    assert "| not run |" in lines["LoRA r=3 q,v (BitFit's count)"]
