@@ -6,6 +6,7 @@ import os
 import platform
 import random
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -94,16 +95,52 @@ def ort_session(path: Path, threads: int, profile_prefix: str | None = None):
 
 
 def hidden_runner(session):
-    """feed -> last_hidden_state through io binding, the one output our runtime reads."""
-    def run(feed: dict[str, np.ndarray]) -> np.ndarray:
+    """(tokens, arrays=None) -> last_hidden_state as our runtime calls onnxruntime, through io binding: tokens
+    bound from numpy, a task's arrays (biases, or LoRA A and B) as OrtValues made once per task, so a call
+    copies nothing of a task (inputs that have defaults bind only as OrtValues)."""
+    import onnxruntime as ort
+
+    cache: dict[int, tuple[dict, dict]] = {}  # id -> (the arrays, kept alive so the id stays theirs; OrtValues)
+
+    def run(feed: dict[str, np.ndarray], arrays: dict[str, np.ndarray] | None = None) -> np.ndarray:
         binding = session.io_binding()
         for k, v in feed.items():
             binding.bind_cpu_input(k, v)
+        if arrays:
+            _, values = cache.setdefault(id(arrays), (arrays, {k: ort.OrtValue.ortvalue_from_numpy(v)
+                                                              for k, v in arrays.items()}))
+            for k, v in values.items():
+                binding.bind_ortvalue_input(k, v)
         binding.bind_output("last_hidden_state")
         session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]
 
     return run
+
+
+_OPEN_TWICE = r"""
+import json, sys, time
+sys.path[:0] = [{root!r}]
+{opener}
+def rss():
+    with open("/proc/self/status") as fh:
+        return next(int(l.split()[1]) * 1024 for l in fh if l.startswith("VmRSS"))
+t = time.perf_counter(); first = open_one(); first_seconds = time.perf_counter() - t
+before = rss()
+t = time.perf_counter(); second = open_one(); seconds = time.perf_counter() - t
+print(json.dumps({{"seconds": seconds, "first_seconds": first_seconds, "rss_per_session": rss() - before}}))
+"""
+
+
+def session_cost(opener: str) -> dict[str, float]:
+    """What one more session costs, in a fresh process: `opener` is code defining `open_one()`. The second
+    open is the one measured (the file is in the page cache by then, imports done): its seconds and the
+    resident bytes it adds; the first open's seconds beside them."""
+    code = _OPEN_TWICE.format(root=str(Path(__file__).resolve().parents[1]), opener=opener)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"measuring a new session failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def time_interleaved(runners: dict, feed: dict, rounds: int, warmup: int = 2, seed: int = 0) -> dict[str, list[float]]:

@@ -55,6 +55,7 @@ from common import (
     ort_session,
     plain_int8,
     quiet_batches,
+    session_cost,
     synthetic_pack,
     time_interleaved,
     timing_arguments,
@@ -220,18 +221,10 @@ for n in (1, 10, 100):
 print(json.dumps(out))
 """
 
-_SESSION_CHILD = r"""
-import json, sys, time
-sys.path[:0] = [{root!r}]
+_OPEN_TASK_SESSION = """
 from bitfit.runtime import TaskSession
-def rss():
-    with open("/proc/self/status") as fh:
-        return next(int(l.split()[1]) * 1024 for l in fh if l.startswith("VmRSS"))
-before = rss()
-t = time.perf_counter(); s1 = TaskSession({compiled!r}, threads=1); first = time.perf_counter() - t
-mid = rss()
-t = time.perf_counter(); s2 = TaskSession({compiled!r}, threads=1); second = time.perf_counter() - t
-print(json.dumps({{"seconds": second, "first_seconds": first, "rss_per_session": rss() - mid}}))
+def open_one():
+    return TaskSession({compiled!r}, threads=1)
 """
 
 
@@ -245,9 +238,7 @@ def memory_with_tasks(compiled: Path, work: Path, rng: np.random.Generator) -> d
 
 
 def new_session_cost(compiled: Path) -> dict[str, float]:
-    code = _SESSION_CHILD.format(root=str(Path(__file__).resolve().parents[1]), compiled=str(compiled))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return session_cost(_OPEN_TASK_SESSION.format(compiled=str(compiled)))
 
 
 def switch_cost(session: TaskSession, feed: dict, rounds: int) -> dict[str, float]:

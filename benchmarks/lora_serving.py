@@ -26,9 +26,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import json
-import subprocess
-import sys
 import tempfile
 import time
 import warnings
@@ -41,10 +38,12 @@ from bitfit.compiler.export import export_onnx
 from bitfit.encoder.model import load_encoder, uses_token_types
 from bitfit.runtime.compiled import CompiledModel
 from common import (
+    hidden_runner,
     machine,
     minilm_dir,
     ort_session,
     quiet_batches,
+    session_cost,
     time_interleaved,
     timing_arguments,
     write_results,
@@ -143,37 +142,9 @@ def merged(encoder: nn.Module, lora: list[tuple[np.ndarray, np.ndarray]]) -> nn.
     return out
 
 
-def engine(session):
-    """feed -> last_hidden_state as our runtime calls onnxruntime: tokens bound from numpy, a task's arrays
-    (biases, or LoRA A and B) as OrtValues made once per task (`prepare`), so a call copies nothing of a task.
-    (Bias inputs have defaults, which onnxruntime binds only as OrtValues.)"""
-    import onnxruntime as ort
-
-    cache: dict[int, dict] = {}
-
-    def prepare(arrays: dict[str, np.ndarray]) -> dict:
-        return cache.setdefault(id(arrays), {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()})
-
-    def run(tokens: dict[str, np.ndarray], arrays: dict[str, np.ndarray]) -> np.ndarray:
-        binding = session.io_binding()
-        for k, v in tokens.items():
-            binding.bind_cpu_input(k, v)
-        for k, v in prepare(arrays).items():
-            binding.bind_ortvalue_input(k, v)
-        binding.bind_output("last_hidden_state")
-        session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
-
-    return run
-
-
-_SESSION_CHILD = r"""
-import json, sys, time
+_OPEN_GRAPH = """
 import numpy as np, onnxruntime as ort
-def rss():
-    with open("/proc/self/status") as fh:
-        return next(int(l.split()[1]) * 1024 for l in fh if l.startswith("VmRSS"))
-def session():
+def open_one():
     o = ort.SessionOptions(); o.intra_op_num_threads = {threads}; o.log_severity_level = 3
     o.add_session_config_entry("session.intra_op.allow_spinning", "0")
     s = ort.InferenceSession({path!r}, o, providers=["CPUExecutionProvider"])
@@ -182,21 +153,14 @@ def session():
             for i in s.get_inputs()}}
     s.run(None, feed)  # a session serves a call before it counts
     return s
-first = session()
-before = rss()
-t = time.perf_counter(); second = session(); seconds = time.perf_counter() - t
-print(json.dumps({{"new session s": seconds, "rss per task MB": (rss() - before) / 2**20}}))
 """
 
 
 def merged_session_cost(path: Path, threads: int) -> dict[str, float]:
     """A merged task's price when it is not resident: a new session from disk (the second in a fresh process,
     file in the page cache), and the resident memory each merged task's session adds."""
-    code = _SESSION_CHILD.format(path=str(path), threads=threads)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(f"measuring a merged task's session failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    cost = session_cost(_OPEN_GRAPH.format(path=str(path), threads=threads))
+    return {"new session s": cost["seconds"], "rss per task MB": cost["rss_per_session"] / 2**20}
 
 
 def build(name: str, model_dir: Path, work: Path, threads: int, rng: np.random.Generator) -> dict:
@@ -225,7 +189,7 @@ def build(name: str, model_dir: Path, work: Path, threads: int, rng: np.random.G
     sessions = {"frozen": work / f"{name}-frozen.onnx", "bitfit": Path(bitfit) / "model.onnx",
                 "lora inputs": work / f"{name}-lora.onnx", "lora merged": work / f"{name}-merged.onnx",
                 "bitfit mixed": Path(bitfit_mixed) / "model.onnx", "lora mixed": work / f"{name}-lora-mixed.onnx"}
-    runners = {k: engine(ort_session(p, threads)) for k, p in sessions.items()}
+    runners = {k: hidden_runner(ort_session(p, threads)) for k, p in sessions.items()}
     per_task = {"frozen": {}, "bitfit": task_biases[0], "lora inputs": lora_feeds[0], "lora merged": {}}
     return {"name": name, "tokens": tokens, "config": eager.config, "runners": runners, "paths": sessions,
             "per_task": per_task, "other_task": {"bitfit": task_biases[1], "lora inputs": lora_feeds[1]},

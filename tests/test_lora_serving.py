@@ -52,3 +52,13 @@ def test_a_merged_task_costs_a_session_and_its_weights(built):
     assert cost["new session s"] > 0
     # the second session of the same file holds its own copy of the weights (tiny model: ~1 MB of them)
     assert cost["rss per task MB"] > 0.5 * built["paths"]["lora merged"].stat().st_size / 2**20
+
+
+def test_a_new_task_session_is_measured_in_a_fresh_process(compiled_dir):
+    latency = pytest.importorskip("latency")
+    cost = latency.new_session_cost(compiled_dir())
+    assert cost["seconds"] > 0 and cost["first_seconds"] > 0
+    assert cost["rss_per_session"] > 0  # the second session holds its own copy of the (tiny) graph
+    common = pytest.importorskip("common")
+    with pytest.raises(RuntimeError, match="(?s)measuring a new session failed.*NameError"):
+        common.session_cost("x = 1")  # no open_one(): the child's failure is reported, not a JSON error

@@ -169,7 +169,7 @@ def test_the_example_client_sends_what_the_config_declares_and_gets_each_tasks_l
     """examples/triton_client.py builds its request with tritonclient.http; every tensor matches config.pbtxt
     (name, type, dims after Triton's batch axis), and the model fed those bytes, reshaped as the config says,
     gives each row its task's logits: what a tritonserver would answer, short of running one (none here)."""
-    http = pytest.importorskip("tritonclient.http")
+    pytest.importorskip("tritonclient.http")  # the client example needs it
     model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
     import importlib.util
     from pathlib import Path
