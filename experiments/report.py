@@ -250,8 +250,8 @@ COMPARED = (("full", "lora merged", None, "Full fine-tuning (a graph per task)")
             ("lora_r8", "lora merged", None, "LoRA r=8 q,v merged (a graph per task)"))
 
 
-def _size(n: float) -> str:
-    return f"{n / 1e3:,.0f} KB" if n < 1e7 else f"{n / 1e6:,.0f} MB"
+def _size(n: float) -> str:  # KB = 1,024 bytes, as the serving benchmark prints them
+    return f"{n / 2**10:,.0f} KB" if n < 10 * 2**20 else f"{n / 2**20:,.0f} MB"
 
 
 def comparison(cells: dict, serving: dict | None) -> list[str]:
