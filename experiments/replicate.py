@@ -178,8 +178,8 @@ def plan_lora(args: argparse.Namespace) -> Plan:
 def plan_epochs(args: argparse.Namespace) -> Plan:
     def plan(runs: list[dict]) -> list[dict]:
         out = []
-        for task in SIZE_TASKS:
-            for method in METHODS:
+        for method in METHODS:  # method by method: full and BitFit on both tasks first, the gap in question
+            for task in SIZE_TASKS:
                 lr = best_lr(runs, method, task)
                 if lr is not None:
                     out.append(spec(method, task, 0, lr, LONG_EPOCHS))
