@@ -245,6 +245,7 @@ SERVING = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "lora
 # is served as a whole graph per task, which is what the benchmark's merged LoRA graph is
 COMPARED = (("full", "lora merged", None, "Full fine-tuning (a graph per task)"),
             ("bitfit", "bitfit", "bitfit mixed", "BitFit (bias inputs)"),
+            ("bq,bm2", None, None, "BitFit, bq + bm2 only (bias inputs)"),
             ("lora_matched", None, None, "LoRA r=3 q,v (BitFit's count)"),
             ("lora_r8", "lora inputs", "lora mixed", "LoRA r=8 q,v (A/B inputs)"),
             ("lora_r8", "lora merged", None, "LoRA r=8 q,v merged (a graph per task)"))
