@@ -231,8 +231,10 @@ def against_lora(cells: dict, cells_lora: dict) -> list[str]:
         gap = paired_gap(seed_average(merged, m), seed_average(merged, "bitfit"))
         per_task = [f"{t} {paired_gap(by_seed(merged[(m, t)]), by_seed(merged[('bitfit', t)])).text()}"
                     for t in TASKS if (m, t) in merged and ("bitfit", t) in merged]
+        subset = paired_gap(seed_average(merged, m), seed_average(merged, "bq,bm2"))
         if gap.n:
-            lines.append(f"- {LABEL[m]} minus BitFit: {gap.text()} points (4-task average, paired by seed)")
+            lines.append(f"- {LABEL[m]} minus BitFit: {gap.text()} points (4-task average, paired by seed)"
+                         + (f"; minus bq + bm2: {subset.text()}" if subset.n else ""))
         elif per_task:
             lines.append(f"- {LABEL[m]} minus BitFit, per task (paired by seed): " + "; ".join(per_task))
         else:
