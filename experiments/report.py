@@ -219,8 +219,14 @@ def controls(cells_main: dict, cells_ctl: dict) -> list[str]:
     merged = {**cells_main, **cells_ctl}
     for a, b, text in pairs:
         gap = paired_gap(seed_average(merged, a), seed_average(merged, b))
-        lines.append(f"- {text}: {gap.text()} points (4-task average, paired by seed)" if gap.n else
-                     f"- {text}: not run yet")
+        done = [t for t in TASKS if (a, t) in merged and (b, t) in merged]
+        if gap.n:
+            lines.append(f"- {text}: {gap.text()} points (4-task average, paired by seed)")
+        elif done:  # a control finished on some tasks: its gap there, never passed off as the average
+            lines.append(f"- {text}, per task (paired by seed; the other tasks not run yet): " + "; ".join(
+                f"{t} {paired_gap(by_seed(merged[(a, t)]), by_seed(merged[(b, t)])).text()}" for t in done))
+        else:
+            lines.append(f"- {text}: not run yet")
     return lines
 
 

@@ -278,3 +278,13 @@ def test_the_lora_comparison_joins_scores_and_serving_costs():
     assert "(trec6 only) | 1.17 [0.45, 1.88] (n=3) | 1.030-1.030x | 300 KB / 1,200 KB |" in lora
     assert lora.endswith("| no: mixed rows 3.0e-04 from each task alone |")  # not claimed as sharing a pass
     assert "| not run |" in lines["LoRA r=3 q,v (BitFit's count)"]
+
+
+def test_a_control_run_on_some_tasks_reports_those_tasks_not_an_average():
+    import report
+
+    main = {("bitfit", t): [row("bitfit", t, 1e-3, 80.0 + s, seed=s) for s in range(3)] for t in protocol.TASKS}
+    ctl = {("bitfit_constlr", "trec6"): [row("bitfit_constlr", "trec6", 1e-3, 79.0 + s, seed=s) for s in range(3)]}
+    lines = report.controls(main, ctl)
+    assert "per task (paired by seed; the other tasks not run yet): trec6 -1.00 [-1.00, -1.00] (n=3)" in lines[0]
+    assert "4-task average" not in lines[0] and lines[1].endswith("not run yet")
