@@ -211,6 +211,12 @@ def size_curve(runs: list[dict]) -> tuple[list[str], dict]:
     return lines, points
 
 
+def per_task_gaps(cells: dict, a: str, b: str) -> str:
+    """a - b paired by seed on each task both have finished ('' when none)."""
+    return "; ".join(f"{t} {paired_gap(by_seed(cells[(a, t)]), by_seed(cells[(b, t)])).text()}"
+                     for t in TASKS if (a, t) in cells and (b, t) in cells)
+
+
 def controls(cells_main: dict, cells_ctl: dict) -> list[str]:
     lines = []
     pairs = [("bitfit_constlr", "bitfit", "BitFit at a constant LR (the authors' schedule) minus BitFit with "
@@ -219,12 +225,11 @@ def controls(cells_main: dict, cells_ctl: dict) -> list[str]:
     merged = {**cells_main, **cells_ctl}
     for a, b, text in pairs:
         gap = paired_gap(seed_average(merged, a), seed_average(merged, b))
-        done = [t for t in TASKS if (a, t) in merged and (b, t) in merged]
+        per_task = per_task_gaps(merged, a, b)
         if gap.n:
             lines.append(f"- {text}: {gap.text()} points (4-task average, paired by seed)")
-        elif done:  # a control finished on some tasks: its gap there, never passed off as the average
-            lines.append(f"- {text}, per task (paired by seed; the other tasks not run yet): " + "; ".join(
-                f"{t} {paired_gap(by_seed(merged[(a, t)]), by_seed(merged[(b, t)])).text()}" for t in done))
+        elif per_task:  # a control finished on some tasks: its gap there, never passed off as the average
+            lines.append(f"- {text}, per task (paired by seed; the other tasks not run yet): {per_task}")
         else:
             lines.append(f"- {text}: not run yet")
     return lines
@@ -235,14 +240,13 @@ def against_lora(cells: dict, cells_lora: dict) -> list[str]:
     merged, lines = {**cells, **cells_lora}, []
     for m in LORA_METHODS:
         gap = paired_gap(seed_average(merged, m), seed_average(merged, "bitfit"))
-        per_task = [f"{t} {paired_gap(by_seed(merged[(m, t)]), by_seed(merged[('bitfit', t)])).text()}"
-                    for t in TASKS if (m, t) in merged and ("bitfit", t) in merged]
+        per_task = per_task_gaps(merged, m, "bitfit")
         subset = paired_gap(seed_average(merged, m), seed_average(merged, "bq,bm2"))
         if gap.n:
             lines.append(f"- {LABEL[m]} minus BitFit: {gap.text()} points (4-task average, paired by seed)"
                          + (f"; minus bq + bm2: {subset.text()}" if subset.n else ""))
         elif per_task:
-            lines.append(f"- {LABEL[m]} minus BitFit, per task (paired by seed): " + "; ".join(per_task))
+            lines.append(f"- {LABEL[m]} minus BitFit, per task (paired by seed): {per_task}")
         else:
             lines.append(f"- {LABEL[m]}: not run yet")
     return lines
