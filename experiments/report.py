@@ -272,7 +272,8 @@ def comparison(cells: dict, serving: dict | None) -> list[str]:
     (benchmarks/lora_serving.py's JSON): latency against the frozen graph over every model and batch timed,
     bytes per task, and whether rows of different tasks share one forward pass."""
     head = ["| method | trainable share | test score, task average | minus BitFit (paired by seed) | "
-            "latency vs frozen graph | bytes per task (MiniLM / bert-base) | mixed-task batch |", "|---|---|---|---|---|---|---|"]
+            "latency vs frozen graph | bytes per task (MiniLM / bert-base) | mixed-task batch |",
+            "|---|---|---|---|---|---|---|"]
     models = [m for m in ("minilm", "bert-base") if m in (serving or {}).get("models", {})]
     lines = []
     for method, variant, mixed, label in COMPARED:

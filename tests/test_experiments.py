@@ -265,7 +265,8 @@ def test_the_lora_comparison_joins_scores_and_serving_costs():
     cells[("lora_r8", "trec6")] = cell("lora_r8", "trec6", [81.0, 82.5, 83.0], 0.003)  # one task only
     rows = [{"variant": v, "vs_frozen": x} for v, x in
             (("bitfit", 1.01), ("bitfit", 1.02), ("lora inputs", 1.03), ("lora merged", 0.99), ("lora mixed", 1.05))]
-    models = {m: {"task_bytes": {"bitfit": 100 * 2**10 * k, "lora inputs": 300 * 2**10 * k, "lora merged": 90 * 2**20 * k},
+    models = {m: {"task_bytes": {"bitfit": 100 * 2**10 * k, "lora inputs": 300 * 2**10 * k,
+                                 "lora merged": 90 * 2**20 * k},
                   "parity": {"bitfit mixed rows vs each task alone": 2e-6, "lora mixed rows vs each task alone": 3e-4}}
               for m, k in (("minilm", 1), ("bert-base", 4))}
     serving = {"machine": "m", "seq": 128, "rows": rows, "models": models}

@@ -1,8 +1,8 @@
 """`bitfit serve` on Ray Serve (bitfit.serve.ray_app), on a local Ray cluster of this machine with 2 replicas:
 answers equal the session's (what `bitfit predict` prints), every replica reports the packs it serves, and
 a load of mixed-task requests survives a replica killed with ray.kill and a pack reloaded midway: no wrong
-answer, every failure a 5xx, a 408 from Ray's proxy or a dropped connection that succeeds on retry, and after the reload every
-replica serves the new pack."""
+answer, every failure a 5xx, a 408 from Ray's proxy or a dropped connection that succeeds on retry, and
+after the reload every replica serves the new pack."""
 from __future__ import annotations
 
 import asyncio
