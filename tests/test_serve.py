@@ -313,6 +313,7 @@ def test_a_failing_request_does_not_fail_its_batch(bert_compiled, packs, referen
     good, poisoned, more, paired = asyncio.run(go())
     batcher.close()
     assert all(r.pop("task") == "single" for r in good + more)  # run_mixed's records, task included
+    assert all(r.pop("digest") == session.digest("single") for r in good + more)  # and the pack that answered
     assert same(good, expect(reference, "single", ["good movie"]))
     assert same(more, expect(reference, "single", ["bad plot", "fun"]))
     # each request gets the error it raised, unchanged: the server maps types to statuses in one place

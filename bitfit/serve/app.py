@@ -433,6 +433,12 @@ def create_app(
         task, _, _ = v2_task(request)
         return _json({"name": task, "ready": True})
 
+    def versioned(fn: Callable[..., Any]) -> Callable[..., tuple[Any, str]]:
+        def call(task: str, *args: Any) -> tuple[Any, str]:
+            digest = session.digest(task)
+            return fn(task, *args), digest
+        return call
+
     async def v2_infer(request: Request) -> Response:
         check_door(request, config, admin=False)
         task, _, pack = v2_task(request)
@@ -441,15 +447,20 @@ def create_app(
         req = v2.parse_infer(raw, request.headers.get(v2.HEADER_LENGTH), v2.inputs_of(kind, pack.manifest),
                              config.max_texts, config.max_text_chars)
         v2.check_outputs(req, v2.outputs_of(kind, pack.manifest))
+        # the version reported is the digest of the pack that ran, read on the inference thread with the run
+        # (a reload between the run and the response must not label old outputs with the new version)
         if kind.call == "answer":
-            result = await batcher.call(session.answer, task, req.inputs["question"], req.inputs["context"])
+            result, digest = await batcher.call(versioned(session.answer), task, req.inputs["question"],
+                                                req.inputs["context"])
             records = result.records()
         elif kind.call == "run_tokens":
-            records = (await batcher.call(session.run_tokens, task, req.inputs["text"])).records()
+            result, digest = await batcher.call(versioned(session.run_tokens), task, req.inputs["text"])
+            records = result.records()
         else:  # batched with every other sequence request, /v1 and /v2 alike
             records = await batcher.submit(task, req.inputs["text"], req.inputs.get("text_pair"))
+            digest = records[0]["digest"]
         try:
-            body, headers = v2.encode_response(task, session.digest(task), req, v2.output_tensors(kind, records))
+            body, headers = v2.encode_response(task, digest, req, v2.output_tensors(kind, records))
         except ValueError:  # NaN or inf in an output: the pack is broken, not the request
             return _error(500, "the model produced a non-finite value (NaN or inf): check the task pack")
         return Response(body, headers=headers)

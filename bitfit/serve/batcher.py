@@ -162,7 +162,7 @@ class Batcher:
 
     async def submit(self, task: str, texts: Sequence[str], text_pairs: Sequence[str] | None = None) -> list[dict]:
         """Predict `texts` (and `text_pairs`) with `task`: one record per text, as `run_mixed` gives them
-        (task, label, scores, logits). Raises what the session raised for this request (UnknownTaskError,
+        (task, label, scores, logits), plus the digest of the pack that answered it. Raises what the session raised for this request (UnknownTaskError,
         WrongCallError, BitFitError, ...), or ServiceUnavailable when stopping."""
         if self._closed:
             raise ServiceUnavailable("the server is shutting down")
@@ -269,11 +269,16 @@ class Batcher:
                 rows.extend((request.task, t) for t in request.texts)
             else:
                 rows.extend((request.task, t, p) for t, p in zip(request.texts, request.pairs))
+        # which pack answers each row, read here on the inference thread where swaps are serialised with the
+        # call: read later on the event loop, a reload landing in between would label old logits as new
+        digests = {r.task: self.session.digest(r.task) for r in batch}
         start = time.perf_counter()
         out = self.session.run_mixed(rows)
         seconds = time.perf_counter() - start
         if len(out) != len(rows):
             raise BitFitError(f"run_mixed returned {len(out)} records for {len(rows)} rows")
+        for r in out:
+            r["digest"] = digests[r["task"]]
         record = BatchRecord(len(rows), len(batch), tuple(sorted({r.task for r in batch})), seconds)
         with self._stats_lock:
             self.stats.add(record)
