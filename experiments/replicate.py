@@ -4,7 +4,7 @@
     python experiments/replicate.py controls    [--max-minutes M]
     python experiments/replicate.py lora        [--tasks ...] [--max-minutes M]
     python experiments/replicate.py epochs      [--max-minutes M]
-    python experiments/replicate.py sizes       [--max-minutes M]
+    python experiments/replicate.py sizes       [--tasks ...] [--max-minutes M]
     python experiments/replicate.py predictions [--max-minutes M]
     python experiments/replicate.py mpnet       [--max-minutes M]
     python experiments/replicate.py report
@@ -191,9 +191,10 @@ def plan_epochs(args: argparse.Namespace) -> Plan:
 def plan_sizes(args: argparse.Namespace) -> Plan:
     def plan(runs: list[dict]) -> list[dict]:
         out = []
+        tasks = [t for t in SIZE_TASKS if t in args.tasks]  # --tasks splits the curve between two processes
         for size in SIZES:
             for method in ("bitfit", "full"):
-                out += searched(runs, [method], SIZE_TASKS, train_size=size, epochs=epochs_for(size))
+                out += searched(runs, [method], tasks, train_size=size, epochs=epochs_for(size))
         return out
 
     return plan

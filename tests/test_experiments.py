@@ -289,3 +289,15 @@ def test_a_control_run_on_some_tasks_reports_those_tasks_not_an_average():
     lines = report.controls(main, ctl)
     assert "per task (paired by seed; the other tasks not run yet): trec6 -1.00 [-1.00, -1.00] (n=3)" in lines[0]
     assert "4-task average" not in lines[0] and lines[1].endswith("not run yet")
+
+
+def test_the_size_curve_plan_honours_tasks_and_trains_every_size_long_enough():
+    import argparse
+    import math
+
+    plan = replicate.plan_sizes(argparse.Namespace(tasks=["trec6"]))([])
+    assert {s["task"] for s in plan} == {"trec6"} and {s["train_size"] for s in plan} == set(protocol.SIZES)
+    assert {s["method"] for s in plan} == {"bitfit", "full"}
+    for s in plan:  # the fair curve: no size trains fewer optimizer steps than the floor
+        assert math.ceil(s["train_size"] / protocol.BATCH) * s["epochs"] >= protocol.MIN_STEPS, s
+    assert replicate.plan_sizes(argparse.Namespace(tasks=["sms-spam"]))([]) == []  # not a size task: nothing
