@@ -130,6 +130,16 @@ def findings(cells: dict, runs: list[dict]) -> list[str]:
         verdict = interval.verdict(goal, below) if interval.n > 1 else "one seed: no interval"
         over = "" if len(common) == len(TASKS) else f" (over {len(common)} of {len(TASKS)} tasks: {', '.join(common)})"
         out.append(f"- {text}: {interval.text()} points{over}, **{verdict}**")
+    curve = {t: g for t, g in size_gaps(runs).items() if g}
+    if curve:
+        per_task = []
+        for t, g in curve.items():
+            ends = sorted(g)[:1] + sorted(g)[-1:] if len(g) > 1 else sorted(g)
+            per_task.append(f"{t}: " + ", ".join(f"{n} examples {g[n].text()}" for n in ends)
+                            + f" **{data_size_verdict(g)}**")
+        out.append("- BitFit leads with little data, full fine-tuning with more (paper: Figures 2-3, BitFit ahead on "
+                   "small training sets, the trend reversed with more data; goal: BitFit - full > 0 at the smallest "
+                   "size, < 0 at the largest): BitFit - full " + "; ".join(per_task))
     gen = generalisation(cells)
     if gen.n:
         out.append(f"- bias-only training overfits less (paper: a smaller train-dev gap; goal: BitFit's gap - full's "
@@ -190,20 +200,47 @@ def convergence(runs: list[dict]) -> list[str]:
     return lines + [""] + verdicts if verdicts else lines
 
 
+def size_gaps(runs: list[dict]) -> dict[str, dict[int, Interval]]:
+    """BitFit minus full fine-tuning per task and size, paired by seed, where both finished their LR search."""
+    out: dict[str, dict[int, Interval]] = defaultdict(dict)
+    for t in SIZE_TASKS:
+        for n in SIZES:
+            b, f = at_best(runs, "bitfit", t, n, epochs_for(n)), at_best(runs, "full", t, n, epochs_for(n))
+            if b and f:
+                out[t][n] = paired_gap(by_seed(b), by_seed(f))
+    return out
+
+
+def data_size_verdict(gaps: dict[int, Interval]) -> str:
+    """The paper's data-size trend on one task: BitFit ahead with the least data (its interval above 0) and
+    full fine-tuning ahead with the most (below 0). Partly: one end holds; not reproduced: full fine-tuning is
+    ahead even at the smallest size."""
+    ends = sorted(gaps)[:1] + sorted(gaps)[-1:]
+    if len(gaps) < 2 or any(gaps[n].n < 2 for n in ends):
+        return "undetermined (needs two sizes with 2+ seeds)"
+    small, large = gaps[ends[0]], gaps[ends[1]]
+    if small.high < 0:
+        return "not reproduced"
+    if small.low > 0 and large.high < 0:
+        return "reproduced"
+    return "partly" if small.low > 0 or large.high < 0 else "undetermined"
+
+
 def size_curve(runs: list[dict]) -> tuple[list[str], dict]:
     """BitFit vs full fine-tuning per size: means, and the seed-paired difference with its interval."""
     lines = ["| task | examples | epochs | BitFit | full | BitFit - full | verdict |", "|---|---|---|---|---|---|---|"]
     points = defaultdict(dict)
+    gaps = size_gaps(runs)
     for t in SIZE_TASKS:
         for n in SIZES:
             e = epochs_for(n)
             b, f = at_best(runs, "bitfit", t, n, e), at_best(runs, "full", t, n, e)
-            if not b or not f:
+            if n not in gaps[t]:
                 lines.append(f"| {t} | {n} | {e} | {'-' if not b else t_interval(list(by_seed(b).values())).text()} | "
                              f"{'-' if not f else t_interval(list(by_seed(f).values())).text()} | | not run yet |")
                 continue
             bi, fi = t_interval(list(by_seed(b).values())), t_interval(list(by_seed(f).values()))
-            d = paired_gap(by_seed(b), by_seed(f))
+            d = gaps[t][n]
             verdict = ("BitFit ahead" if d.low > 0 else "full ahead" if d.high < 0 else "no difference shown") \
                 if d.n > 1 else "one seed"
             points[t][n] = (bi, fi)

@@ -301,3 +301,36 @@ def test_the_size_curve_plan_honours_tasks_and_trains_every_size_long_enough():
     for s in plan:  # the fair curve: no size trains fewer optimizer steps than the floor
         assert math.ceil(s["train_size"] / protocol.BATCH) * s["epochs"] >= protocol.MIN_STEPS, s
     assert replicate.plan_sizes(argparse.Namespace(tasks=["sms-spam"]))([]) == []  # not a size task: nothing
+
+
+def test_the_data_size_verdict_needs_both_ends_of_the_trend():
+    import report
+    from stats import Interval
+
+    ahead, level, behind = Interval(2.0, 1.0, 3.0, 3), Interval(0.0, -1.0, 1.0, 3), Interval(-2.0, -3.0, -1.0, 3)
+    assert report.data_size_verdict({250: ahead, 2000: behind}) == "reproduced"
+    assert report.data_size_verdict({250: ahead, 2000: level}) == "partly"
+    assert report.data_size_verdict({250: level, 500: ahead, 2000: behind}) == "partly"  # the smallest size decides
+    assert report.data_size_verdict({250: level, 2000: level}) == "undetermined"
+    assert report.data_size_verdict({250: Interval(0.5, -0.5, 1.5, 3), 2000: behind}) == "partly"  # the interval
+    assert report.data_size_verdict({250: behind, 2000: behind}) == "not reproduced"
+    assert report.data_size_verdict({250: ahead}).startswith("undetermined")  # one size is no trend
+    assert report.data_size_verdict({250: Interval(2.0, float("nan"), float("nan"), 1), 2000: behind}) \
+        .startswith("undetermined")  # one seed: no interval
+
+
+def test_the_findings_state_the_data_size_trend_from_the_curve():
+    import report
+
+    runs = []
+    for n, (b, f) in {250: (80.0, 70.0), 1000: (80.0, 80.0), 2000: (80.0, 90.0)}.items():
+        for t in protocol.SIZE_TASKS:
+            for m, v in (("bitfit", b), ("full", f)):
+                ladder = protocol.START[protocol.family(m)]  # a finished search: the middle LR best
+                runs += [row(m, t, lr, v - (lr != ladder[1]), train_size=n, epochs=protocol.epochs_for(n))
+                         for lr in ladder]
+                runs += [row(m, t, ladder[1], v + 0.1 * s, seed=s, train_size=n, epochs=protocol.epochs_for(n))
+                         for s in (1, 2)]
+    line = next(x for x in report.findings({}, runs) if x.startswith("- BitFit leads with little data"))
+    assert "trec6: 250 examples 10.00 [" in line and "2000 examples -10.00 [" in line
+    assert line.count("**reproduced**") == len(protocol.SIZE_TASKS)
