@@ -312,6 +312,15 @@ def comparison(cells: dict, serving: dict | None) -> list[str]:
             "latency vs frozen graph | bytes per task (MiniLM / bert-base) | mixed-task batch |",
             "|---|---|---|---|---|---|---|"]
     models = [m for m in ("minilm", "bert-base") if m in (serving or {}).get("models", {})]
+    if serving:  # the names are lora_serving.py's: a renamed variant must fail here, not print "not timed"
+        timed = {r["variant"] for r in serving["rows"]}
+        for m in models:
+            missing = sorted({v for _, v, _, _ in COMPARED if v} - (timed & set(serving["models"][m]["task_bytes"])))
+            missing += [f"{x} rows vs each task alone" for _, _, x, _ in COMPARED
+                        if x and f"{x} rows vs each task alone" not in serving["models"][m]["parity"]]
+            if missing:
+                raise ValueError(f"the serving benchmark's JSON has no {', '.join(map(repr, missing))} for {m}: "
+                                 "re-run benchmarks/lora_serving.py, or rename them in report.COMPARED")
     lines = []
     for method, variant, mixed, label in COMPARED:
         done = [t for t in TASKS if (method, t) in cells]
@@ -332,8 +341,6 @@ def comparison(cells: dict, serving: dict | None) -> list[str]:
                 if mixed else []
             if not mixed:
                 batch = "no: a graph per task"
-            elif None in parity:
-                batch = "not measured"
             else:  # a mixed batch counts only when its rows match each task run alone
                 batch = (f"yes (rows within {max(parity):.1e} of each task alone)" if max(parity) <= 1e-4 else
                          f"no: mixed rows {max(parity):.1e} from each task alone")

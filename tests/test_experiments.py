@@ -279,6 +279,12 @@ def test_the_lora_comparison_joins_scores_and_serving_costs():
     assert "(trec6 only) | 1.17 [0.45, 1.88] (n=3) | 1.030-1.030x | 300 KB / 1,200 KB |" in lora
     assert lora.endswith("| no: mixed rows 3.0e-04 from each task alone |")  # not claimed as sharing a pass
     assert "| not run |" in lines["LoRA r=3 q,v (BitFit's count)"]
+    renamed = {**serving, "rows": [{**r, "variant": r["variant"].replace("lora inputs", "lora A/B")} for r in rows]}
+    with pytest.raises(ValueError, match="no 'lora inputs' for minilm: re-run benchmarks/lora_serving.py"):
+        report.comparison(cells, renamed)  # never a silent "not timed"
+    del models["bert-base"]["parity"]["bitfit mixed rows vs each task alone"]
+    with pytest.raises(ValueError, match="no 'bitfit mixed rows vs each task alone' for bert-base"):
+        report.comparison(cells, serving)
 
 
 def test_a_control_run_on_some_tasks_reports_those_tasks_not_an_average():
