@@ -456,6 +456,8 @@ def write_report(runs: list[dict], out: Path, gold: Gold | None = None, serving:
                 errs = [pts[x][k].half if pts[x][k].n > 1 else 0 for x in xs]
                 ax.errorbar(xs, means, yerr=errs, marker="o", capsize=3, label=name, color=color)
             ax.set_xscale("log")
+            ax.set_xticks(xs, [f"{x:,}" for x in xs])  # the sizes run, not 3x10^2-style minor ticks
+            ax.minorticks_off()
             ax.set_xlabel("training examples")
             ax.set_ylabel("test metric (%)")
             ax.set_title(t)
