@@ -162,8 +162,9 @@ class Batcher:
 
     async def submit(self, task: str, texts: Sequence[str], text_pairs: Sequence[str] | None = None) -> list[dict]:
         """Predict `texts` (and `text_pairs`) with `task`: one record per text, as `run_mixed` gives them
-        (task, label, scores, logits), plus the digest of the pack that answered it. Raises what the session raised for this request (UnknownTaskError,
-        WrongCallError, BitFitError, ...), or ServiceUnavailable when stopping."""
+        (task, label, scores, logits), plus the digest of the pack that answered it. Raises what the session
+        raised for this request (UnknownTaskError, WrongCallError, BitFitError, ...), or ServiceUnavailable
+        when stopping."""
         if self._closed:
             raise ServiceUnavailable("the server is shutting down")
         texts = list(texts)
