@@ -134,8 +134,7 @@ def findings(cells: dict, runs: list[dict]) -> list[str]:
     if curve:
         per_task = []
         for t, g in curve.items():
-            ends = sorted(g)[:1] + sorted(g)[-1:] if len(g) > 1 else sorted(g)
-            per_task.append(f"{t}: " + ", ".join(f"{n} examples {g[n].text()}" for n in ends)
+            per_task.append(f"{t}: " + ", ".join(f"{n} examples {g[n].text()}" for n in curve_ends(g))
                             + f" **{data_size_verdict(g)}**")
         out.append("- BitFit leads with little data, full fine-tuning with more (paper: Figures 2-3, BitFit ahead on "
                    "small training sets, the trend reversed with more data; goal: BitFit - full > 0 at the smallest "
@@ -211,14 +210,19 @@ def size_gaps(runs: list[dict]) -> dict[str, dict[int, Interval]]:
     return out
 
 
+def curve_ends(gaps: dict[int, Interval]) -> list[int]:
+    """The smallest and the largest size run (one size: just it)."""
+    return sorted(set(sorted(gaps)[:1] + sorted(gaps)[-1:]))
+
+
 def data_size_verdict(gaps: dict[int, Interval]) -> str:
     """The paper's data-size trend on one task: BitFit ahead with the least data (its interval above 0) and
     full fine-tuning ahead with the most (below 0). Partly: one end holds; not reproduced: full fine-tuning is
     ahead even at the smallest size."""
-    ends = sorted(gaps)[:1] + sorted(gaps)[-1:]
-    if len(gaps) < 2 or any(gaps[n].n < 2 for n in ends):
+    ends = curve_ends(gaps)
+    if len(ends) < 2 or any(gaps[n].n < 2 for n in ends):
         return "undetermined (needs two sizes with 2+ seeds)"
-    small, large = gaps[ends[0]], gaps[ends[1]]
+    small, large = gaps[ends[0]], gaps[ends[-1]]
     if small.high < 0:
         return "not reproduced"
     if small.low > 0 and large.high < 0:
