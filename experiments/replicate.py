@@ -6,7 +6,7 @@
     python experiments/replicate.py epochs      [--max-minutes M]
     python experiments/replicate.py sizes       [--tasks ...] [--max-minutes M]
     python experiments/replicate.py predictions [--max-minutes M]
-    python experiments/replicate.py mpnet       [--max-minutes M]
+    python experiments/replicate.py mpnet       [--tasks ...] [--max-minutes M]
     python experiments/replicate.py report
 
 `grid`: per task and method, the LR search on dev at seed 0 (protocol.search: the grid moves while the best
@@ -202,7 +202,8 @@ def plan_sizes(args: argparse.Namespace) -> Plan:
 
 def plan_mpnet(args: argparse.Namespace) -> Plan:
     def plan(runs: list[dict]) -> list[dict]:
-        return [spec(m, t, 0, lr, model="mpnet") for t in SIZE_TASKS for m in ("bitfit", "full")
+        tasks = [t for t in SIZE_TASKS if t in args.tasks]  # --tasks: one run at a time per task, as for sizes
+        return [spec(m, t, 0, lr, model="mpnet") for t in tasks for m in ("bitfit", "full")
                 if (lr := best_lr(runs, m, t)) is not None]
 
     return plan
@@ -241,8 +242,8 @@ def main() -> None:
     elif args.command == "predictions":
         rerun_predictions(args.max_minutes)
     else:
-        plans = {"grid": plan_grid, "controls": plan_controls, "lora": plan_lora, "epochs": plan_epochs, "sizes": plan_sizes,
-                 "mpnet": plan_mpnet}
+        plans = {"grid": plan_grid, "controls": plan_controls, "lora": plan_lora, "epochs": plan_epochs,
+                 "sizes": plan_sizes, "mpnet": plan_mpnet}
         drive(plans[args.command](args), args.max_minutes, args.command)
 
 

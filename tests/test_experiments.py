@@ -309,6 +309,18 @@ def test_the_size_curve_plan_honours_tasks_and_trains_every_size_long_enough():
     assert replicate.plan_sizes(argparse.Namespace(tasks=["sms-spam"]))([]) == []  # not a size task: nothing
 
 
+def test_the_mpnet_plan_honours_tasks_and_uses_minilms_chosen_lr():
+    import argparse
+
+    chosen = {"bitfit": 1e-3, "full": 3e-5}  # a finished search: the best dev at an inner LR of the start grid
+    runs = [row(m, t, lr, 80.0 if lr == chosen[m] else 70.0) for m in chosen for t in protocol.SIZE_TASKS
+            for lr in protocol.START[protocol.family(m)]]
+    plan = replicate.plan_mpnet(argparse.Namespace(tasks=["trec6"]))(runs)
+    assert {(s["method"], s["task"], s["lr"], s["model"]) for s in plan} == {
+        ("bitfit", "trec6", 1e-3, "mpnet"), ("full", "trec6", 3e-5, "mpnet")}
+    assert replicate.plan_mpnet(argparse.Namespace(tasks=["sms-spam"]))(runs) == []  # not one of its tasks
+
+
 def test_the_data_size_verdict_needs_both_ends_of_the_trend():
     import report
     from stats import Interval
