@@ -321,6 +321,24 @@ def test_the_mpnet_plan_honours_tasks_and_uses_minilms_chosen_lr():
     assert replicate.plan_mpnet(argparse.Namespace(tasks=["sms-spam"]))(runs) == []  # not one of its tasks
 
 
+def test_the_base_size_section_sets_mpnet_beside_minilm_at_the_same_lr():
+    import report
+
+    chosen = {"bitfit": 1e-3, "full": 3e-5}
+    runs = [row(m, t, lr, 80.0 if lr == chosen[m] else 70.0) for m in chosen for t in protocol.SIZE_TASKS
+            for lr in protocol.START[protocol.family(m)]]
+    runs += [row(m, "trec6", chosen[m], 80.0, seed=s, test_metric=88.0 + s + (m == "full")) for m in chosen
+             for s in (1, 2)]
+    assert report.base_size(runs) == []  # no mpnet run: no section
+    runs += [row("bitfit", "trec6", 1e-3, 85.0, model="mpnet", test_metric=90.5, seconds=600.0)]
+    lines = report.base_size(runs)
+    assert "| BitFit (all biases) | trec6 | 0.001 | 85.00 | 90.50 | 80.00 | 600 |" in lines
+    assert not any(ln.startswith("BitFit - full") for ln in lines)  # full not run on mpnet yet: no gap
+    runs += [row("full", "trec6", 3e-5, 86.0, model="mpnet", test_metric=92.0, seconds=900.0)]
+    gap = report.base_size(runs)[-1]
+    assert gap.startswith("BitFit - full fine-tuning on all-mpnet-base-v2") and "trec6 -1.50 (MiniLM, 3 seeds" in gap
+
+
 def test_the_data_size_verdict_needs_both_ends_of_the_trend():
     import report
     from stats import Interval
