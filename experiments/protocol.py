@@ -100,6 +100,26 @@ def search(runs: list[dict], method: str, task: str, train_size: int = TRAIN_SIZ
     return best, None, lrs
 
 
+def base_search(runs: list[dict], method: str, task: str, model: str = "mpnet"
+                ) -> tuple[float | None, float | None, list[float]]:
+    """`search` for the base-size model, small because a run there costs ~5x MiniLM's: MiniLM's chosen LR,
+    then the ladder step below and above it, seed 0; the best dev of the three is chosen, with no further
+    move off an edge (the table says where a choice sits at one). (None, None, []) while MiniLM's search for
+    this method and task is not finished."""
+    centre = best_lr(runs, method, task)
+    if centre is None:
+        return None, None, []
+    ladder = LADDER[family(method)]
+    i = ladder.index(centre)
+    grid = [centre] + [ladder[j] for j in (i - 1, i + 1) if 0 <= j < len(ladder)]
+    tried = {r["lr"]: r["dev_metric"] for r in runs
+             if r["seed"] == 0 and _matches(r, method, task, TRAIN_SIZE, EPOCHS, model)}
+    for lr in grid:
+        if lr not in tried:
+            return None, lr, sorted(tried)
+    return max(sorted(tried), key=lambda lr: tried[lr]), None, sorted(tried)
+
+
 def best_lr(runs: list[dict], method: str, task: str, train_size: int = TRAIN_SIZE, epochs: int = EPOCHS,
             model: str = "minilm") -> float | None:
     """The LR the search chose, or None while it is not finished."""

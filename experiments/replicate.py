@@ -18,7 +18,8 @@ LR is at its edge), then seeds 1-2 at the chosen LR (BitFit and full fine-tuning
 searched at every size, at least 250 optimizer steps at every size, 3 seeds. `predictions`: the test-set
 predictions of BitFit and full fine-tuning at their chosen LRs, for the paired tests, re-running runs made
 before predictions were saved (and recording whether the re-run reproduced the logged score).
-`mpnet`: all-mpnet-base-v2, BitFit vs full fine-tuning on two tasks at MiniLM's chosen LRs, seed 0.
+`mpnet`: all-mpnet-base-v2, BitFit vs full fine-tuning on two tasks, seed 0, a small LR search
+(protocol.base_search: MiniLM's chosen LR and the ladder step either side).
 
 Every finished run is one JSON line in experiments/results/runs.jsonl (and its test predictions a small
 .npz in experiments/results/predictions/) and is never recomputed: stop at any time (or give
@@ -52,6 +53,7 @@ from protocol import (  # noqa: E402
     TASKS,
     TRAIN_SIZE,
     at_best,
+    base_search,
     best_lr,
     epochs_for,
     key,
@@ -203,8 +205,10 @@ def plan_sizes(args: argparse.Namespace) -> Plan:
 def plan_mpnet(args: argparse.Namespace) -> Plan:
     def plan(runs: list[dict]) -> list[dict]:
         tasks = [t for t in SIZE_TASKS if t in args.tasks]  # --tasks: one run at a time per task, as for sizes
-        return [spec(m, t, 0, lr, model="mpnet") for t in tasks for m in ("bitfit", "full")
-                if (lr := best_lr(runs, m, t)) is not None]
+        steps = [(m, t, base_search(runs, m, t)) for t in tasks for m in ("bitfit", "full")]
+        # MiniLM's LR for both methods first (the gap at the transferred LR comes early), then the neighbours
+        steps.sort(key=lambda s: len(s[2][2]))
+        return [spec(m, t, 0, lr, model="mpnet") for m, t, (_, lr, _) in steps if lr is not None]
 
     return plan
 

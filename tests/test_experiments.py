@@ -309,19 +309,30 @@ def test_the_size_curve_plan_honours_tasks_and_trains_every_size_long_enough():
     assert replicate.plan_sizes(argparse.Namespace(tasks=["sms-spam"]))([]) == []  # not a size task: nothing
 
 
-def test_the_mpnet_plan_honours_tasks_and_uses_minilms_chosen_lr():
+def test_the_mpnet_plan_honours_tasks_and_searches_around_minilms_chosen_lr():
     import argparse
 
     chosen = {"bitfit": 1e-3, "full": 3e-5}  # a finished search: the best dev at an inner LR of the start grid
     runs = [row(m, t, lr, 80.0 if lr == chosen[m] else 70.0) for m in chosen for t in protocol.SIZE_TASKS
             for lr in protocol.START[protocol.family(m)]]
-    plan = replicate.plan_mpnet(argparse.Namespace(tasks=["trec6"]))(runs)
-    assert {(s["method"], s["task"], s["lr"], s["model"]) for s in plan} == {
-        ("bitfit", "trec6", 1e-3, "mpnet"), ("full", "trec6", 3e-5, "mpnet")}
+    plan = replicate.plan_mpnet(argparse.Namespace(tasks=["trec6"]))
+    assert {(s["method"], s["task"], s["lr"], s["model"], s["seed"]) for s in plan(runs)} == {
+        ("bitfit", "trec6", 1e-3, "mpnet", 0), ("full", "trec6", 3e-5, "mpnet", 0)}  # MiniLM's LR first
     assert replicate.plan_mpnet(argparse.Namespace(tasks=["sms-spam"]))(runs) == []  # not one of its tasks
+    assert protocol.base_search(runs, "bitfit", "trec6") == (None, 1e-3, [])
+    runs += [row(m, "trec6", chosen[m], 85.0, model="mpnet") for m in chosen]
+    assert [s["lr"] for s in plan(runs)] == [3e-4, 1e-5]  # then the ladder step below ...
+    runs += [row("bitfit", "trec6", 3e-4, 84.0, model="mpnet"), row("full", "trec6", 1e-5, 86.0, model="mpnet")]
+    assert [s["lr"] for s in plan(runs)] == [3e-3, 5e-5]  # ... and above
+    runs += [row("bitfit", "trec6", 3e-3, 87.0, model="mpnet"), row("full", "trec6", 5e-5, 10.0, model="mpnet")]
+    assert plan(runs) == []  # three LRs each: done, no move off an edge
+    assert protocol.base_search(runs, "bitfit", "trec6") == (3e-3, None, [3e-4, 1e-3, 3e-3])  # best dev, an edge
+    assert protocol.base_search(runs, "full", "trec6")[0] == 1e-5
+    no_top = [r for r in runs if not (r["model"] == "mpnet" and r["method"] == "bitfit" and r["lr"] == 3e-3)]
+    assert protocol.base_search(no_top, "bitfit", "trec6")[:2] == (None, 3e-3)  # MiniLM's run at 3e-3 doesn't count
 
 
-def test_the_base_size_section_sets_mpnet_beside_minilm_at_the_same_lr():
+def test_the_base_size_section_sets_mpnet_beside_minilm_and_states_how_far_its_search_got():
     import report
 
     chosen = {"bitfit": 1e-3, "full": 3e-5}
@@ -330,13 +341,19 @@ def test_the_base_size_section_sets_mpnet_beside_minilm_at_the_same_lr():
     runs += [row(m, "trec6", chosen[m], 80.0, seed=s, test_metric=88.0 + s + (m == "full")) for m in chosen
              for s in (1, 2)]
     assert report.base_size(runs) == []  # no mpnet run: no section
-    runs += [row("bitfit", "trec6", 1e-3, 85.0, model="mpnet", test_metric=90.5, seconds=600.0)]
+    mp = lambda m, lr, dev, test: row(m, "trec6", lr, dev, model="mpnet", test_metric=test, seconds=600.0)  # noqa: E731
+    runs.append(mp("bitfit", 1e-3, 85.0, 90.5))
     lines = report.base_size(runs)
-    assert "| BitFit (all biases) | trec6 | 0.001 | 85.00 | 90.50 | 80.00 | 600 |" in lines
+    assert "| BitFit (all biases) | trec6 | 0.001 | 85.00 | 90.50 | 0.001: 80.00 | 600 |  |" in lines
     assert not any(ln.startswith("BitFit - full") for ln in lines)  # full not run on mpnet yet: no gap
-    runs += [row("full", "trec6", 3e-5, 86.0, model="mpnet", test_metric=92.0, seconds=900.0)]
-    gap = report.base_size(runs)[-1]
-    assert gap.startswith("BitFit - full fine-tuning on all-mpnet-base-v2") and "trec6 -1.50 (MiniLM, 3 seeds" in gap
+    runs.append(mp("full", 3e-5, 86.0, 92.0))
+    assert "trec6 -1.50 (at MiniLM's LRs, search unfinished; MiniLM, 3 seeds paired" in report.base_size(runs)[-1]
+    runs += [mp("bitfit", 3e-4, 84.0, 80.0), mp("bitfit", 3e-3, 87.0, 91.0),
+             mp("full", 1e-5, 87.0, 93.5), mp("full", 5e-5, 85.0, 99.0)]
+    lines = report.base_size(runs)
+    assert "| BitFit (all biases) | trec6 | 0.003 | 87.00 | 91.00 | 0.001: 80.00 | 600 | chosen, at an edge |" in lines
+    assert "| Full fine-tuning | trec6 | 3e-05 | 86.00 | 92.00 | 3e-05: 80.00 | 600 |  |" in lines
+    assert "trec6 -2.50 (at the chosen LRs; MiniLM" in lines[-1]  # best dev, not best test: 91.0 - 93.5
 
 
 def test_the_data_size_verdict_needs_both_ends_of_the_trend():
