@@ -527,7 +527,7 @@ def base_size(runs: list[dict]) -> list[str]:
             continue
         how = "at the chosen LRs" if all(done for _, done in picked.values()) else "at MiniLM's LRs, search unfinished"
         mini = paired_gap(by_seed(at_best(runs, "bitfit", t)), by_seed(at_best(runs, "full", t)))
-        gaps.append(f"{t} {picked['bitfit'][0] - picked['full'][0]:.2f} ({how}; MiniLM, {mini.n} seeds paired: "
+        gaps.append(f"{t} {picked['bitfit'][0] - picked['full'][0]:.2f} ({how}; MiniLM, paired by seed: "
                     f"{mini.text()})")
     if gaps:
         lines += ["", "BitFit - full fine-tuning on all-mpnet-base-v2, seed 0 (one seed: no interval): "

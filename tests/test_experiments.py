@@ -347,7 +347,7 @@ def test_the_base_size_section_sets_mpnet_beside_minilm_and_states_how_far_its_s
     assert "| BitFit (all biases) | trec6 | 0.001 | 85.00 | 90.50 | 0.001: 80.00 | 600 |  |" in lines
     assert not any(ln.startswith("BitFit - full") for ln in lines)  # full not run on mpnet yet: no gap
     runs.append(mp("full", 3e-5, 86.0, 92.0))
-    assert "trec6 -1.50 (at MiniLM's LRs, search unfinished; MiniLM, 3 seeds paired" in report.base_size(runs)[-1]
+    assert "trec6 -1.50 (at MiniLM's LRs, search unfinished; MiniLM, paired by seed" in report.base_size(runs)[-1]
     runs += [mp("bitfit", 3e-4, 84.0, 80.0), mp("bitfit", 3e-3, 87.0, 91.0),
              mp("full", 1e-5, 87.0, 93.5), mp("full", 5e-5, 85.0, 99.0)]
     lines = report.base_size(runs)
