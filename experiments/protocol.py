@@ -67,6 +67,10 @@ def key(row: dict) -> tuple:
     return tuple(row.get(k, "minilm") if k == "model" else row[k] for k in KEY)
 
 
+def by_seed(rows: list[dict], field: str = "test_metric") -> dict[int, float]:
+    return {r["seed"]: r[field] for r in rows}
+
+
 def predictions_path(row: dict) -> Path:
     model, method, task, seed, lr, epochs, size = key(row)
     return PREDICTIONS / f"{model}-{method.replace(',', '+')}-{task}-s{seed}-lr{lr:g}-e{epochs}-n{size}.npz"

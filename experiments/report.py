@@ -21,6 +21,7 @@ from protocol import (
     at_best,
     base_search,
     best_lr,
+    by_seed,
     epochs_for,
     family,
     predictions_path,
@@ -44,10 +45,6 @@ PAPER_AVG = {"full": 82.3, "bitfit": 82.4, "bq,bm2": 81.1, "bm2": 80.0, "bq": 76
              "rand_uniform": 78.5, "rand_row_col": 79.5}
 KINDS = ("bq", "bk", "bv", "bm1", "bLN1", "bm2", "bm3", "bLN2")
 Gold = Callable[[str], tuple[np.ndarray, str, int]]  # task -> (test gold, metric, number of classes)
-
-
-def by_seed(rows: list[dict], field: str = "test_metric") -> dict[int, float]:
-    return {r["seed"]: r[field] for r in rows}
 
 
 def final(runs: list[dict], methods=METHODS, tasks=TASKS, **where) -> dict[tuple[str, str], list[dict]]:

@@ -309,6 +309,36 @@ def test_the_size_curve_plan_honours_tasks_and_trains_every_size_long_enough():
     assert replicate.plan_sizes(argparse.Namespace(tasks=["sms-spam"]))([]) == []  # not a size task: nothing
 
 
+def test_the_size_curve_gets_five_seeds_where_its_gap_straddles_zero():
+    import argparse
+
+    n, e = 250, protocol.epochs_for(250)
+    chosen = {"bitfit": 1e-3, "full": 3e-5}
+
+    def runs_with(diffs):  # a finished search at 250 on trec6, then seeds 1-2; BitFit - full = diffs by seed
+        out = [row(m, "trec6", lr, 80.0 if lr == chosen[m] else 70.0, train_size=n, epochs=e,
+                   test_metric=80.0 + (diffs[0] if m == "bitfit" else 0.0))
+               for m in chosen for lr in protocol.START[protocol.family(m)]]
+        return out + [row(m, "trec6", chosen[m], 80.0, seed=s, train_size=n, epochs=e,
+                          test_metric=80.0 + (diffs[s] if m == "bitfit" else 0.0)) for m in chosen for s in (1, 2)]
+
+    def plan(runs):  # what the runner would still run
+        done = {protocol.key(r) for r in runs}
+        return [s for s in replicate.plan_sizes(argparse.Namespace(tasks=["trec6"]))(runs)
+                if protocol.key(s) not in done]
+
+    level = runs_with([-1.0, 2.0, -2.0])
+    extra = [(s["method"], s["seed"], s["lr"], s["train_size"], s["epochs"]) for s in plan(level)
+             if s["train_size"] == n]
+    assert extra == [("bitfit", 3, 1e-3, n, e), ("bitfit", 4, 1e-3, n, e), ("full", 3, 3e-5, n, e),
+                     ("full", 4, 3e-5, n, e)]
+    assert not [s for s in plan(runs_with([-1.0, -1.2, -0.8])) if s["train_size"] == n]  # full ahead: 3 seeds
+    level = runs_with([1.0, 1.0, 0.2]) + [row(m, "trec6", chosen[m], 80.0, seed=3, train_size=n, epochs=e,
+                                              test_metric=81.0 if m == "bitfit" else 80.0) for m in chosen]
+    # with seed 3 the interval is above 0; seeds 0-2 decide, so seed 4 still comes for both
+    assert {(s["method"], s["seed"]) for s in plan(level) if s["train_size"] == n} == {("bitfit", 4), ("full", 4)}
+
+
 def test_the_mpnet_plan_honours_tasks_and_searches_around_minilms_chosen_lr():
     import argparse
 
