@@ -89,8 +89,13 @@ def search(runs: list[dict], method: str, task: str, train_size: int = TRAIN_SIZ
     ladder step beyond it. Ties go to the smaller LR."""
     tried = {r["lr"]: r["dev_metric"] for r in runs
              if r["seed"] == 0 and _matches(r, method, task, train_size, epochs, model)}
-    ladder = LADDER[family(method)]
-    for lr in START[family(method)]:
+    return _off_edges(tried, START[family(method)], LADDER[family(method)])
+
+
+def _off_edges(tried: dict[float, float], start, ladder) -> tuple[float | None, float | None, list[float]]:
+    """`search`'s rule on the dev scores tried so far: every LR of `start`, then one ladder step out while the
+    best (ties: the smaller LR) is at the lowest or highest LR tried."""
+    for lr in start:
         if lr not in tried:
             return None, lr, sorted(tried)
     best = max(sorted(tried), key=lambda lr: tried[lr])
@@ -106,22 +111,18 @@ def search(runs: list[dict], method: str, task: str, train_size: int = TRAIN_SIZ
 
 def base_search(runs: list[dict], method: str, task: str, model: str = "mpnet"
                 ) -> tuple[float | None, float | None, list[float]]:
-    """`search` for the base-size model, small because a run there costs ~5x MiniLM's: MiniLM's chosen LR,
-    then the ladder step below and above it, seed 0; the best dev of the three is chosen, with no further
-    move off an edge (the table says where a choice sits at one). (None, None, []) while MiniLM's search for
-    this method and task is not finished."""
+    """`search` for the base-size model, started small because a run there costs ~5x MiniLM's: MiniLM's chosen
+    LR, then the ladder step below and above it (seed 0), then, as in `search`, one step out while the best
+    dev is at an edge of what was tried. (None, None, []) while MiniLM's own search is not finished."""
     centre = best_lr(runs, method, task)
     if centre is None:
         return None, None, []
     ladder = LADDER[family(method)]
     i = ladder.index(centre)
-    grid = [centre] + [ladder[j] for j in (i - 1, i + 1) if 0 <= j < len(ladder)]
+    start = [centre] + [ladder[j] for j in (i - 1, i + 1) if 0 <= j < len(ladder)]
     tried = {r["lr"]: r["dev_metric"] for r in runs
              if r["seed"] == 0 and _matches(r, method, task, TRAIN_SIZE, EPOCHS, model)}
-    for lr in grid:
-        if lr not in tried:
-            return None, lr, sorted(tried)
-    return max(sorted(tried), key=lambda lr: tried[lr]), None, sorted(tried)
+    return _off_edges(tried, start, ladder)
 
 
 def best_lr(runs: list[dict], method: str, task: str, train_size: int = TRAIN_SIZE, epochs: int = EPOCHS,

@@ -501,14 +501,15 @@ def _base_pick(runs: list[dict], mp: list[dict], method: str, task: str) -> tupl
 
 
 def base_size(runs: list[dict]) -> list[str]:
-    """all-mpnet-base-v2 beside MiniLM: every run of its small LR search (protocol.base_search), and BitFit - full
+    """all-mpnet-base-v2 beside MiniLM: every run of its LR search (protocol.base_search), and BitFit - full
     per task at the chosen LRs, or at MiniLM's while a search is unfinished. One seed (a run is ~5x MiniLM's on
     the 2 CPU cores), so no interval of its own."""
     mp = sorted((r for r in runs if r.get("model") == "mpnet"), key=lambda r: (r["task"], r["method"], r["lr"]))
     if not mp:
         return []
-    lines = ["", "## all-mpnet-base-v2 (base size, 109M; seed 0; LR searched over MiniLM's choice and one step "
-             "either side)", "", "| method | task | LR | dev | test | MiniLM's LR, its test at seed 0 | seconds | |",
+    lines = ["", "## all-mpnet-base-v2 (base size, 109M; seed 0; LR searched from MiniLM's choice and one step "
+             "either side, off the edges)", "",
+             "| method | task | LR | dev | test | MiniLM's LR, its test at seed 0 | seconds | |",
              "|---|---|---|---|---|---|---|---|"]
     for r in mp:
         m, t = r["method"], r["task"]

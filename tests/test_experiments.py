@@ -339,7 +339,7 @@ def test_the_size_curve_gets_five_seeds_where_its_gap_straddles_zero():
     assert {(s["method"], s["seed"]) for s in plan(level) if s["train_size"] == n} == {("bitfit", 4), ("full", 4)}
 
 
-def test_the_mpnet_plan_honours_tasks_and_searches_around_minilms_chosen_lr():
+def test_the_mpnet_plan_honours_tasks_and_searches_from_minilms_chosen_lr_off_the_edges():
     import argparse
 
     chosen = {"bitfit": 1e-3, "full": 3e-5}  # a finished search: the best dev at an inner LR of the start grid
@@ -355,8 +355,10 @@ def test_the_mpnet_plan_honours_tasks_and_searches_around_minilms_chosen_lr():
     runs += [row("bitfit", "trec6", 3e-4, 84.0, model="mpnet"), row("full", "trec6", 1e-5, 86.0, model="mpnet")]
     assert [s["lr"] for s in plan(runs)] == [3e-3, 5e-5]  # ... and above
     runs += [row("bitfit", "trec6", 3e-3, 87.0, model="mpnet"), row("full", "trec6", 5e-5, 10.0, model="mpnet")]
-    assert plan(runs) == []  # three LRs each: done, no move off an edge
-    assert protocol.base_search(runs, "bitfit", "trec6") == (3e-3, None, [3e-4, 1e-3, 3e-3])  # best dev, an edge
+    assert [s["lr"] for s in plan(runs)] == [1e-2, 3e-6]  # best at an edge: one step out, as the main search
+    runs += [row("bitfit", "trec6", 1e-2, 20.0, model="mpnet"), row("full", "trec6", 3e-6, 60.0, model="mpnet")]
+    assert plan(runs) == []
+    assert protocol.base_search(runs, "bitfit", "trec6") == (3e-3, None, [3e-4, 1e-3, 3e-3, 1e-2])  # best dev
     assert protocol.base_search(runs, "full", "trec6")[0] == 1e-5
     no_top = [r for r in runs if not (r["model"] == "mpnet" and r["method"] == "bitfit" and r["lr"] == 3e-3)]
     assert protocol.base_search(no_top, "bitfit", "trec6")[:2] == (None, 3e-3)  # MiniLM's run at 3e-3 doesn't count
@@ -380,8 +382,10 @@ def test_the_base_size_section_sets_mpnet_beside_minilm_and_states_how_far_its_s
     assert "trec6 -1.50 (at MiniLM's LRs, search unfinished; MiniLM, paired by seed" in report.base_size(runs)[-1]
     runs += [mp("bitfit", 3e-4, 84.0, 80.0), mp("bitfit", 3e-3, 87.0, 91.0),
              mp("full", 1e-5, 87.0, 93.5), mp("full", 5e-5, 85.0, 99.0)]
+    assert "search unfinished" in report.base_size(runs)[-1]  # both bests at an edge: one step out to go
+    runs += [mp("bitfit", 1e-2, 20.0, 20.0), mp("full", 3e-6, 60.0, 60.0)]
     lines = report.base_size(runs)
-    assert "| BitFit (all biases) | trec6 | 0.003 | 87.00 | 91.00 | 0.001: 80.00 | 600 | chosen, at an edge |" in lines
+    assert "| BitFit (all biases) | trec6 | 0.003 | 87.00 | 91.00 | 0.001: 80.00 | 600 | chosen |" in lines
     assert "| Full fine-tuning | trec6 | 3e-05 | 86.00 | 92.00 | 3e-05: 80.00 | 600 |  |" in lines
     assert "trec6 -2.50 (at the chosen LRs; MiniLM" in lines[-1]  # best dev, not best test: 91.0 - 93.5
 
