@@ -499,20 +499,22 @@ def base_size(runs: list[dict]) -> list[str]:
     mp = sorted((r for r in runs if r.get("model") == "mpnet"), key=lambda r: (r["task"], r["method"], r["lr"]))
     if not mp:
         return []
+    cells = {(m, t) for m in ("bitfit", "full") for t in SIZE_TASKS} | {(r["method"], r["task"]) for r in mp}
+    search = {(m, t): base_search(runs, m, t) for m, t in cells}  # once per cell, not per row
     lines = ["", "## all-mpnet-base-v2 (base size, 109M; seed 0; LR searched from MiniLM's choice and one step "
              "either side, off the edges)", "",
              "| method | task | LR | dev | test | MiniLM's LR, its test at seed 0 | seconds | |",
              "|---|---|---|---|---|---|---|---|"]
     for r in mp:
         m, t = r["method"], r["task"]
-        chosen, _, tried = base_search(runs, m, t)
+        chosen, _, tried = search[m, t]
         lr, mini = best_lr(runs, m, t), by_seed(at_best(runs, m, t)).get(0)
         mark = "" if r["lr"] != chosen else "chosen, at an edge" if r["lr"] in (tried[0], tried[-1]) else "chosen"
         lines.append(f"| {LABEL[m]} | {t} | {r['lr']:g} | {r['dev_metric']:.2f} | {r['test_metric']:.2f} | "
                      f"{'-' if mini is None else f'{lr:g}: {mini:.2f}'} | {r['seconds']:.0f} | {mark} |")
     gaps = []
     for t in SIZE_TASKS:
-        chosen = {m: base_search(runs, m, t)[0] for m in ("bitfit", "full")}
+        chosen = {m: search[m, t][0] for m in ("bitfit", "full")}
         if None in chosen.values():  # no gap at a half-searched LR: there a run may have diverged (chance level)
             if any(r["task"] == t for r in mp):
                 gaps.append(f"{t}: LR search not finished")
