@@ -87,9 +87,14 @@ def search(runs: list[dict], method: str, task: str, train_size: int = TRAIN_SIZ
 
     The start grid first; then, while the best dev score is at the lowest or highest LR tried, the next
     ladder step beyond it. Ties go to the smaller LR."""
-    tried = {r["lr"]: r["dev_metric"] for r in runs
-             if r["seed"] == 0 and _matches(r, method, task, train_size, epochs, model)}
-    return _off_edges(tried, START[family(method)], LADDER[family(method)])
+    return _off_edges(_tried(runs, method, task, train_size, epochs, model), START[family(method)],
+                      LADDER[family(method)])
+
+
+def _tried(runs: list[dict], method: str, task: str, train_size: int, epochs: int, model: str) -> dict[float, float]:
+    """LR -> dev score of the seed-0 runs a search has made."""
+    return {r["lr"]: r["dev_metric"] for r in runs
+            if r["seed"] == 0 and _matches(r, method, task, train_size, epochs, model)}
 
 
 def _off_edges(tried: dict[float, float], start, ladder) -> tuple[float | None, float | None, list[float]]:
@@ -120,9 +125,7 @@ def base_search(runs: list[dict], method: str, task: str, model: str = "mpnet"
     ladder = LADDER[family(method)]
     i = ladder.index(centre)
     start = [centre] + [ladder[j] for j in (i - 1, i + 1) if 0 <= j < len(ladder)]
-    tried = {r["lr"]: r["dev_metric"] for r in runs
-             if r["seed"] == 0 and _matches(r, method, task, TRAIN_SIZE, EPOCHS, model)}
-    return _off_edges(tried, start, ladder)
+    return _off_edges(_tried(runs, method, task, TRAIN_SIZE, EPOCHS, model), start, ladder)
 
 
 def best_lr(runs: list[dict], method: str, task: str, train_size: int = TRAIN_SIZE, epochs: int = EPOCHS,
