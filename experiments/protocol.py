@@ -11,6 +11,8 @@ import json
 import math
 from pathlib import Path
 
+from stats import Interval, paired_gap
+
 RESULTS = Path(__file__).resolve().parent / "results"
 RUNS = RESULTS / "runs.jsonl"
 PREDICTIONS = RESULTS / "predictions"  # per run: test-set predictions, for paired tests
@@ -139,3 +141,15 @@ def at_best(runs: list[dict], method: str, task: str, train_size: int = TRAIN_SI
     """The runs at the chosen LR (every seed), or [] while the search is not finished."""
     lr = best_lr(runs, method, task, train_size, epochs, model)
     return [r for r in runs if lr is not None and r["lr"] == lr and _matches(r, method, task, train_size, epochs, model)]
+
+
+def size_gap(runs: list[dict], task: str, train_size: int, seeds: tuple[int, ...] | None = None) -> Interval | None:
+    """BitFit minus full fine-tuning at one point of the data-size curve, each at its chosen LR, paired by seed;
+    None while either search is not finished. With `seeds`, over exactly those (None until both have them all):
+    the runner decides on extra seeds from the first three alone, the report uses every seed run."""
+    b, f = (by_seed(at_best(runs, m, task, train_size, epochs_for(train_size))) for m in ("bitfit", "full"))
+    if seeds is not None:
+        if not set(seeds) <= set(b) & set(f):
+            return None
+        b, f = {s: b[s] for s in seeds}, {s: f[s] for s in seeds}
+    return paired_gap(b, f) if b and f else None

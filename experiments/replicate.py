@@ -55,15 +55,14 @@ from protocol import (  # noqa: E402
     at_best,
     base_search,
     best_lr,
-    by_seed,
     epochs_for,
     key,
     model_dir,
     predictions_path,
     read_runs,
     search,
+    size_gap,
 )
-from stats import paired_gap  # noqa: E402
 
 Plan = Callable[[list[dict]], list[dict]]
 
@@ -209,15 +208,8 @@ def straddling(runs: list[dict], tasks) -> list[tuple[str, int]]:
     """(task, size) of the data-size curve where BitFit - full over seeds 0-2 has a 95% interval across 0, the
     paper's goal there: those get seeds 3-4 too, as the main grid's gap did. Decided on seeds 0-2 only, so
     the two extra seeds are asked for together whatever they turn out to be."""
-    out = []
-    for t in tasks:
-        for n in SIZES:
-            b, f = (by_seed(at_best(runs, m, t, n, epochs_for(n))) for m in ("bitfit", "full"))
-            if set(SEEDS) <= set(b) & set(f):
-                gap = paired_gap({s: b[s] for s in SEEDS}, {s: f[s] for s in SEEDS})
-                if gap.low < 0 < gap.high:
-                    out.append((t, n))
-    return out
+    return [(t, n) for t in tasks for n in SIZES
+            if (gap := size_gap(runs, t, n, SEEDS)) is not None and gap.low < 0 < gap.high]
 
 
 def plan_mpnet(args: argparse.Namespace) -> Plan:

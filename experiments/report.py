@@ -26,6 +26,7 @@ from protocol import (
     family,
     predictions_path,
     search,
+    size_gap,
 )
 from stats import (
     Interval,
@@ -203,9 +204,8 @@ def size_gaps(runs: list[dict]) -> dict[str, dict[int, Interval]]:
     out: dict[str, dict[int, Interval]] = defaultdict(dict)
     for t in SIZE_TASKS:
         for n in SIZES:
-            b, f = at_best(runs, "bitfit", t, n, epochs_for(n)), at_best(runs, "full", t, n, epochs_for(n))
-            if b and f:
-                out[t][n] = paired_gap(by_seed(b), by_seed(f))
+            if (gap := size_gap(runs, t, n)) is not None:
+                out[t][n] = gap
     return out
 
 

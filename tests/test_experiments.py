@@ -312,6 +312,8 @@ def test_the_size_curve_plan_honours_tasks_and_trains_every_size_long_enough():
 def test_the_size_curve_gets_five_seeds_where_its_gap_straddles_zero():
     import argparse
 
+    import report
+
     n, e = 250, protocol.epochs_for(250)
     chosen = {"bitfit": 1e-3, "full": 3e-5}
 
@@ -337,6 +339,12 @@ def test_the_size_curve_gets_five_seeds_where_its_gap_straddles_zero():
                                               test_metric=81.0 if m == "bitfit" else 80.0) for m in chosen]
     # with seed 3 the interval is above 0; seeds 0-2 decide, so seed 4 still comes for both
     assert {(s["method"], s["seed"]) for s in plan(level) if s["train_size"] == n} == {("bitfit", 4), ("full", 4)}
+    # once run, the report's gap at that size counts all five seeds (the runner's three-seed view is its own)
+    five = runs_with([-1.0, 2.0, -2.0]) + [row(m, "trec6", chosen[m], 80.0, seed=s, train_size=n, epochs=e,
+                                               test_metric=83.0 if (m, s) == ("bitfit", 3) else 80.0)
+                                           for m in chosen for s in protocol.MORE_SEEDS]
+    gap = report.size_gaps(five)["trec6"][n]
+    assert (gap.n, gap.mean) == (5, pytest.approx((-1.0 + 2.0 - 2.0 + 3.0 + 0.0) / 5))
 
 
 def test_the_mpnet_plan_honours_tasks_and_searches_from_minilms_chosen_lr_off_the_edges():
