@@ -236,6 +236,48 @@ def test_the_version_is_the_pack_that_ran_when_a_swap_follows_the_run(bert_compi
         assert after["outputs"] != before["outputs"]
 
 
+@pytest.mark.parametrize("key, swap", [("tags", "single"), ("single", "scores"), ("single", "pairs"),
+                                       ("single", "single")])
+def test_a_reload_between_reading_and_running_a_request(bert_compiled, packs_dir, names, key, swap, monkeypatch):
+    """A request is read against one pack's signature; a reload landing before it runs may change the task's
+    kind (or its pairs). Then the answer is a 503 to retry, never the other kind's refusal ('POST it to
+    /v1/...'), a crash, or the other kind's outputs under this signature. A reload that keeps the signature
+    is answered by the new pack, labelled with its version."""
+    from bitfit.runtime import load_pack
+    from bitfit.runtime.pack import TaskPack
+    from bitfit.serve import v2
+
+    session = TaskSession(bert_compiled, threads=1)
+    app = create_app(session, packs_dir, ServeConfig(max_texts=8))
+    task = names[key]
+    new = load_pack(packs_dir / swap)
+    if swap == key:  # the same task retrained: same signature, other numbers
+        new = TaskPack(new.manifest, {**new.tensors, "head.bias": new.tensors["head.bias"] + np.float32(0.5)})
+        new.manifest.manifest_sha256 = new.manifest.tensors_sha256 = ""
+    real = v2.parse_infer
+
+    def read_then_reload(*args, **kwargs):
+        req = real(*args, **kwargs)
+        session.register(new, name=task, replace=True)
+        return req
+
+    body = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": TEXTS[:1]}]}
+    with TestClient(app) as c:
+        monkeypatch.setattr(v2, "parse_infer", read_then_reload)
+        raced = c.post(f"/v2/models/{task}/infer", json=body)
+        monkeypatch.setattr(v2, "parse_infer", real)
+        if swap == key:
+            after = c.post(f"/v2/models/{task}/infer", json=body).json()
+    assert session.digest(task) == new.digest()
+    if swap != key:
+        assert raced.status_code == 503, raced.text
+        assert f"task {task!r} was reloaded as a" in raced.json()["error"] and "retry" in raced.json()["error"]
+    else:
+        assert raced.status_code == 200, raced.text
+        assert raced.json()["model_version"] == after["model_version"] == new.digest()[:16]
+        assert raced.json()["outputs"] == after["outputs"]
+
+
 def test_v2_and_v1_requests_share_the_batcher(server, names):
     import httpx
 

@@ -439,9 +439,24 @@ def create_app(
             return fn(task, *args), digest
         return call
 
+    def reloaded_under(task: str, parsed: Any, ran: str | None) -> ServiceUnavailable | None:
+        """A reload that changed the task's signature (its kind, or pairs) between parsing a request against one
+        pack and running it on another: the request was read for a model that no longer exists, so the honest
+        answer is a retry (the client re-reads the metadata), not the other kind's refusal or its outputs."""
+        pack, digest = session.pack(task), session.digest(task)  # UnknownTaskError (removed): 404 as ever
+        if ran is not None and digest != ran:  # reloaded again since: which pack ran is no longer known
+            same = False
+        else:
+            was, now = KINDS[parsed.manifest.task_kind], KINDS[pack.manifest.task_kind]
+            same = (v2.inputs_of(was, parsed.manifest), v2.outputs_of(was, parsed.manifest)) == \
+                (v2.inputs_of(now, pack.manifest), v2.outputs_of(now, pack.manifest))
+        return None if same else ServiceUnavailable(
+            f"task {task!r} was reloaded as a {pack.manifest.task_kind} task with another signature while this "
+            f"request ran: retry it (GET /v2/models/{task} for the new inputs and outputs)")
+
     async def v2_infer(request: Request) -> Response:
         check_door(request, config, admin=False)
-        task, _, pack = v2_task(request)
+        task, parsed_digest, pack = v2_task(request)
         kind = KINDS[pack.manifest.task_kind]
         raw = await read_body(request, int(config.max_body_bytes or 0), config.body_timeout_s)
         req = v2.parse_infer(raw, request.headers.get(v2.HEADER_LENGTH), v2.inputs_of(kind, pack.manifest),
@@ -449,16 +464,25 @@ def create_app(
         v2.check_outputs(req, v2.outputs_of(kind, pack.manifest))
         # the version reported is the digest of the pack that ran, read on the inference thread with the run
         # (a reload between the run and the response must not label old outputs with the new version)
-        if kind.call == "answer":
-            result, digest = await batcher.call(versioned(session.answer), task, req.inputs["question"],
-                                                req.inputs["context"])
-            records = result.records()
-        elif kind.call == "run_tokens":
-            result, digest = await batcher.call(versioned(session.run_tokens), task, req.inputs["text"])
-            records = result.records()
-        else:  # batched with every other sequence request, /v1 and /v2 alike
-            records = await batcher.submit(task, req.inputs["text"], req.inputs.get("text_pair"))
-            digest = records[0]["digest"]
+        try:
+            if kind.call == "answer":
+                result, digest = await batcher.call(versioned(session.answer), task, req.inputs["question"],
+                                                    req.inputs["context"])
+                records = result.records()
+            elif kind.call == "run_tokens":
+                result, digest = await batcher.call(versioned(session.run_tokens), task, req.inputs["text"])
+                records = result.records()
+            else:  # batched with every other sequence request, /v1 and /v2 alike
+                records = await batcher.submit(task, req.inputs["text"], req.inputs.get("text_pair"))
+                digest = records[0]["digest"]
+        except UnknownTaskError:
+            raise
+        except BitFitError as exc:  # the pack's own refusal, unless a reload changed the task under the request
+            if session.digest(task) != parsed_digest and (busy := reloaded_under(task, pack, None)):
+                raise busy from exc
+            raise
+        if digest != parsed_digest and (busy := reloaded_under(task, pack, digest)):
+            raise busy
         try:
             body, headers = v2.encode_response(task, digest, req, v2.output_tensors(kind, records))
         except ValueError:  # NaN or inf in an output: the pack is broken, not the request
