@@ -19,7 +19,7 @@ searched at every size, at least 250 optimizer steps at every size, 3 seeds. `pr
 predictions of BitFit and full fine-tuning at their chosen LRs, for the paired tests, re-running runs made
 before predictions were saved (and recording whether the re-run reproduced the logged score).
 `mpnet`: all-mpnet-base-v2, BitFit vs full fine-tuning on two tasks, seed 0, a small LR search
-(protocol.base_search: MiniLM's chosen LR and the ladder step either side, then off the edges).
+(protocol.base_search: MiniLM's chosen LR and the ladder step below it, then off the edges).
 
 Every finished run is one JSON line in experiments/results/runs.jsonl (and its test predictions a small
 .npz in experiments/results/predictions/) and is never recomputed: stop at any time (or give

@@ -501,8 +501,8 @@ def base_size(runs: list[dict]) -> list[str]:
         return []
     cells = {(m, t) for m in ("bitfit", "full") for t in SIZE_TASKS} | {(r["method"], r["task"]) for r in mp}
     search = {(m, t): base_search(runs, m, t) for m, t in cells}  # once per cell, not per row
-    lines = ["", "## all-mpnet-base-v2 (base size, 109M; seed 0; LR searched from MiniLM's choice and one step "
-             "either side, off the edges)", "",
+    lines = ["", "## all-mpnet-base-v2 (base size, 109M; seed 0; LR searched from MiniLM's choice and the step "
+             "below it, off the edges)", "",
              "| method | task | LR | dev | test | MiniLM's LR, its test at seed 0 | seconds | |",
              "|---|---|---|---|---|---|---|---|"]
     for r in mp:
