@@ -501,6 +501,7 @@ def base_size(runs: list[dict]) -> list[str]:
         return []
     cells = {(m, t) for m in ("bitfit", "full") for t in SIZE_TASKS} | {(r["method"], r["task"]) for r in mp}
     search = {(m, t): base_search(runs, m, t) for m, t in cells}  # once per cell, not per row
+    minilm = {(m, t): (best_lr(runs, m, t), by_seed(at_best(runs, m, t))) for m, t in cells}  # likewise
     lines = ["", "## all-mpnet-base-v2 (base size, 109M; seed 0; LR searched from MiniLM's choice and the step "
              "below it, off the edges)", "",
              "| method | task | LR | dev | test | MiniLM's LR, its test at seed 0 | seconds | |",
@@ -508,7 +509,7 @@ def base_size(runs: list[dict]) -> list[str]:
     for r in mp:
         m, t = r["method"], r["task"]
         chosen, _, tried = search[m, t]
-        lr, mini = best_lr(runs, m, t), by_seed(at_best(runs, m, t)).get(0)
+        lr, mini = minilm[m, t][0], minilm[m, t][1].get(0)
         mark = "" if r["lr"] != chosen else "chosen, at an edge" if r["lr"] in (tried[0], tried[-1]) else "chosen"
         lines.append(f"| {LABEL[m]} | {t} | {r['lr']:g} | {r['dev_metric']:.2f} | {r['test_metric']:.2f} | "
                      f"{'-' if mini is None else f'{lr:g}: {mini:.2f}'} | {r['seconds']:.0f} | {mark} |")
@@ -521,7 +522,7 @@ def base_size(runs: list[dict]) -> list[str]:
             continue
         test = {m: next(r["test_metric"] for r in mp if (r["method"], r["task"], r["lr"]) == (m, t, chosen[m]))
                 for m in chosen}
-        mini = paired_gap(by_seed(at_best(runs, "bitfit", t)), by_seed(at_best(runs, "full", t)))
+        mini = paired_gap(minilm["bitfit", t][1], minilm["full", t][1])
         gaps.append(f"{t} {test['bitfit'] - test['full']:.2f} (MiniLM, paired by seed: {mini.text()})")
     lines += ["", "BitFit - full fine-tuning on all-mpnet-base-v2 at the chosen LRs, seed 0 (one seed: no interval): "
               + "; ".join(gaps)]
