@@ -15,7 +15,7 @@ from . import schema as S
 from .errors import CompiledModelError, IncompatibleError
 from .fs import open_regular, read_json, sha256_file, write_file
 from .heads import HEAD_BIAS, HEAD_POOLER_BIAS, HEAD_POOLER_WEIGHT, HEAD_WEIGHT
-from .pack import SPEC_FIELDS, PackManifest, TaskPack, TensorSpec
+from .pack import SPEC_FIELDS, PackManifest, TaskPack, TensorSpec, value_problems
 from .tensorfile import load_tensors
 
 FORMAT = "bitfit-compiled"
@@ -224,9 +224,9 @@ def _read_base_biases(root: Path, manifest: CompiledManifest) -> dict[str, np.nd
     path = root / BASE_BIASES_FILE
     expected = {spec.name: (spec.shape, "float32") for spec in manifest.bias_inputs}
     base, _ = load_tensors(path, expected, error=CompiledModelError, fix=_FIX)
-    bad = [name for name, value in base.items() if not np.isfinite(value).all()]
-    if bad:
-        raise CompiledModelError(f"{path}: {', '.join(bad[:4])} hold NaN or inf: {_FIX}")
+    problems = value_problems(base)  # the same bound as a pack's: these biases feed the same forward
+    if problems:
+        raise CompiledModelError(f"{path} is invalid: {'; '.join(problems[:4])}; {_FIX}")
     return base
 
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,13 @@ LAYER_KINDS = ("bq", "bk", "bv", "bm1", "bLN1", "bm2", "bm3", "bLN2")
 EMBEDDING_KIND = "bLNe"
 BIAS_KINDS = (*LAYER_KINDS, EMBEDDING_KIND)
 _FIX = "the pack is damaged or was edited by hand; re-save it (train, extract or import-peft again) or re-copy it"
+# The largest |value| any bias or head tensor may hold: in a pack, a bias bank, or a compiled directory's base
+# biases. Trained values are O(1)-O(10) (all-MiniLM-L6-v2's largest bias is 1.64; BERT-family LayerNorm shifts
+# stay in the tens), and Adam moves a bias by about one learning rate per step (10,000 steps at 1e-3: 10), so no
+# trained tensor comes near 1e4, and below it no head product comes near float32's 3.4e38. Beyond it the file
+# is corrupt or forged, and finiteness alone cannot tell: a LayerNorm rescales whatever reaches it, so a bias
+# x 1e30 gives finite answers that mean nothing, while a head weight of 3e38 overflows to NaN.
+MAX_ABS_VALUE = 1e4
 
 SPEC_FIELDS = {
     "name": S.text(256),
@@ -258,10 +266,24 @@ def check_tensors(manifest: PackManifest, tensors: dict[str, np.ndarray], where:
             problems.append(f"{name} has shape {tuple(t.shape)}, the manifest says {spec.shape}")
         if str(t.dtype) != spec.dtype:
             problems.append(f"{name} has dtype {t.dtype}, the manifest says {spec.dtype}")
-        elif np.issubdtype(t.dtype, np.floating) and not np.isfinite(t).all():
-            problems.append(f"{name} holds NaN or inf values (training diverged? lower the learning rate)")
+        else:
+            problems += value_problems({name: t})
     if problems:
         raise PackError(f"{where} is invalid: " + "; ".join(problems))
+
+
+def value_problems(tensors: Mapping[str, np.ndarray]) -> list[str]:
+    """Each tensor that holds NaN or inf, or a value beyond MAX_ABS_VALUE: the one check of the values of every
+    bias and head the forward pass reads (check_tensors for packs and banks, runtime.compiled for base biases)."""
+    out = []
+    for name, t in tensors.items():
+        if not np.isfinite(t).all():
+            out.append(f"{name} holds NaN or inf values (training diverged? lower the learning rate)")
+        elif t.size and (top := float(np.abs(t).max())) > MAX_ABS_VALUE:
+            out.append(f"{name} holds values up to |{top:.3g}|, beyond {MAX_ABS_VALUE:g}, the bound on every bias "
+                       "and head value (trained ones are O(1)-O(10)): the values are corrupt or were not written "
+                       "by training; retrain the task, or re-copy the original")
+    return out
 
 
 def _short(names: list[str], n: int = 6) -> str:
