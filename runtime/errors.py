@@ -29,3 +29,15 @@ class ParityError(BitFitError):
     def __init__(self, message: str, report: object = None) -> None:
         super().__init__(message)
         self.report = report
+
+
+class NonFiniteOutputError(BitFitError):
+    """A task's forward pass gave NaN or inf for an input: no result is returned, rather than a number that
+    means nothing (the pack holds values that overflow, or the input drives the model out of range)."""
+
+    def __init__(self, task: str, what: str = "logits") -> None:
+        super().__init__(
+            f"task {task!r} produced non-finite numbers (NaN or inf) in its {what} for this input: its pack "
+            "holds values that overflow float32 (corrupt, or trained with a diverging learning rate: retrain it, "
+            "or re-copy the original), or the input drives the model out of range; no answer is given")
+        self.task = task

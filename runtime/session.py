@@ -20,7 +20,7 @@ import numpy as np
 from . import decode
 from .backends import open_engine
 from .compiled import TASK_IDS, CompiledModel
-from .errors import BitFitError, UnknownTaskError
+from .errors import BitFitError, NonFiniteOutputError, UnknownTaskError
 from .heads import DEFAULT_MAX_ANSWER_TOKENS, Head
 from .kinds import TaskKind, WrongCallError, kind
 from .pack import TaskPack, load_pack
@@ -234,7 +234,7 @@ class TaskSession:
         """Logits of `task` as it is in `state` (from check_call): head and biases of the same version."""
         feeds = self._check_inputs(inputs)
         t = self._get(task, state)
-        return t.head(self._hidden(feeds, task, state), feeds["attention_mask"])
+        return _head(task, t, self._hidden(feeds, task, state), feeds["attention_mask"])
 
     def predict(self, task: str, texts: Sequence[Any], text_pairs: Sequence[str] | None = None, **options: Any) -> Any:
         """Whatever the task's kind gives: Predictions (run), TokenPredictions (run_tokens) or Answers (answer,
@@ -288,7 +288,7 @@ class TaskSession:
                 hidden = self._forward(feeds, ids, state.tables)
                 for task in set(tasks):
                     local = np.array([j for j, t in enumerate(tasks) if t == task])
-                    out = state.tasks[task].head(hidden[local], feeds["attention_mask"][local])
+                    out = _head(task, state.tasks[task], hidden[local], feeds["attention_mask"][local])
                     for j, row_logits in zip(local, out):
                         logits[start + j] = row_logits
         else:
@@ -374,6 +374,18 @@ class TaskSession:
         if empty.size:
             raise BitFitError(f"row {int(empty[0])} has no attended token (attention_mask all 0): every row needs one")
         return feeds
+
+
+def _head(name: str, task: _Task, hidden: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    """The task's logits, refused when any is NaN or inf: every call's results (run, run_mixed, run_tokens,
+    answer, logits) come from here, so no caller (predict, the server, Ray) ever answers with such a number."""
+    with np.errstate(all="ignore"):  # an overflow is reported below, as an error; numpy's warning is only noise
+        logits = task.head(hidden, attention_mask)
+    # token kinds: only attended tokens become answers (padding is never decoded)
+    looked_at = logits[attention_mask.astype(bool)] if logits.ndim == 3 else logits
+    if not np.isfinite(looked_at).all():
+        raise NonFiniteOutputError(name)
+    return logits
 
 
 def load(compiled_dir: str | os.PathLike, packs: Sequence[str | os.PathLike] = (), **kwargs: Any) -> TaskSession:

@@ -22,8 +22,8 @@ Endpoints (JSON in and out; errors are 4xx {"error": message}, never a crash):
 Which endpoint serves a task is its kind's `route` (runtime.kinds). This layer checks only the JSON shape
 of a body and the server's limits; everything about the task (registered? this endpoint's kind? pairs?
 empty texts?) is the session's one validator (`TaskSession.check_call`), whose errors reach `error_response`,
-the one place that maps error types to statuses: unknown task 404, other bad input 422, over a limit 413,
-shutting down 503, anything else 500.
+the one place that maps error types to statuses: unknown task 404, other bad input 422 (a task whose output
+is NaN or inf too: runtime.errors.NonFiniteOutputError), over a limit 413, shutting down 503, anything else 500.
 
 The reload endpoint is an admin endpoint on the same port, without authentication: bind to loopback
 (the default, 127.0.0.1) or put the server behind a proxy that blocks /v1/admin/.
@@ -163,7 +163,7 @@ def _map_error(request: Request, exc: BaseException) -> Response:
         return _error(422, f"task {exc.task!r} is a {exc.kind} task: POST it to {route}, not {request.url.path}")
     if isinstance(exc, UnknownTaskError):
         return _error(404, str(exc))
-    if isinstance(exc, BitFitError):
+    if isinstance(exc, BitFitError):  # NonFiniteOutputError too: 422, not a 500 (the server works; the pack does not)
         return _error(422, str(exc))
     if isinstance(exc, ServiceUnavailable):
         return _error(503, str(exc))
