@@ -21,7 +21,8 @@ def load_tokenizer_json(path: str, error: type[BitFitError] = CompiledModelError
     raw = read_bounded(path, MAX_TOKENIZER_BYTES, what="tokenizer", error=error, fix=_FIX)
     try:
         tokenizer = Tokenizer.from_str(raw.decode("utf-8"))
-        tokenizer.encode("a")  # loads but cannot encode is as broken as not loading
+        tokenizer.encode("a")  # loads but cannot encode is as broken as not loading (its template may panic)
+        tokenizer.encode("a", "b")
         return tokenizer.to_str()
     except (KeyboardInterrupt, SystemExit):
         raise

@@ -51,6 +51,9 @@ BROKEN_TOKENIZERS = {
     "not a tokenizer": lambda p: p.write_text(json.dumps({"model": {"type": "NoSuchModel"}})),
     "not UTF-8": lambda p: p.write_bytes(b"\xff\xfe" * 100),
     "empty": lambda p: p.write_bytes(b""),
+    "a pair template that panics": lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "post_processor": {
+        "type": "TemplateProcessing", "single": [{"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"SpecialToken": {"id": "[NOPE]", "type_id": 0}}], "special_tokens": {}}})),
 }
 
 
@@ -140,17 +143,19 @@ def test_a_huge_pack_tensors_file_is_refused_before_it_is_hashed(pack_all, copy_
     assert hashes == []
 
 
-def test_huge_base_biases_are_a_changed_file_without_being_hashed(graph, hashes):
+@pytest.mark.parametrize("name", [BASE_BIASES_FILE, MODEL_FILE, TOKENIZER_FILE])
+def test_a_huge_file_of_a_compiled_directory_is_changed_without_being_hashed(graph, hashes, name):
+    """Base biases: not the size the bias inputs imply; a tokenizer over its bound; a graph over protobuf's 2 GB."""
     from bitfit.compiler.verify import verify
 
-    with open(graph / BASE_BIASES_FILE, "r+b") as f:
+    with open(graph / name, "r+b") as f:
         f.truncate(SPARSE)
-    with pytest.raises(CompiledModelError, match=rf"{BASE_BIASES_FILE} in .* do not match the checksums"):
+    with pytest.raises(CompiledModelError, match=rf"{name} in .* do not match the checksums"):
         CompiledModel.open(graph)
-    assert BASE_BIASES_FILE not in hashes
+    assert name not in hashes
     report = verify(graph, [], strict=False, log=lambda s: None)
-    assert [(c.passed, c.note) for c in report.checks] == [(False, f"changed: {BASE_BIASES_FILE}")]
-    assert BASE_BIASES_FILE not in hashes
+    assert [(c.passed, c.note) for c in report.checks] == [(False, f"changed: {name}")]
+    assert name not in hashes
 
 
 def test_the_packs_directory_refuses_a_huge_file_once_until_it_changes(bert_compiled, pack_all, tmp_path, hashes,
