@@ -156,6 +156,7 @@ class PackDirectory:
             try:
                 fingerprint = _fingerprint(directory, manifest)
                 if self.served.get(name) == fingerprint and name in self.session.tasks:
+                    self.sources[name] = directory  # the same bytes, maybe a copy in another directory now
                     result.unchanged.append(name)
                     continue
                 pack = load_pack(directory)  # strict: checksum, provenance, names, shapes, dtypes, finite
