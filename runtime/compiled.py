@@ -13,10 +13,10 @@ import numpy as np
 
 from . import schema as S
 from .errors import CompiledModelError, IncompatibleError
-from .fs import open_regular, read_json, sha256_file, write_file
+from .fs import MAX_TOKENIZER_BYTES, open_regular, read_json, regular_size, sha256_file, write_file
 from .heads import HEAD_BIAS, HEAD_POOLER_BIAS, HEAD_POOLER_WEIGHT, HEAD_WEIGHT
 from .pack import SPEC_FIELDS, PackManifest, TaskPack, TensorSpec, value_problems
-from .tensorfile import load_tensors
+from .tensorfile import load_tensors, size_problem
 
 FORMAT = "bitfit-compiled"
 # 2: every file is under a required checksum, the manifest under its own, and it states the vocabulary sizes
@@ -36,6 +36,7 @@ HEAD_POOLING = "head.pooling"  # float [3]: weights of the (mean, cls, pooler) p
 POOLING_COLUMNS = ("mean", "cls", "pooler")
 LOGITS = "logits"  # [batch, labels] = pooled @ head.weight^T + head.bias
 TOKEN_LOGITS = "token_logits"  # [batch, sequence, labels] = hidden @ head.weight^T + head.bias
+MAX_ONNX_BYTES = 2 << 30  # protobuf's limit: a larger graph keeps its weights in external files, which ours never does
 _FIX = "the compiled directory is damaged or was edited by hand; compile it again (bitfit compile)"
 
 _HEAD_SPEC = {**SPEC_FIELDS, "shape": S.Field(
@@ -216,8 +217,20 @@ class CompiledModel:
 
 
 def changed_files(root: Path, manifest: CompiledManifest) -> list[str]:
-    """The files of a compiled directory whose sha256 is not the one its manifest records."""
-    return [name for name in FILES if sha256_file(root / name) != manifest.files.get(name)]
+    """The files of a compiled directory whose sha256 is not the one its manifest records. A file whose size
+    cannot be right (base biases of another size than the bias inputs imply, a tokenizer over the bound) is
+    changed without being hashed: a huge or sparse file costs a stat, not minutes. (model.onnx: over protobuf's
+    2 GB, which a graph without external data files cannot be.)"""
+    out = []
+    for name in FILES:
+        path = root / name
+        size = regular_size(path, error=CompiledModelError, fix=_FIX)
+        if ((name == BASE_BIASES_FILE and size_problem(size, (b.shape for b in manifest.bias_inputs)))
+                or (name == TOKENIZER_FILE and size > MAX_TOKENIZER_BYTES)
+                or (name == MODEL_FILE and size > MAX_ONNX_BYTES)
+                or sha256_file(path) != manifest.files.get(name)):
+            out.append(name)
+    return out
 
 
 def _read_base_biases(root: Path, manifest: CompiledManifest) -> dict[str, np.ndarray]:

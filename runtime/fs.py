@@ -36,6 +36,8 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 MAX_JSON_BYTES = 16 << 20  # a manifest or map: kilobytes; more is not one of ours
+# a tokenizer.json: multilingual ones are tens of MB (xlm-roberta's: 17 MB); more is not a tokenizer
+MAX_TOKENIZER_BYTES = 256 << 20
 
 
 def open_regular(path: str | os.PathLike, *, error: type[BitFitError], fix: str) -> tuple[int, int]:

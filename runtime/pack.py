@@ -31,7 +31,7 @@ from .heads import (
     POOLINGS,
 )
 from .kinds import KINDS, TaskKind, kind
-from .tensorfile import load_tensors
+from .tensorfile import load_tensors, size_problem
 
 FORMAT = "bitfit-task-pack"
 # 2: the manifest carries its own sha256 and both checksums are required (format 1 had neither required)
@@ -357,13 +357,7 @@ def load_pack(path: str | os.PathLike) -> TaskPack:
     tensors_path = root / TENSORS_FILE
     if not os.path.lexists(tensors_path):
         raise PackError(f"{root} has no {TENSORS_FILE}: the pack is incomplete; save it again")
-    # a small file whose size the manifest implies: refuse one that is not, before hashing it
-    payload = sum(math.prod(s.shape) * 4 for s in manifest.specs)
-    size = regular_size(tensors_path, error=PackError, fix=_FIX)
-    if not payload < size <= payload + (1 << 20):
-        raise PackError(f"{tensors_path} is {size:,} bytes where the manifest's tensors take {payload:,}: it is truncated, "
-                        f"corrupt or was changed after saving (it cannot match the checksum in {MANIFEST_FILE}); "
-                        "re-save or re-copy the pack")
+    check_tensors_size(root, manifest)
     if sha256_file(tensors_path) != manifest.tensors_sha256:
         raise PackError(
             f"{tensors_path} does not match the checksum in {MANIFEST_FILE}: the file is truncated, corrupt "
@@ -388,6 +382,18 @@ def load_pack(path: str | os.PathLike) -> TaskPack:
     pack = TaskPack(manifest, tensors)
     pack.validate(f"task pack {root}")
     return pack
+
+
+def check_tensors_size(root: Path, manifest: PackManifest) -> int:
+    """The size of a pack's tensors file, refused (PackError) unless it is a regular file of the size the manifest's
+    shapes imply: checked before the file is hashed, so a huge or sparse file is refused at the cost of a stat."""
+    path = root / TENSORS_FILE
+    size = regular_size(path, error=PackError, fix=_FIX)
+    problem = size_problem(size, (s.shape for s in manifest.specs))
+    if problem:
+        raise PackError(f"{path}: {problem}: it is truncated, corrupt or was changed after saving (it cannot match "
+                        f"the checksum in {MANIFEST_FILE}); re-save or re-copy the pack")
+    return size
 
 
 def _pack_dir(path: Path) -> Path:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 from safetensors import SafetensorError
@@ -16,8 +16,19 @@ from .errors import BitFitError
 from .fs import open_regular
 
 MAX_HEADER_BYTES = 16 << 20
+HEADER_SLACK = 1 << 20  # the most a header of ours takes beyond the tensors: names and offsets, kilobytes
 _DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64, "I32": np.int32,
            "U8": np.uint8, "I8": np.int8, "BF16": None, "BOOL": np.bool_}
+
+
+def size_problem(size: int, shapes: Iterable[tuple[int, ...]], itemsize: int = 4) -> str:
+    """Why a safetensors file of `size` bytes cannot hold exactly float32 tensors of `shapes` ("" if it can):
+    their bytes plus a header. Checked before a file is hashed or read, so a huge file (a sparse one, a tensor
+    grown by hand) costs a stat, not minutes of hashing."""
+    payload = sum(math.prod(s) for s in shapes) * itemsize
+    if payload < size <= payload + HEADER_SLACK:
+        return ""
+    return f"it is {size:,} bytes where the declared tensors take {payload:,}"
 
 
 def read_header(path: str | os.PathLike, *, error: type[BitFitError], fix: str) -> tuple[dict, dict[str, str], int]:

@@ -7,14 +7,35 @@ from collections.abc import Sequence
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
-from .errors import BitFitError
+from .errors import BitFitError, CompiledModelError
+from .fs import MAX_TOKENIZER_BYTES, read_bounded
+
+# runtime.compiled's words (importing them would be a cycle: compiled -> pack -> kinds -> decode -> here)
+_FIX = "the compiled directory is damaged or was edited by hand; compile it again (bitfit compile)"
+
+
+def load_tokenizer_json(path: str, error: type[BitFitError] = CompiledModelError) -> str:
+    """The JSON of a tokenizer file that loads and encodes, or `error` naming the file: a truncated, edited
+    or replaced tokenizer.json makes the `tokenizers` library raise bare Exceptions, or panic (a Rust panic
+    is a BaseException), which must not reach the user as a traceback."""
+    raw = read_bounded(path, MAX_TOKENIZER_BYTES, what="tokenizer", error=error, fix=_FIX)
+    try:
+        tokenizer = Tokenizer.from_str(raw.decode("utf-8"))
+        tokenizer.encode("a")  # loads but cannot encode is as broken as not loading (its template may panic)
+        tokenizer.encode("a", "b")
+        return tokenizer.to_str()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - tokenizers' errors are untyped (and panics are BaseException)
+        reason = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        raise error(f"{path} is not a tokenizer the tokenizers library can load ({reason}): {_FIX}") from None
 
 
 class TextEncoder:
     """Turns texts (and optional second texts) into the graph's int64 token inputs, padded per batch."""
 
     def __init__(self, tokenizer_file: str, *, pad_token: str, pad_token_id: int, token_inputs: Sequence[str]):
-        self._json = Tokenizer.from_file(str(tokenizer_file)).to_str()
+        self._json = load_tokenizer_json(str(tokenizer_file))
         self._pad = (pad_token, pad_token_id)
         self._token_inputs = tuple(token_inputs)
         self._by_length: dict[tuple[int, str, int], Tokenizer] = {}

@@ -358,7 +358,7 @@ def test_reload_swaps_a_pack_and_refuses_bad_ones(client, packs_dir, packs, name
     assert same(predict(), old)
     r = client.post("/v1/admin/reload", json={}).json()
     assert r == {"added": [], "replaced": [], "unchanged": sorted(names[k] for k in ("single", "pairs", "scores")),
-                 "refused": {}, "missing": []}
+                 "refused": {}, "missing": [], "clashes": {}}
 
     # a new pack appears; the served pack's files are replaced by another pack of the same task
     save_pack(renamed(packs["other"], "extra"), packs_dir / "extra")
@@ -386,11 +386,12 @@ def test_reload_swaps_a_pack_and_refuses_bad_ones(client, packs_dir, packs, name
     assert client.get("/healthz").json() == {"status": "ok", "tasks": 4}
     assert "alien" not in {t["name"] for t in client.get("/v1/tasks").json()["tasks"]}
 
-    # two packs declaring one task: both refused, the served one stays; a removed pack keeps serving
+    # two packs declaring one task: the one served stays, the other is refused; a removed pack keeps serving
     shutil.rmtree(packs_dir / "single")
     shutil.copytree(packs_dir / "extra", packs_dir / "extra-copy")
     r = client.post("/v1/admin/reload", json={}).json()
-    assert "declared by several packs" in r["refused"]["extra"] and r["missing"] == [task]
+    assert "declared by several packs" in r["refused"]["extra-copy"] and r["missing"] == [task]
+    assert r["clashes"] == {"extra": {"serving": "extra", "ignored": ["extra-copy"]}}
     assert same(predict(), new)
     metrics = client.get("/metrics").text
     assert 'bitfit_reloads_total{outcome="replaced"} 1.0' in metrics

@@ -12,9 +12,11 @@ Endpoints (JSON in and out; errors are 4xx {"error": message}, never a crash):
     POST /v1/answer         extractive QA: {"task": NAME, "questions": [...], "contexts": [...]}
                             -> {"answers": [{"answer", "start", "end", "score", "truncated"}, ...]}
                                (TaskSession.answer: the best span of each context)
-    GET  /healthz           {"status": "ok", "tasks": N}  (503 while no task is registered)
+    GET  /healthz           {"status": "ok", "tasks": N}  (503 while no task is registered; "clashes" where
+                            several pack directories declare one task: which one is served)
     GET  /metrics           Prometheus text (bitfit.serve.metrics)
-    POST /v1/admin/reload   rescan the packs directory -> {"added", "replaced", "unchanged", "refused", "missing"}
+    POST /v1/admin/reload   rescan the packs directory -> {"added", "replaced", "unchanged", "refused", "missing",
+                            "clashes"}
                             (the rules: bitfit.serve.packdir)
     /v2/...                 the Open Inference Protocol (KServe v2 / Triton HTTP), one model per task:
                             health, metadata, ready and infer (bitfit.serve.v2)
@@ -357,6 +359,8 @@ def create_app(
         check_door(request, config, admin=False)
         n = len(session.tasks)
         named = {"replica": replica} if replica else {}
+        if packs is not None and packs.clashes:  # directories declaring one task: which is served (packdir)
+            named["clashes"] = dict(sorted(packs.clashes.items()))
         if n == 0:
             return _json({"status": "no tasks", "tasks": 0, **named}, 503)
         return _json({"status": "ok", "tasks": n, **named})
