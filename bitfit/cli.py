@@ -76,7 +76,10 @@ def _predict(a: argparse.Namespace) -> int:
 
 def _verify(a: argparse.Namespace) -> int:
     from bitfit.compiler.verify import verify, write_report
+    from bitfit.runtime.fs import check_file
 
+    if a.report:  # before the checks run: a report that cannot be written is bad input, found at once
+        check_file(a.report, what="report")
     report = verify(a.compiled, a.pack, model=a.model, atol=a.atol, mode=a.mode, min_agreement=a.min_agreement,
                     strict=False, backend=a.backend)
     print(report.table())

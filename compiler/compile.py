@@ -86,7 +86,8 @@ def compile(
         raise BitFitError("choose one of --quantize and --fp16: int8 weights are for CPUs, fp16 weights for GPUs")
     if not isinstance(opset, int) or not cm.OPSETS[0] <= opset <= cm.OPSETS[1]:
         raise BitFitError(f"opset must be from {cm.OPSETS[0]} to {cm.OPSETS[1]}, got {opset!r}")
-    out = check_target(out, overwrite=overwrite, marker=cm.MANIFEST_FILE, what="compiled model directory")
+    out = check_target(out, overwrite=overwrite, marker=cm.MANIFEST_FILE, format=cm.FORMAT,
+                       what="compiled model directory")
     kinds = parse_subset(biases)
     tokenizer = load_tokenizer(model)
     if tokenizer.pad_token is None:
@@ -96,7 +97,8 @@ def compile(
     token_inputs = ["input_ids", "attention_mask"] + (["token_type_ids"] if uses_token_types(encoder) else [])
     config = encoder.config
 
-    with output_dir(out, overwrite=overwrite, marker=cm.MANIFEST_FILE, what="compiled model directory") as tmp:
+    with output_dir(out, overwrite=overwrite, marker=cm.MANIFEST_FILE, format=cm.FORMAT,
+                    what="compiled model directory") as tmp:
         defaults = {s.name: s.parameter.detach().float().numpy() for s in slots}
         built = _build_graph(encoder, slots, token_inputs, tmp / cm.MODEL_FILE, opset, quantize=quantize, fp16=fp16,
                              fuse=fuse, mixed=mixed, defaults=bias_defaults, what=repr(model), log=log)

@@ -266,7 +266,7 @@ def verify(
 
     for item in packs:
         pack = item if isinstance(item, TaskPack) else load_pack(item)
-        name = session.register(pack, name=f"{pack.name}#{len(session.tasks)}")
+        name = session.register(pack, name=f"pack-{len(session.tasks)}")  # a task name, unique here
         label = pack.name
         log(f"verifying {label} ...")
         cases = [("real sentences", session.encode(sentences, max_length=pack.manifest.max_length))]
@@ -292,7 +292,7 @@ def verify(
         # a pack with other biases changes the output, and still matches PyTorch
         noisy = {k: (v + rng.normal(0, 0.1, v.shape)).astype(np.float32) for k, v in pack.tensors.items()}
         other = TaskPack(pack.manifest, noisy)
-        other_name = session.register(other, name=f"{name}~perturbed")
+        other_name = session.register(other, name=f"{name}-perturbed")
         inputs = cases[0][1]
         ours_pack, ours_other = session.logits(name, inputs), session.logits(other_name, inputs)
         ref_other = ref.logits(other, inputs)

@@ -15,6 +15,7 @@ from bitfit.runtime.heads import (
     POOLINGS,
 )
 from bitfit.runtime.pack import TaskPack
+from safetensors import SafetensorError
 from torch import nn
 
 from .biases import all_bias_sources, find_biases
@@ -36,6 +37,10 @@ def load_encoder(model: str | os.PathLike, *, attn_implementation: str | None = 
     except OSError as e:
         raise BitFitError(
             f"cannot load model {model!r} ({e}): give a local directory or an HF id reachable from here"
+        ) from e
+    except SafetensorError as e:  # random bytes or a truncated file where model.safetensors should be
+        raise BitFitError(
+            f"cannot load model {model!r}: its model.safetensors is damaged ({e}); re-download or re-save the model"
         ) from e
     return encoder.eval()
 

@@ -64,7 +64,7 @@ def write_bank(
         raise BitFitError("a bank needs at least one task pack")
     opened = CompiledModel.open(compiled_dir)
     compiled, base = opened.manifest, opened.base_biases
-    check_target(out, overwrite=overwrite, marker=MAP_FILE, what="bias bank")  # before any work
+    check_target(out, overwrite=overwrite, marker=MAP_FILE, format=FORMAT, what="bias bank")  # before any work
     loaded = [p if isinstance(p, TaskPack) else load_pack(p) for p in packs]
     seen: dict[str, int] = {}
     for i, p in enumerate(loaded):
@@ -100,7 +100,7 @@ def write_bank(
         ))
     total = _align(pos, TENSOR_ALIGN)
 
-    with output_dir(out, overwrite=overwrite, marker=MAP_FILE, what="bias bank") as tmp:
+    with output_dir(out, overwrite=overwrite, marker=MAP_FILE, format=FORMAT, what="bias bank") as tmp:
         digest = hashlib.sha256()
         with open(tmp / BANK_FILE, "wb") as fh:
             def emit(buf: np.ndarray) -> None:

@@ -117,7 +117,8 @@ def export_triton(
         raise BitFitError(f"instance kind must be one of {sorted(INSTANCE_KINDS)} and count >= 1")
     if not packs:
         raise BitFitError("give at least one task pack")
-    target = check_target(out / name, overwrite=overwrite, marker=TASKS_FILE, what="model written by bitfit export-triton")
+    target = check_target(out / name, overwrite=overwrite, marker=TASKS_FILE, format=TASKS_FORMAT,
+                          what="model written by bitfit export-triton")
     opened = CompiledModel.open(compiled_dir)
     manifest, base = opened.manifest, opened.base_biases
     if not manifest.mixed:
@@ -143,8 +144,8 @@ def export_triton(
         raise CompiledModelError(f"the Triton model still has inputs {left}: the graph differs from its manifest")
 
     # Built beside the repository, not in it: a Triton polling REPO would try to load a half-written model.
-    with output_dir(target, overwrite=overwrite, marker=TASKS_FILE, what="model written by bitfit export-triton",
-                    staging=out.parent) as tmp:
+    with output_dir(target, overwrite=overwrite, marker=TASKS_FILE, format=TASKS_FORMAT,
+                    what="model written by bitfit export-triton", staging=out.parent) as tmp:
         (tmp / VERSION).mkdir()
         ir.save(model, tmp / VERSION / cm.MODEL_FILE)
         (tmp / CONFIG_FILE).write_text(config_text(name, manifest, max_logits, max_batch_size=max_batch_size,

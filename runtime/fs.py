@@ -187,23 +187,61 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _declared_format(marker: Path) -> str | None:
+    """The `format` a marker file declares; None where it is no JSON object naming one (a web app's
+    manifest.json, a damaged file, anything another tool wrote)."""
+    try:
+        data = read_json(marker, what="manifest", error=BitFitError, fix="")
+    except BitFitError:
+        return None
+    found = data.get("format") if isinstance(data, dict) else None
+    return found if isinstance(found, str) else None
+
+
 def check_target(
-    target: str | os.PathLike, *, overwrite: bool, marker: str, what: str, error: type[BitFitError] = BitFitError
+    target: str | os.PathLike, *, overwrite: bool, marker: str, format: str, what: str,
+    error: type[BitFitError] = BitFitError,
 ) -> Path:
-    """Refuse, before any work, a target that exists without overwrite, or that is not a `what` (it lacks
-    `marker`) and so must never be replaced; and an output directory that cannot be written."""
+    """Refuse, before any work, a target that exists without overwrite; one that is not a `what` this tool
+    wrote (its `marker` file must declare `format`: a pack is never replaced by a compiled directory, nor a
+    web app's folder holding a manifest.json by either), even with overwrite; and an output directory that
+    cannot be written (tried, not guessed: root passes every permission check, yet cannot write /proc)."""
     target = Path(target)
     if target.exists() or target.is_symlink():
+        if target.is_symlink() or not target.is_dir() or not (target / marker).is_file():
+            raise error(f"{target} exists and is not a {what}: refusing to replace it; choose another path")
+        found = _declared_format(target / marker)
+        if found != format:
+            holds = f"declares format {found!r}" if found else "declares no format (another tool wrote it)"
+            raise error(f"{target} is not a {what}: its {marker} {holds} where a {what}'s declares {format!r}; "
+                        "refusing to replace it, even with --overwrite: choose another output path")
         if not overwrite:
             raise error(f"{target} already exists: choose another output path (--out), or pass --overwrite to "
                         "replace it")
-        if target.is_symlink() or not target.is_dir() or not (target / marker).is_file():
-            raise error(f"{target} exists and is not a {what}: refusing to replace it; choose another path")
+    _check_parent(target, error, "choose another output path")
+    return target
+
+
+def _check_parent(target: Path, error: type[BitFitError], fix: str) -> None:
+    """Refuse a target whose nearest existing ancestor is not a directory this process can write in."""
     parent = target.parent
     existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
-    if existing is not None and (not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK)):
-        raise error(f"cannot write {target}: {existing} is not a writable directory; choose another output path")
-    return target
+    if existing is not None:
+        problem = "it is not a directory" if not existing.is_dir() else _unwritable(existing, target)
+        if problem:
+            raise error(f"cannot write {target}: {existing} is not a writable directory ({problem}); {fix}")
+
+
+def _unwritable(directory: Path, target: Path) -> str | None:
+    """Why nothing can be made in `directory` (None when a probe directory could be made and removed)."""
+    probe = _sibling(target, _TMP, directory)
+    try:
+        os.mkdir(probe, 0o700)
+    except OSError as e:
+        return e.strerror or str(e)
+    with contextlib.suppress(OSError):
+        os.rmdir(probe)
+    return None
 
 
 @contextlib.contextmanager
@@ -212,16 +250,18 @@ def output_dir(
     *,
     overwrite: bool,
     marker: str,
+    format: str,
     what: str,
     staging: str | os.PathLike | None = None,
     error: type[BitFitError] = BitFitError,
 ) -> Iterator[Path]:
-    """Write a directory atomically: `with output_dir(out, overwrite=..., marker="manifest.json", what="task
-    pack") as tmp:` fill `tmp`; on leaving the block it replaces `out`. `marker` is a file every directory of
-    this kind holds: an existing target without it is refused, never replaced. `staging` is where the
+    """Write a directory atomically: `with output_dir(out, overwrite=..., marker="manifest.json",
+    format="bitfit-task-pack", what="task pack") as tmp:` fill `tmp`; on leaving the block it replaces `out`.
+    `marker` is a JSON file every directory of this kind holds, declaring `format`: an existing target whose
+    marker is missing or declares another format is refused, never replaced (check_target). `staging` is where the
     temporary directory is made (default: beside the target; it must be on the same filesystem), for targets
     inside a directory that another program watches (a Triton model repository)."""
-    target = check_target(target, overwrite=overwrite, marker=marker, what=what, error=error)
+    target = check_target(target, overwrite=overwrite, marker=marker, format=format, what=what, error=error)
     parent = Path(staging) if staging is not None else target.parent
     parent.mkdir(parents=True, exist_ok=True)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -233,7 +273,7 @@ def output_dir(
         _chmod_tree(tmp)
         _fsync_tree(tmp)
         # checked again: the target may have appeared (or changed) while the new version was being built
-        check_target(target, overwrite=overwrite, marker=marker, what=what, error=error)
+        check_target(target, overwrite=overwrite, marker=marker, format=format, what=what, error=error)
         _swap(tmp, target, parent)
     finally:
         if tmp.exists():
@@ -267,16 +307,24 @@ def _swap(tmp: Path, target: Path, parent: Path) -> None:
     _remove(old)
 
 
-def write_file(
-    path: str | os.PathLike, data: bytes | str, *, overwrite: bool = True, what: str = "file"
-) -> Path:
-    """Write one file atomically (a temporary sibling, fsync, rename). overwrite=False refuses an existing
-    file; a directory at `path` is always refused."""
+def check_file(path: str | os.PathLike, *, overwrite: bool = True, what: str = "file") -> Path:
+    """Refuse, before any work, a file path write_file could not write: a directory, an existing file without
+    overwrite, or a place that is not a writable directory (under a file, in /proc)."""
     path = Path(path)
     if path.is_dir():
         raise BitFitError(f"{path} is a directory: give a file name for the {what}")
     if path.exists() and not overwrite:
         raise BitFitError(f"{path} already exists: choose another path, or pass --overwrite to replace it")
+    _check_parent(path, BitFitError, f"choose another path for the {what}")
+    return path
+
+
+def write_file(
+    path: str | os.PathLike, data: bytes | str, *, overwrite: bool = True, what: str = "file"
+) -> Path:
+    """Write one file atomically (a temporary sibling, fsync, rename). overwrite=False refuses an existing
+    file; a directory at `path` is always refused."""
+    path = check_file(path, overwrite=overwrite, what=what)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_leftovers(path)
     tmp = _sibling(path, _TMP)

@@ -51,6 +51,23 @@ _FIX = "the pack is damaged or was edited by hand; re-save it (train, extract or
 # is corrupt or forged, and finiteness alone cannot tell: a LayerNorm rescales whatever reaches it, so a bias
 # x 1e30 gives finite answers that mean nothing, while a head weight of 3e38 overflows to NaN.
 MAX_ABS_VALUE = 1e4
+# What a BERT-style tokenizer adds around one text ([CLS] a [SEP]) and two ([CLS] a [SEP] b [SEP]): the floor
+# where the tokenizer is not at hand (a manifest alone); with it, min_max_length takes the tokenizer's own count.
+SPECIAL_TOKENS = {False: 2, True: 3}
+
+
+def min_max_length(pair: bool, special_tokens: int | None = None) -> int:
+    """The shortest max_length that holds the tokenizer's special tokens plus one token of each text (two
+    texts for pairs and question answering). Less truncates every text to nothing, so every input is refused,
+    or cannot truncate at all."""
+    specials = SPECIAL_TOKENS[bool(pair)] if special_tokens is None else special_tokens
+    return specials + (2 if pair else 1)
+
+
+def two_texts(task_kind: str, text_pair: bool) -> bool:
+    """Whether a task's rows are two texts: sentence pairs, or question answering's question and context."""
+    return bool(text_pair) or task_kind == "question-answering"
+
 
 SPEC_FIELDS = {
     "name": S.text(256),
@@ -62,7 +79,7 @@ SPEC_FIELDS = {
 }
 _CHECKSUM = S.Field(lambda v: v == "" or S.hexdigest().check(v), "a sha256 hex digest", required=False)
 MANIFEST_FIELDS = {
-    "task": S.text(256),
+    "task": S.task_name(),
     "task_kind": S.text(64),  # a registered kind: checked by runtime.kinds, which names them
     "labels": S.list_of(S.text(256), 1 << 16),
     "pooling": S.one_of(POOLINGS),
@@ -151,6 +168,13 @@ class PackManifest:
         """Every way the manifest's fields contradict each other (types are the schema's job)."""
         k = kind(self.task_kind)
         out = []
+        name_problem = S.task_name_problem(self.task)
+        if name_problem:  # a manifest built in memory; one read from disk was refused by the schema already
+            out.append(name_problem)
+        pair = two_texts(self.task_kind, self.text_pair)
+        if isinstance(self.max_length, int) and self.max_length < min_max_length(pair):
+            out.append(f"max_length {self.max_length} cannot hold the special tokens and one token of "
+                       f"{'each text' if pair else 'the text'}: it must be at least {min_max_length(pair)}")
         if k.token_level and self.pooling != "none":
             out.append(f"a {self.task_kind} task has logits per token, so its pooling must be 'none', got "
                        f"{self.pooling!r}")
@@ -307,7 +331,8 @@ def save_pack(pack: TaskPack, path: str | os.PathLike, *, overwrite: bool = Fals
     """Write `pack` to directory `path`. An existing pack is replaced only with overwrite=True."""
     path = Path(path)
     pack.validate(f"task pack {pack.name!r}")
-    with output_dir(path, overwrite=overwrite, marker=MANIFEST_FILE, what="task pack", error=PackError) as tmp:
+    with output_dir(path, overwrite=overwrite, marker=MANIFEST_FILE, format=FORMAT, what="task pack",
+                    error=PackError) as tmp:
         m = pack.manifest
         # One metadata key holding sorted JSON: safetensors writes several keys in hash-map order, which
         # changes between calls, and the same pack must always give the same bytes (and tensors_sha256).

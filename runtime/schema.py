@@ -35,6 +35,31 @@ def text(max_len: int = 4096) -> Field:
                  f"a non-empty string of printable characters (at most {max_len}, no surrounding spaces)")
 
 
+# A task's name is a URL path segment (/v2/models/NAME), a directory name and the v2 model name at once: what all
+# three take unescaped, starting with a letter or digit (so never "." or ".." or a hidden name).
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+TASK_NAME_RULE = "1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+
+def task_name_problem(name: Any) -> str | None:
+    """Why `name` cannot be a task name (None when it can)."""
+    if isinstance(name, str) and TASK_NAME.fullmatch(name):
+        return None
+    return f"task name {_show(name)} is not {TASK_NAME_RULE} (it names a URL path, a directory and a v2 model)"
+
+
+def check_task_name(name: Any, error: type[BitFitError] = BitFitError, fix: str = "choose another name") -> str:
+    """`name` if it is a task name; `error` saying why not and `fix` otherwise."""
+    problem = task_name_problem(name)
+    if problem:
+        raise error(f"{problem}: {fix}")
+    return name
+
+
+def task_name(required: bool = True) -> Field:
+    return Field(lambda v: task_name_problem(v) is None, TASK_NAME_RULE, required)
+
+
 def string(max_len: int = 4096, required: bool = True) -> Field:
     return Field(lambda v: isinstance(v, str) and len(v) <= max_len, f"a string (at most {max_len} characters)",
                  required)

@@ -20,11 +20,12 @@ import numpy as np
 from . import decode
 from .backends import open_engine
 from .compiled import TASK_IDS, CompiledModel
-from .errors import BitFitError, NonFiniteOutputError, UnknownTaskError
+from .errors import BitFitError, NonFiniteOutputError, PackError, UnknownTaskError
 from .heads import DEFAULT_MAX_ANSWER_TOKENS, Head
 from .kinds import TaskKind, WrongCallError, kind
-from .pack import TaskPack, load_pack
+from .pack import TaskPack, load_pack, min_max_length, two_texts
 from .results import Answers, Predictions, TokenPredictions
+from .schema import check_task_name
 from .tokenize import TextEncoder
 
 
@@ -117,17 +118,26 @@ class TaskSession:
         return self._get(task).digest
 
     def register(self, pack: TaskPack | str | os.PathLike, *, name: str | None = None, replace: bool = False) -> str:
-        """Validate a pack against the graph's manifest and make it servable under `name`."""
+        """Validate a pack against the graph's manifest and make it servable under `name` (a task name:
+        runtime.schema.TASK_NAME, as /v1 and /v2 address it)."""
+        if name is not None:
+            check_task_name(name, fix="give register() a name the server can route to")
         if not isinstance(pack, TaskPack):
             pack = load_pack(pack)
         pack.validate(f"task pack {pack.name!r}")
         self.compiled.check_pack(pack)
+        m = pack.manifest
+        pair = two_texts(m.task_kind, m.text_pair)
+        least = min_max_length(pair, self.encoder.special_tokens(pair))
+        if m.max_length < least:  # the manifest's floor is BERT's; this graph's tokenizer may add more
+            raise PackError(f"task pack {pack.name!r} has max_length {m.max_length}, less than this graph's tokenizer "
+                            f"needs for its special tokens and one token of each text ({least}): train it again with "
+                            "a larger --max-length")
         name = name or pack.name
         arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in pack.biases.items()}
         if not self.manifest.bias_defaults and not self.mixed:  # the graph has no default to fall back on
             arrays = {**{k: np.ascontiguousarray(v, dtype=np.float32) for k, v in self.base_biases.items()}, **arrays}
         values = {} if self.mixed else {k: self.engine.value(v) for k, v in arrays.items()}
-        m = pack.manifest
         task = _Task(pack, kind(m.task_kind), values, arrays, Head.from_tensors(m.pooling, pack.tensors), pack.digest())
         with self._lock:  # build the new state aside, then swap it in with one assignment
             if name in self._state.tasks and not replace:

@@ -44,6 +44,10 @@ class TextEncoder:
         self._plain.no_truncation()
         self._plain.no_padding()
 
+    def special_tokens(self, pair: bool) -> int:
+        """How many special tokens the tokenizer adds to one text, or to a pair of texts."""
+        return self._plain.num_special_tokens_to_add(pair)
+
     def _tokenizer(self, max_length: int, strategy: str = "longest_first", stride: int = 0) -> Tokenizer:
         # Truncation is tokenizer state: one configured copy per setting keeps concurrent callers apart.
         with self._lock:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -252,3 +253,66 @@ def test_every_stage_function_stays_callable(cli_pack):
     assert bitfit.inspect(cli_pack) == bitfit.inspect(cli_pack)
     for name in bitfit.STAGES:
         assert callable(getattr(bitfit, name)), f"bitfit.{name} is {getattr(bitfit, name)!r}"
+
+
+# -- issue 23, class 7: bad input that used to end in a traceback and exit 1 --------------------------------
+def no_traceback(code: int, err: str, message: str) -> None:
+    assert code == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert message in err, err
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
+def test_train_into_proc_is_refused_before_training(bert_model, data_files, capsys, monkeypatch):
+    from bitfit.training import train as train_module
+
+    monkeypatch.setattr(train_module, "load_encoder", lambda *a, **k: pytest.fail("training started"))
+    code, out, err = run(capsys, "train", "--model", bert_model, "--data", data_files["sentiment"], "--out", "/proc/x",
+                         "--quiet")
+    no_traceback(code, err, "bitfit train: error: cannot write /proc/x: /proc is not a writable directory (")
+    assert "choose another output path" in err
+
+
+@pytest.mark.parametrize("report", ["/etc/passwd/x", "{tmp}/file/report.json"])
+def test_verify_report_under_a_file_is_refused_before_verifying(report, bert_compiled, pack_all, tmp_path, capsys,
+                                                                monkeypatch):
+    from bitfit.compiler import verify as verify_module
+
+    (tmp_path / "file").write_text("x")
+    report = report.format(tmp=tmp_path)
+    if not os.path.exists(os.path.dirname(report)):
+        pytest.skip(f"no {os.path.dirname(report)} here")
+    monkeypatch.setattr(verify_module, "verify", lambda *a, **k: pytest.fail("verify ran"))
+    code, out, err = run(capsys, "verify", "--compiled", bert_compiled, "--pack", pack_all, "--report", report)
+    no_traceback(code, err, f"cannot write {report}: {os.path.dirname(report)} is not a writable directory (it is "
+                            "not a directory); choose another path for the report")
+
+
+@pytest.mark.parametrize("damage", ["random", "truncated"])
+def test_compile_of_a_model_with_damaged_weights_exits_2(damage, bert_model, copy_dir, tmp_path, capsys):
+    model = copy_dir(bert_model, "model")
+    weights = model / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(np.random.default_rng(0).bytes(len(data)) if damage == "random" else data[: len(data) // 2])
+    code, out, err = run(capsys, "compile", "--model", model, "--out", tmp_path / "c")
+    no_traceback(code, err, f"cannot load model '{model}': its model.safetensors is damaged (")
+    assert "re-download or re-save the model" in err and not (tmp_path / "c").exists()
+
+
+# -- issue 23, classes 4 and 9 on the command line: exit 2 before any model is loaded -------------------------
+@pytest.mark.parametrize("flags, message", [
+    (["--max-length", "1"], "max_length 1 cannot hold the tokenizer's special tokens and one token of the text: "
+                            "give --max-length 3 or more"),
+    (["--max-length", "2"], "give --max-length 3 or more"),
+    (["--name", "a/b"], "task name 'a/b' is not 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or "
+                        "digit"),
+])
+def test_train_refuses_a_degenerate_max_length_or_task_name(flags, message, bert_model, data_files, tmp_path, capsys,
+                                                            monkeypatch):
+    from bitfit.training import train as train_module
+
+    monkeypatch.setattr(train_module, "load_encoder", lambda *a, **k: pytest.fail("the model was loaded"))
+    code, out, err = run(capsys, "train", "--model", bert_model, "--data", data_files["sentiment"], "--out",
+                         tmp_path / "p", "--quiet", *flags)
+    no_traceback(code, err, message)
+    assert not (tmp_path / "p").exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import tracemalloc
 from pathlib import Path
@@ -47,7 +48,7 @@ def graph(bert_compiled, copy_dir) -> Path:
 # -- wrong output, silently -------------------------------------------------------------------------------
 def test_a_task_of_null_is_refused(pack):
     edit(pack, task=None)
-    with pytest.raises(PackError, match=r"task must be a non-empty string .*got null"):
+    with pytest.raises(PackError, match=r"task must be 1 to 64 letters, digits, .*got null"):
         load_pack(pack)
 
 
@@ -173,7 +174,7 @@ def test_raw_token_ids_out_of_range_are_refused(bert_compiled, pack_all, token_i
 
 # -- crash, 500, hang or blow-up ---------------------------------------------------------------------------
 @pytest.mark.parametrize("changes, match", [
-    ({"task": 7}, r"task must be a non-empty string .*got 7"),
+    ({"task": 7}, r"task must be 1 to 64 letters, digits, .*got 7"),
     ({"max_length": "abc"}, r"max_length must be a whole number from 1 to 1048576, got 'abc'"),
     ({"hidden_size": 1.5}, r"hidden_size must be a whole number"),
     ({"text_pair": "yes"}, r"text_pair must be true or false"),
@@ -355,3 +356,129 @@ def test_a_bank_map_edited_by_hand_is_refused(bank, edit_map, reseal, match):
         (bank / MAP_FILE).write_text(json.dumps(layout))
     with pytest.raises(PackError, match=match):
         read_bank(bank)
+
+
+# -- issue 23 --------------------------------------------------------------------------------------------
+# class 4: a max_length that cannot hold the special tokens plus a token of each text
+@pytest.mark.parametrize("changes, least", [
+    ({"max_length": 1}, 3), ({"max_length": 2}, 3),
+    ({"max_length": 4, "text_pair": True}, 5),  # [CLS] a [SEP] b [SEP]
+])
+def test_a_sealed_manifest_with_a_max_length_too_short_for_a_token_is_refused(pack, changes, least):
+    edit(pack, **changes)
+    with pytest.raises(PackError, match=rf"max_length {changes['max_length']} cannot hold the special tokens and one "
+                                        rf"token of .*: it must be at least {least}"):
+        load_pack(pack)
+    edit(pack, **{**changes, "max_length": least})  # the shortest that holds one token loads
+    assert load_pack(pack).manifest.max_length == least
+
+
+def test_register_asks_the_graphs_tokenizer_how_many_special_tokens_it_adds(bert_compiled, pack, monkeypatch):
+    """The manifest's floor is BERT's (2 around a text, 3 around a pair); a graph whose tokenizer adds more
+    (RoBERTa: <s> a </s></s> b </s>) refuses a pack that leaves no room on it."""
+    edit(pack, max_length=3)
+    session = TaskSession(bert_compiled)
+    assert (session.encoder.special_tokens(False), session.encoder.special_tokens(True)) == (2, 3)
+    session.register(pack, name="fits")
+    monkeypatch.setattr(session.encoder, "special_tokens", lambda pair: 3)
+    with pytest.raises(PackError, match=r"has max_length 3, less than this graph's tokenizer needs .* \(4\)"):
+        session.register(pack, name="tight")
+
+
+# class 5: --overwrite replaces only a directory of the same kind that this tool wrote
+@pytest.fixture
+def web_app(tmp_path) -> Path:
+    app = tmp_path / "app"
+    (app / "src").mkdir(parents=True)
+    (app / "index.html").write_text("<html></html>")
+    (app / "src" / "main.js").write_text("start()")
+    (app / "manifest.json").write_text(json.dumps({"name": "App", "icons": [], "start_url": "/"}))
+    return app
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("command, target, found", [
+    ("compile", "pack", "declares format 'bitfit-task-pack' where a compiled model directory's declares "
+                        "'bitfit-compiled'"),
+    ("train", "graph", "declares format 'bitfit-compiled' where a task pack's declares 'bitfit-task-pack'"),
+    ("compile", "web_app", r"declares no format \(another tool wrote it\) where a compiled model directory's"),
+    ("train", "web_app", r"declares no format \(another tool wrote it\) where a task pack's"),
+])
+def test_overwrite_never_replaces_a_directory_of_another_kind(command, target, found, request, bert_model, data_files,
+                                                              capsys, monkeypatch):
+    from bitfit.training import train as train_module
+
+    from bitfit.cli import main
+
+    out = request.getfixturevalue(target)
+    before = tree(out)
+    monkeypatch.setattr(train_module, "load_encoder", lambda *a, **k: pytest.fail("the model was loaded"))
+    argv = (["train", "--data", str(data_files["sentiment"]), "--quiet"] if command == "train" else ["compile"])
+    code = main([*argv, "--model", str(bert_model), "--out", str(out), "--overwrite"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert re.search(rf"{out} is not a .*: its manifest\.json {found}.*; refusing to replace it, even with "
+                     r"--overwrite: choose another output path", err), err
+    assert tree(out) == before
+
+
+def test_overwrite_replaces_a_directory_of_the_same_kind(bert_model, graph, capsys):
+    from bitfit.cli import main
+
+    (graph / "model.onnx").write_bytes(b"stale")  # what the new graph replaces
+    assert main(["compile", "--model", str(bert_model), "--out", str(graph), "--overwrite"]) == 0
+    assert TaskSession(graph).manifest.format == "bitfit-compiled"
+    assert sorted(p.name for p in graph.parent.iterdir()) == ["graph"]
+
+
+# class 9: one task-name alphabet, refused wherever a name enters
+BAD_NAMES = ["a/b", "..", ".hidden", "a b", "x" * 65, "caf\u00e9", "a\\b", "-x"]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_a_sealed_manifest_whose_task_is_no_task_name_is_refused(pack, name):
+    edit(pack, task=name)
+    with pytest.raises(PackError, match=r"task must be 1 to 64 letters, digits, '\.', '_' or '-', starting with a "
+                                        r"letter or digit, got"):
+        load_pack(pack)
+
+
+@pytest.mark.parametrize("name", ["a/b", "", "..", 7])
+def test_register_refuses_a_name_outside_the_alphabet(bert_compiled, pack_all, name):
+    session = TaskSession(bert_compiled)
+    with pytest.raises(BitFitError, match=r"is not 1 to 64 letters, .*: give register\(\) a name the server can "
+                                          r"route to"):
+        session.register(pack_all, name=name)
+    assert session.register(pack_all, name="A.b_c-9") == "A.b_c-9" and session.tasks == ["A.b_c-9"]
+
+
+def test_serve_refuses_a_pack_whose_task_is_no_task_name_and_serves_the_rest(bert_compiled, pack_all, copy_dir,
+                                                                           tmp_path):
+    from bitfit.serve.packdir import PackDirectory
+
+    packs = tmp_path / "packs"
+    packs.mkdir()
+    copy_dir(pack_all, "packs/good")
+    edit(copy_dir(pack_all, "packs/slash"), task="a/b")
+    session = TaskSession(bert_compiled)
+    result = PackDirectory(packs, session).reload()
+    assert result.added == [load_pack(pack_all).name] and list(result.refused) == ["slash"]
+    assert "task must be 1 to 64 letters" in result.refused["slash"] and "'a/b'" in result.refused["slash"]
+    assert session.tasks == [load_pack(pack_all).name]
+
+
+@pytest.mark.parametrize("entry", ["extract", "import_peft"])
+def test_extract_and_import_peft_refuse_a_task_name_before_loading(entry, tmp_path):
+    from bitfit.training.extract import extract
+    from bitfit.training.peft_import import import_peft
+
+    run = {"extract": lambda **k: extract(tmp_path / "base", tmp_path / "nothing", tmp_path / "out", **k),
+           "import_peft": lambda **k: import_peft(tmp_path / "base", tmp_path / "nothing", tmp_path / "out", **k)}
+    with pytest.raises(BitFitError, match=r"task name 'a/b' is not .*: name the task with --task"):
+        run[entry](task="a/b")
+    (tmp_path / "my adapter").mkdir()
+    with pytest.raises(BitFitError, match=r"task name 'my adapter' is not .*: name the task with --task"):
+        (extract if entry == "extract" else import_peft)(tmp_path / "base", tmp_path / "my adapter", tmp_path / "out")

@@ -154,7 +154,7 @@ def test_one_bad_pack_never_takes_down_what_serves(bert_compiled, packs_dir):
         for path in ("/healthz", "/v1/tasks", "/metrics"):
             assert c.get(path).status_code == 200, path
         r = c.post("/v1/admin/reload", json={})
-        assert r.status_code == 200 and "task must be a non-empty string" in r.json()["refused"]["bad"]
+        assert r.status_code == 200 and "task must be 1 to 64 letters" in r.json()["refused"]["bad"]
         assert c.post("/v1/predict", json={"task": task_of(packs_dir), "texts": ["good"]}).status_code == 200
 
 

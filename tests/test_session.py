@@ -31,9 +31,9 @@ def test_same_head_other_biases_change_the_logits(bert_compiled, pack_all, token
     shifted = TaskPack(pack.manifest, {k: (v + 0.2 if k in pack.biases else v) for k, v in pack.tensors.items()})
     session = TaskSession(bert_compiled)
     session.register(pack, name="A")
-    session.register(shifted, name="A+")
+    session.register(shifted, name="A-shifted")
     inputs = token_inputs(session, 2, 8)
-    assert np.abs(session.logits("A", inputs) - session.logits("A+", inputs)).max() > 1e-3
+    assert np.abs(session.logits("A", inputs) - session.logits("A-shifted", inputs)).max() > 1e-3
 
 
 def test_alternating_tasks_reproduce_results_exactly(two_tasks, token_inputs):

@@ -223,3 +223,41 @@ def test_cls_pooling_pack_matches_pytorch(bert_model, bert_compiled, trained_pac
     task = session.register(pack)
     inputs = token_inputs(session, 3, 11)
     assert np.abs(session.logits(task, inputs) - torch_logits(pack, bert_model, inputs)).max() <= 1e-4
+
+
+# -- issue 23: a max_length that cannot hold a token, and task names, refused before any model is loaded ----
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if training reaches the model: the refusal must come first."""
+    monkeypatch.setattr(train_module, "load_encoder", lambda *a, **k: pytest.fail("the model was loaded"))
+
+
+@pytest.mark.parametrize("data, max_length, least, what", [
+    ("sentiment", 1, 3, "the text"),  # [CLS] a [SEP]
+    ("sentiment", 2, 3, "the text"),
+    ("pairs", 4, 5, "each text"),  # [CLS] a [SEP] b [SEP]
+])
+def test_a_max_length_without_room_for_a_token_is_refused(bert_model, data_files, no_model, data, max_length,
+                                                          least, what):
+    with pytest.raises(BitFitError, match=rf"max_length {max_length} cannot hold the tokenizer's special tokens and "
+                                          rf"one token of {what}: give --max-length {least} or more"):
+        train(bert_model, data_files[data], None, epochs=1, max_length=max_length, **QUIET)
+
+
+def test_the_shortest_max_length_that_holds_a_token_trains(bert_model, data_files):
+    result = train(bert_model, data_files["pairs"], None, epochs=1, max_length=5, train_size=20, **QUIET)
+    assert result.pack.manifest.max_length == 5 and result.pack.manifest.text_pair
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", ".hidden", "a b", "x" * 65, "caf\u00e9", "-lead", ""])
+def test_a_task_name_outside_the_alphabet_is_refused(bert_model, data_files, no_model, name):
+    with pytest.raises(BitFitError, match=r"is not 1 to 64 letters, digits, '\.', '_' or '-', starting with a letter "
+                                          r"or digit .*: pass another --name"):
+        train(bert_model, data_files["sentiment"], None, epochs=1, task_name=name, **QUIET)
+
+
+def test_a_data_file_whose_name_is_no_task_name_needs_a_name(bert_model, data_files, tmp_path, no_model):
+    data = tmp_path / "my data.jsonl"
+    data.write_bytes(data_files["sentiment"].read_bytes())
+    with pytest.raises(BitFitError, match=r"task name 'my data' is not .*: name the task with --name"):
+        train(bert_model, data, None, epochs=1, **QUIET)

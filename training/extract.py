@@ -29,6 +29,7 @@ from bitfit.runtime.errors import BitFitError, IncompatibleError
 from bitfit.runtime.heads import HEAD_BIAS, HEAD_POOLER_BIAS, HEAD_POOLER_WEIGHT, HEAD_WEIGHT
 from bitfit.runtime.kinds import KINDS
 from bitfit.runtime.pack import PackManifest, TaskPack, TensorSpec, save_pack
+from bitfit.runtime.schema import check_task_name
 from bitfit.runtime.version import __version__
 from torch import nn
 
@@ -91,9 +92,10 @@ def extract(
     overwrite: bool = False,
 ) -> Extraction:
     """Prove `finetuned` (a full HF *For* checkpoint) differs from `base` only in biases and head; save a pack."""
+    task = check_task_name(task or Path(str(finetuned)).name, fix="name the task with --task")  # before any load
     model = load_task_model(finetuned)
     result = pack_from_task_model(
-        model, base, task=task or Path(str(finetuned)).name, biases=biases, atol=atol, max_length=max_length,
+        model, base, task=task, biases=biases, atol=atol, max_length=max_length,
         text_pair=text_pair, source={"imported_from": _model_id(finetuned), "importer": "extract"},
     )
     result.path = save_pack(result.pack, out, overwrite=overwrite)

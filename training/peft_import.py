@@ -53,10 +53,12 @@ def import_peft(
 ) -> Extraction:
     """Map a bias-only PEFT adapter on `base` to a task pack at `out` (refusing what does not map exactly)."""
     from bitfit.runtime.pack import save_pack
+    from bitfit.runtime.schema import check_task_name
 
+    task = check_task_name(task or Path(str(adapter)).name, fix="name the task with --task")  # before any load
     model, config = merged_task_model(base, adapter, labels=labels)
     result = pack_from_task_model(
-        model, base, task=task or Path(str(adapter)).name, biases=biases, max_length=max_length, text_pair=text_pair,
+        model, base, task=task, biases=biases, max_length=max_length, text_pair=text_pair,
         source={"imported_from": _model_id(adapter), "importer": "peft", "peft_type": config["peft_type"]},
     )
     result.path = save_pack(result.pack, out, overwrite=overwrite)

@@ -26,7 +26,17 @@ from bitfit.runtime.errors import BitFitError, PackError
 from bitfit.runtime.fs import check_target
 from bitfit.runtime.heads import POOLINGS
 from bitfit.runtime.kinds import kind
-from bitfit.runtime.pack import MANIFEST_FILE, PackManifest, TaskPack, TensorSpec, save_pack
+from bitfit.runtime.pack import (
+    FORMAT,
+    MANIFEST_FILE,
+    PackManifest,
+    TaskPack,
+    TensorSpec,
+    min_max_length,
+    save_pack,
+    two_texts,
+)
+from bitfit.runtime.schema import check_task_name
 from bitfit.runtime.version import __version__
 from tqdm.auto import tqdm
 
@@ -186,7 +196,9 @@ def train(
         raise BitFitError("a run with select= trains more than biases and makes no task pack: pass out=None")
     started = time.perf_counter()
     if out is not None:  # before any work: an existing pack without overwrite, or an unwritable place
-        check_target(out, overwrite=overwrite, marker=MANIFEST_FILE, what="task pack", error=PackError)
+        check_target(out, overwrite=overwrite, marker=MANIFEST_FILE, format=FORMAT, what="task pack", error=PackError)
+    if task_name is not None:
+        check_task_name(task_name, fix="pass another --name")
     if epochs < 1 or batch_size < 1 or not lr > 0 or not math.isfinite(lr) or not 0 <= warmup < 1 or max_length < 1:
         raise BitFitError(f"need epochs >= 1, batch_size >= 1, a finite lr > 0, 0 <= warmup < 1 and max_length >= 1; "
                           f"got {epochs}, {batch_size}, {lr}, {warmup}, {max_length}")
@@ -200,6 +212,8 @@ def train(
     task = data if isinstance(data, TaskData) else load_task_data(data, dev=dev, task_kind=task_kind, train_size=train_size)
     if not task.train or not task.dev:
         raise BitFitError(f"{task.name}: need non-empty train and dev splits")
+    if task_name is None:  # the data set's name, e.g. a file's stem: "my data" cannot be served
+        check_task_name(task.name, fix="name the task with --name")
     token_level = kind(task.kind).token_level
     trains = objective(task.kind)
     if pooling == "auto":
@@ -216,6 +230,11 @@ def train(
         log, progress = (lambda _: None), False
     seed_everything(seed)
     tokenizer = load_tokenizer(model)
+    pair = two_texts(task.kind, task.text_pair)
+    least = min_max_length(pair, tokenizer.num_special_tokens_to_add(pair=pair))
+    if max_length < least:  # every text would be truncated to nothing (or not truncated at all)
+        raise BitFitError(f"max_length {max_length} cannot hold the tokenizer's special tokens and one token of "
+                          f"{'each text' if pair else 'the text'}: give --max-length {least} or more")
     encoder = load_encoder(model)
     fingerprint = base_fingerprint(encoder)
     limit = max_positions(encoder, tokenizer)
