@@ -83,7 +83,6 @@ def compile(
     A.check("model", model, A.PATH)
     A.check("out", out, A.PATH)
     A.check("biases", biases, S.text(256))
-    A.check("quantize", quantize, A.optional(S.one_of(QUANTIZE_MODES)))
     for name, flag in (("fp16", fp16), ("fuse", fuse), ("mixed", mixed), ("head", head), ("overwrite", overwrite),
                        ("bias_defaults", bias_defaults)):
         A.check(name, flag, S.boolean())
