@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -187,6 +187,7 @@ class TaskSession:
     def encode(
         self, texts: Sequence[str], text_pairs: Sequence[str] | None = None, *, max_length: int
     ) -> dict[str, np.ndarray]:
+        A.check("max_length", max_length, A.COUNT)
         return self.encoder(texts, text_pairs, max_length=max_length)
 
     def hidden_states(
@@ -366,6 +367,8 @@ class TaskSession:
 
     def _check_inputs(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         wanted = self.manifest.token_inputs
+        A.check("inputs", inputs, S.Field(lambda v: isinstance(v, Mapping),
+                                          f"a dict of token arrays ({', '.join(wanted)})"))
         missing = [k for k in wanted if k not in inputs]
         if missing:
             raise BitFitError(f"missing token inputs {missing}: the graph takes {wanted}")

@@ -202,7 +202,8 @@ def test_a_pack_whose_biases_never_reach_the_graph_fails_verify(bert_compiled, p
                         real(self, feeds, None, state, biases))  # every task runs the base model's biases
 
     report = verify(bert_compiled, [untrained], mode="int8", strict=False, **QUIET)
-    assert [(c.subject, c.case) for c in report.failures] == [(pack.name, "perturbed biases vs PyTorch")], report.table()
+    failed = [(c.subject, c.case) for c in report.failures]
+    assert failed == [(pack.name, "perturbed biases vs PyTorch")], report.table()
     failure = report.failures[0]
     assert failure.max_abs <= failure.tolerance  # within tolerance: only the move check refuses it
     assert failure.note == "output moved 0.00e+00"
