@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+from bitfit.runtime import args as A
 from bitfit.runtime import compiled as cm
+from bitfit.runtime import schema as S
 from bitfit.runtime.errors import BitFitError
 from bitfit.runtime.fs import read_json
 from bitfit.runtime.pack import MANIFEST_FILE, TENSORS_FILE, load_pack
@@ -22,7 +24,8 @@ def _size(n: float) -> str:
 
 
 def inspect(path: str | os.PathLike, *, as_json: bool = False) -> str:
-    p = Path(path)
+    p = Path(A.check("path", path, A.PATH))
+    A.check("as_json", as_json, S.boolean())
     manifest_path = p / MANIFEST_FILE if p.is_dir() else p
     try:  # which format: the readers below then check it strictly
         data = read_json(manifest_path, what="manifest", error=BitFitError, fix="give a pack or compiled directory")

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bitfit.runtime import Answers, Predictions, TaskSession, TokenPredictions
+from bitfit.runtime import args as A
 from bitfit.runtime.errors import BitFitError
 from bitfit.runtime.fs import read_bounded
 
@@ -27,6 +28,7 @@ def predict(
     """Run the pack's task kind (runtime.kinds): classification / regression -> Predictions; token-classification
     -> TokenPredictions (texts: strings, or lists of words); question-answering -> Answers (texts are the
     questions, text_pairs their contexts)."""
+    A.check("pack", pack, A.PACK)
     session = TaskSession(compiled, threads=threads, device=device, backend=backend)
     task = session.register(pack)
     return session.predict(task, texts, text_pairs, batch_size=batch_size)

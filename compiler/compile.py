@@ -19,7 +19,9 @@ from bitfit.encoder.model import (
     type_vocab_size,
     uses_token_types,
 )
+from bitfit.runtime import args as A
 from bitfit.runtime import compiled as cm
+from bitfit.runtime import schema as S
 from bitfit.runtime.errors import BitFitError, CompiledModelError, ParityError
 from bitfit.runtime.fs import check_target, output_dir
 from bitfit.runtime.pack import TensorSpec
@@ -78,6 +80,14 @@ def compile(
     verify: task packs (possibly none) to check against PyTorch before the graph is put in place
     (compiler.verify, strict): a graph that fails parity raises ParityError and never replaces `out`.
     """
+    A.check("model", model, A.PATH)
+    A.check("out", out, A.PATH)
+    A.check("biases", biases, S.text(256))
+    for name, flag in (("fp16", fp16), ("fuse", fuse), ("mixed", mixed), ("head", head), ("overwrite", overwrite),
+                       ("bias_defaults", bias_defaults)):
+        A.check(name, flag, S.boolean())
+    A.check("verify", verify, A.optional(A.PACKS))
+    A.check("log", log, A.CALLABLE)
     if mixed and fuse:
         raise BitFitError("--mixed and --fuse do not combine: fused kernels take one bias per batch; choose one")
     if quantize is not None and quantize not in QUANTIZE_MODES:

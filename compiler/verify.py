@@ -19,6 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 from bitfit.runtime import TaskSession, load_pack
+from bitfit.runtime import args as A
+from bitfit.runtime import schema as S
+from bitfit.runtime.backends import BACKENDS
 from bitfit.runtime.compiled import changed_files, read_manifest
 from bitfit.runtime.errors import (
     BitFitError,
@@ -205,6 +208,19 @@ def verify(
     """
     from bitfit.encoder.model import load_tokenizer
 
+    A.check("packs", packs, A.PACKS)
+    A.check("model", model, A.optional(A.PATH))
+    A.check("atol", atol, A.optional(A.number(0)))
+    A.check("min_agreement", min_agreement, A.number(0, 100))
+    A.check("texts", texts, A.optional(A.sequence_of(S.Field(lambda t: isinstance(t, str) and t.strip() != "",
+                                                              "non-blank strings"), 1)))
+    A.check("grid", grid, A.sequence_of(S.Field(lambda c: isinstance(c, (tuple, list)) and len(c) == 2
+                                                  and all(A.COUNT.check(x) for x in c),
+                                                  "(batch, sequence length) pairs of whole numbers >= 1")))
+    A.check("seed", seed, S.integer(0, 2**63 - 1))
+    A.check("log", log, A.CALLABLE)
+    A.check("strict", strict, S.boolean())
+    A.check("backend", backend, S.one_of(BACKENDS))
     cm = read_manifest(compiled)  # not a compiled directory at all: bad input (exit 2)
     if mode == "auto":
         mode = "int8" if cm.precision.startswith("int8") or backend.endswith("int8") else cm.precision
@@ -289,8 +305,10 @@ def verify(
                                        tolerance=atol, passed=agree >= min_agreement,
                                        note=f"needs >= {min_agreement:g}%"))
 
-        # a pack with other biases changes the output, and still matches PyTorch
-        noisy = {k: (v + rng.normal(0, 0.1, v.shape)).astype(np.float32) for k, v in pack.tensors.items()}
+        # a pack with other biases changes the output, and still matches PyTorch. Only the biases get noise: with
+        # the head perturbed too, the output moved whether or not the task's biases reached the graph
+        noisy = {k: (v + rng.normal(0, 0.1, v.shape)).astype(np.float32) if k in pack.biases else v
+                 for k, v in pack.tensors.items()}
         other = TaskPack(pack.manifest, noisy)
         other_name = session.register(other, name=f"{name}-perturbed")
         inputs = cases[0][1]

@@ -22,7 +22,9 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from bitfit.runtime import args as A
 from bitfit.runtime import compiled as cm
+from bitfit.runtime import schema as S
 from bitfit.runtime.compiled import CompiledModel
 from bitfit.runtime.errors import BitFitError, CompiledModelError, IncompatibleError, PackError
 from bitfit.runtime.fs import write_file
@@ -68,7 +70,10 @@ def export_adapter(
     name is not an optional input of the graph; CompiledModelError for a mixed graph or one without the
     in-graph head; BitFitError when `out` (or its sidecar) exists and overwrite is False.
     """
-    out = Path(out)
+    A.check("compiled_dir", compiled_dir, A.PATH)
+    A.check("pack", pack, A.PACK)
+    out = Path(A.check("out", out, A.PATH))
+    A.check("overwrite", overwrite, S.boolean())
     side = sidecar_path(out)
     if out.suffix == ".json":
         raise BitFitError(f"{out}: the adapter's sidecar is FILE.json; name the adapter FILE{ADAPTER_SUFFIX}")

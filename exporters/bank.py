@@ -26,6 +26,8 @@ from bitfit.runtime.bank import (
     BankTensor,
     read_bank,
 )
+from bitfit.runtime import args as A
+from bitfit.runtime import schema as S
 from bitfit.runtime.compiled import CompiledModel
 from bitfit.runtime.errors import BitFitError, CompiledModelError
 from bitfit.runtime.fs import check_target, output_dir
@@ -58,6 +60,11 @@ def write_bank(
     overwrite: bool = False,
 ) -> Path:
     """Write bank.bin, bank.json and bank.h for `packs` (task ids in the order given) on `compiled_dir`'s graph."""
+    A.check("compiled_dir", compiled_dir, A.PATH)
+    A.check("packs", packs, A.PACKS)
+    A.check("out", out, A.PATH)
+    A.check("block_align", block_align, A.COUNT)
+    A.check("overwrite", overwrite, S.boolean())
     if block_align < TENSOR_ALIGN or block_align & (block_align - 1):
         raise BitFitError(f"block_align must be a power of two >= {TENSOR_ALIGN}, got {block_align}")
     if not packs:

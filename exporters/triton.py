@@ -23,7 +23,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from bitfit.runtime import args as A
 from bitfit.runtime import compiled as cm
+from bitfit.runtime import schema as S
 from bitfit.runtime.compiled import CompiledModel
 from bitfit.runtime.errors import BitFitError, CompiledModelError, IncompatibleError
 from bitfit.runtime.fs import check_target, output_dir, sha256_file
@@ -108,7 +110,13 @@ def export_triton(
     from bitfit.compiler.head import AddTaskHeadsPass, BakeBiasTablesPass
     from bitfit.compiler.passes import run_passes
 
-    compiled_dir, out = Path(compiled_dir), Path(out)
+    compiled_dir, out = Path(A.check("compiled_dir", compiled_dir, A.PATH)), Path(A.check("out", out, A.PATH))
+    A.check("packs", packs, A.PACKS)
+    A.check("name", name, S.string(256))
+    A.check("max_batch_size", max_batch_size, A.COUNT)
+    A.check("instance_kind", instance_kind, S.string(64))
+    A.check("instances", instances, A.COUNT)
+    A.check("overwrite", overwrite, S.boolean())
     if not _NAME.match(name):
         raise BitFitError(f"model name {name!r}: use letters, digits, '_', '-' and '.' only (it is a directory)")
     if max_batch_size < 1:

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from . import args as A
 from . import schema as S
 from .errors import CompiledModelError, IncompatibleError
 from .fs import MAX_TOKENIZER_BYTES, open_regular, read_json, regular_size, sha256_file, write_file
@@ -145,7 +146,7 @@ def write_manifest(directory: str | os.PathLike, manifest: CompiledManifest) -> 
 
 
 def _root(directory: str | os.PathLike) -> Path:
-    root = Path(directory)
+    root = Path(A.check("compiled directory", directory, A.PATH))
     if root.name == MANIFEST_FILE and root.is_file():  # the manifest's own path names its directory
         root = root.parent
     return root

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import args as A
+from . import schema as S
 from .errors import BitFitError
 from .heads import (
     DEFAULT_MAX_ANSWER_TOKENS,
@@ -81,6 +83,7 @@ def value(task: str, manifest: PackManifest, logits: np.ndarray) -> Predictions:
 def run_sequence(session: TaskSession, task: str, texts: Sequence[str], text_pairs: Sequence[str] | None = None,
                  *, batch_size: int = 32) -> Predictions:
     """Tokenize, run in batches of `batch_size`, apply the task's head and its kind's decoder."""
+    A.check("batch_size", batch_size, A.COUNT)
     state, t = session.check_call("run", task, texts, text_pairs)
     m = t.pack.manifest
     chunks = []
@@ -97,6 +100,7 @@ def run_tokens(session: TaskSession, task: str, texts: Sequence[str] | Sequence[
                text_pairs: None = None, *, batch_size: int = 32) -> TokenPredictions:
     """A label per word, from the word's first sub-token (as trained). Each item of `texts` is a string (words
     are then the tokenizer's own pre-tokenization, with character offsets) or a list of words."""
+    A.check("batch_size", batch_size, A.COUNT)
     state, t = session.check_call("run_tokens", task, texts, text_pairs)
     m = t.pack.manifest
     pretokenized = not isinstance(texts[0], str)
@@ -158,13 +162,15 @@ def answer(
     null_threshold: float = 0.0,
 ) -> Answers:
     """See TaskSession.answer."""
+    A.check("max_answer_tokens", max_answer_tokens, A.COUNT)
+    A.check("batch_size", batch_size, A.COUNT)
+    A.check("windows", windows, S.boolean())
+    A.check("stride", stride, A.optional(S.integer(0)))
+    A.check("no_answer", no_answer, A.optional(S.boolean()))
+    A.check("null_threshold", null_threshold, A.number())
     state, t = session.check_call("answer", task, questions, contexts)
     m = t.pack.manifest
-    if max_answer_tokens < 1:
-        raise BitFitError(f"max_answer_tokens must be >= 1, got {max_answer_tokens}")
     stride = m.max_length // 4 if stride is None else stride
-    if not isinstance(stride, int) or stride < 0:
-        raise BitFitError(f"stride must be a whole number of tokens >= 0, got {stride!r}")
     pairs = list(zip(questions, contexts))
     best: list[tuple[float, int, int]] = [(float("-inf"), 0, 0)] * len(pairs)
     null = [float("inf")] * len(pairs)

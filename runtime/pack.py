@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 
+from . import args as A
 from . import schema as S
 from .errors import PackError
 from .fs import output_dir, read_json, regular_size, sha256_file
@@ -350,7 +351,7 @@ def save_pack(pack: TaskPack, path: str | os.PathLike, *, overwrite: bool = Fals
 def read_manifest(path: str | os.PathLike) -> PackManifest:
     """Read and check a pack's manifest.json (no tensors): bounded read, format and version, the schema, and
     its seal (the sha256 of the rest of it), so a hand edit is refused however well-formed."""
-    root = _pack_dir(Path(path))
+    root = _pack_dir(path)
     where = root / MANIFEST_FILE
     if not os.path.lexists(where):
         raise PackError(f"{root} has no {MANIFEST_FILE}: it is not a task pack (train one with `bitfit train`)")
@@ -377,7 +378,7 @@ def read_manifest(path: str | os.PathLike) -> PackManifest:
 def load_pack(path: str | os.PathLike) -> TaskPack:
     """Load a pack strictly: the manifest (read_manifest), then the tensors file: its checksum, its header
     against the manifest before any tensor is read, provenance, names, shapes, dtypes and finiteness."""
-    root = _pack_dir(Path(path))
+    root = _pack_dir(path)
     manifest = read_manifest(root)
     tensors_path = root / TENSORS_FILE
     if not os.path.lexists(tensors_path):
@@ -421,7 +422,8 @@ def check_tensors_size(root: Path, manifest: PackManifest) -> int:
     return size
 
 
-def _pack_dir(path: Path) -> Path:
+def _pack_dir(path: str | os.PathLike) -> Path:
+    path = Path(A.check("path", path, A.PATH))
     if path.is_file() and path.name in (MANIFEST_FILE, TENSORS_FILE):
         return path.parent
     if not path.exists():

@@ -9,15 +9,18 @@ results is each kind's decoder (runtime.decode, named by runtime.kinds).
 """
 from __future__ import annotations
 
+import inspect
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from . import args as A
 from . import decode
+from . import schema as S
 from .backends import open_engine
 from .compiled import TASK_IDS, CompiledModel
 from .errors import BitFitError, NonFiniteOutputError, PackError, UnknownTaskError
@@ -72,10 +75,14 @@ class TaskSession:
         sessions or processes share the cores (measured on 2 cores: a spinning session slowed the next one by
         up to 40%). backend: "onnxruntime", "openvino", or "openvino-int8" (OpenVINO's own int8 weight
         compression), runtime.backends; OpenVINO needs a graph compiled with --no-defaults."""
-        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
-                                    or not 1 <= threads <= MAX_THREADS):
+        A.check("compiled_dir", compiled_dir, A.PATH)
+        if threads is not None and not S.integer(1, MAX_THREADS).check(threads):
             raise BitFitError(f"threads must be a whole number from 1 to {MAX_THREADS} (or None: all cores), "
                               f"got {threads!r}")
+        A.check("device", device, S.string(64))
+        A.check("backend", backend, S.string(64))
+        A.check("spinning", spinning, S.boolean())
+        A.check("check_integrity", check_integrity, S.boolean())
         self.compiled = CompiledModel.open(compiled_dir, check_integrity=check_integrity)
         self.directory = self.compiled.directory
         self.manifest = self.compiled.manifest
@@ -120,10 +127,12 @@ class TaskSession:
     def register(self, pack: TaskPack | str | os.PathLike, *, name: str | None = None, replace: bool = False) -> str:
         """Validate a pack against the graph's manifest and make it servable under `name` (a task name:
         runtime.schema.TASK_NAME, as /v1 and /v2 address it)."""
+        A.check("name", name, A.optional(A.NAME))
+        A.check("replace", replace, S.boolean())
         if name is not None:
             check_task_name(name, fix="give register() a name the server can route to")
         if not isinstance(pack, TaskPack):
-            pack = load_pack(pack)
+            pack = load_pack(A.check("pack", pack, A.PACK))
         pack.validate(f"task pack {pack.name!r}")
         self.compiled.check_pack(pack)
         m = pack.manifest
@@ -188,6 +197,7 @@ class TaskSession:
     def encode(
         self, texts: Sequence[str], text_pairs: Sequence[str] | None = None, *, max_length: int
     ) -> dict[str, np.ndarray]:
+        A.check("max_length", max_length, A.COUNT)
         return self.encoder(texts, text_pairs, max_length=max_length)
 
     def hidden_states(
@@ -249,7 +259,14 @@ class TaskSession:
     def predict(self, task: str, texts: Sequence[Any], text_pairs: Sequence[str] | None = None, **options: Any) -> Any:
         """Whatever the task's kind gives: Predictions (run), TokenPredictions (run_tokens) or Answers (answer,
         with `text_pairs` as the contexts). `options` go to that call (batch_size, ...)."""
-        return self._get(task).kind.run(self, task, texts, text_pairs, **options)
+        k = self._get(task).kind
+        taken = [p for p in inspect.signature(k.run).parameters if p not in ("session", "task", "texts", "text_pairs",
+                                                                                "questions", "contexts")]
+        unknown = sorted(set(options) - set(taken))
+        if unknown:
+            raise BitFitError(f"{k.call}() takes no option {', '.join(unknown)}: a {k.name} task takes "
+                              f"{', '.join(taken) or 'none'}")
+        return k.run(self, task, texts, text_pairs, **options)
 
     def run(
         self,
@@ -273,11 +290,13 @@ class TaskSession:
         """
         if isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence) or not rows:
             raise BitFitError("rows must be a non-empty list of (task, text) or (task, text, text_pair)")
+        A.check("batch_size", batch_size, A.COUNT)
         state = self._state
         groups: dict[str, list[int]] = {}
         for i, row in enumerate(rows):
             if not isinstance(row, (tuple, list)) or len(row) not in (2, 3):
                 raise BitFitError(f"rows[{i}] must be (task, text) or (task, text, text_pair), got {row!r}"[:300])
+            A.check(f"rows[{i}][0] (the task)", row[0], S.string())  # a list is no task name, nor a dict key
             groups.setdefault(row[0], []).append(i)
         pairs = [row[2] if len(row) == 3 else None for row in rows]
         for task, index in groups.items():
@@ -358,6 +377,8 @@ class TaskSession:
 
     def _check_inputs(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         wanted = self.manifest.token_inputs
+        A.check("inputs", inputs, S.Field(lambda v: isinstance(v, Mapping),
+                                          f"a dict of token arrays ({', '.join(wanted)})"))
         missing = [k for k in wanted if k not in inputs]
         if missing:
             raise BitFitError(f"missing token inputs {missing}: the graph takes {wanted}")
@@ -400,6 +421,7 @@ def _head(name: str, task: _Task, hidden: np.ndarray, attention_mask: np.ndarray
 
 def load(compiled_dir: str | os.PathLike, packs: Sequence[str | os.PathLike] = (), **kwargs: Any) -> TaskSession:
     """Open a compiled directory and register `packs` (paths) on it."""
+    A.check("packs", packs, A.PACKS)
     session = TaskSession(compiled_dir, **kwargs)
     for p in packs:
         session.register(p)

@@ -1,6 +1,7 @@
 """Tokenization with the `tokenizers` library only, so a deployment box needs no transformers."""
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Sequence
 
@@ -43,6 +44,7 @@ class TextEncoder:
         self._plain = Tokenizer.from_str(self._json)  # no truncation, no padding: for counting tokens
         self._plain.no_truncation()
         self._plain.no_padding()
+        self._unknown = _unknown_token(self._json, self._plain)
 
     def special_tokens(self, pair: bool) -> int:
         """How many special tokens the tokenizer adds to one text, or to a pair of texts."""
@@ -100,8 +102,8 @@ class TextEncoder:
 
     def _encode(self, batch: list, max_length: int, strategy: str, stride: int = 0, pretokenized: bool = False,
                 names: tuple[str, str] = ("texts", "text_pairs"), index: Sequence[int] | None = None) -> list[Encoding]:
-        """Encode, and refuse a row with a text that gives no token of its own (names and index: how the caller
-        calls the texts and their positions, for the message)."""
+        """Encode, and refuse a row with a text that gives no token of its own, or only the unknown token (names
+        and index: how the caller calls the texts and their positions, for the message)."""
         try:
             encodings = self._tokenizer(max_length, strategy, stride).encode_batch(batch, is_pretokenized=pretokenized)
         except Exception as e:  # tokenizers raises plain Exceptions
@@ -114,10 +116,19 @@ class TextEncoder:
         for row, enc in enumerate(encodings):
             pair = not pretokenized and isinstance(batch[row], tuple)
             for segment in (0, 1) if pair else (0,):
-                if not any(m == 0 and sid == segment for m, sid in zip(enc.special_tokens_mask, enc.sequence_ids)):
-                    at = index[row] if index is not None else row
+                ids = [i for part in (enc, *enc.overflowing)  # a long context's later windows count too
+                       for i, m, sid in zip(part.ids, part.special_tokens_mask, part.sequence_ids)
+                       if m == 0 and sid == segment]
+                at = index[row] if index is not None else row
+                if not ids:
                     raise BitFitError(f"{names[segment]}[{at}] gives no token (empty after tokenization: only "
-                                      "invisible, control or unknown-to-the-tokenizer characters?): give some text")
+                                      "invisible or control characters?): give some text")
+                if self._unknown is not None and all(i == self._unknown[1] for i in ids):
+                    # the model would read nothing but "unknown" and still answer with confidence
+                    raise BitFitError(f"{names[segment]}[{at}] gives only the unknown token {self._unknown[0]} (none "
+                                      "of its characters is in the tokenizer's vocabulary, as for a script or emoji "
+                                      "the model was not trained on): the answer would mean nothing; give text in "
+                                      "a language the model knows")
         return encodings
 
     def encodings(
@@ -175,6 +186,19 @@ class TextEncoder:
             for k, v in encoded.items():
                 out[k][index, : v.shape[1]] = v
         return out
+
+
+def _unknown_token(tokenizer_json: str, tokenizer: Tokenizer) -> tuple[str, int] | None:
+    """The tokenizer's unknown token and its id (WordPiece and BPE name it, Unigram gives its id); None when it
+    has none (byte-level BPE, which can spell any text)."""
+    model = json.loads(tokenizer_json).get("model") or {}
+    unk_id = model.get("unk_id")
+    if isinstance(unk_id, int) and not isinstance(unk_id, bool):
+        token = tokenizer.id_to_token(unk_id)
+        return None if token is None else (token, unk_id)
+    token = model.get("unk_token")
+    unk_id = tokenizer.token_to_id(token) if isinstance(token, str) else None
+    return None if unk_id is None else (token, unk_id)
 
 
 def check_texts(texts: object, what: str) -> None:

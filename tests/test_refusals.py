@@ -141,6 +141,22 @@ def test_text_that_tokenizes_to_nothing_is_refused(bert_compiled, pack_all, text
         session.run_mixed([(task, "good fun"), (task, text)])
 
 
+@pytest.mark.parametrize("text", ["\u2603", "\u2603 \U0001f600", "\u4f60\u597d", " \u00df\u2603 "])
+def test_text_of_only_unknown_characters_is_refused(bert_compiled, pack_all, pack_pairs, text):
+    """Characters outside the vocabulary all become [UNK]: a text of nothing else would be answered from no
+    content at all, with a confident label. Refused, naming the text; a text with one known word still runs."""
+    session = TaskSession(bert_compiled)
+    task, pairs = session.register(pack_all), session.register(pack_pairs)
+    only_unknown = r"texts\[1\] gives only the unknown token \[UNK\] \(none of its characters is in the tokenizer"
+    with pytest.raises(BitFitError, match=only_unknown):
+        session.run(task, ["good fun", text])
+    with pytest.raises(BitFitError, match=only_unknown):
+        session.run_mixed([(task, "good fun"), (task, text)])
+    with pytest.raises(BitFitError, match=r"text_pairs\[0\] gives only the unknown token"):
+        session.run(pairs, ["good fun"], [text])
+    assert session.run(task, [f"good {text}"]).labels  # known words beside unknown ones: answered
+
+
 @pytest.mark.parametrize("labels, match", [
     (["pos", "neg", "pos"], r"labels \['pos'\] appear more than once"),
     ("ab", r"labels must be a list"),

@@ -184,3 +184,29 @@ def test_compile_verify_never_puts_a_failing_graph_in_place(bert_model, bert_com
     assert "PASS." in capsys.readouterr().out
     session = TaskSession(target)
     assert np.array_equal(session.base_biases["layer.0.bq"], TaskSession(bert_compiled).base_biases["layer.0.bq"])
+
+
+def test_a_pack_whose_biases_never_reach_the_graph_fails_verify(bert_compiled, pack_all, monkeypatch):
+    """int8 mode's tolerance (1.5) hides a dead bias from the parity rows: a pack equal to the base model (as an
+    untrained one is) matches PyTorch whether or not its biases are fed, and its perturbed copy, within 1.5, too.
+    Only "perturbed biases vs PyTorch" can see it: the same output with other biases. Here the session feeds no
+    registered task's biases (the graph alone is fine: its liveness row, which feeds biases directly, passes)."""
+    from bitfit.runtime import TaskPack, load_pack
+    from bitfit.runtime.session import TaskSession as Session
+
+    pack = load_pack(pack_all)
+    base = Session(bert_compiled).base_biases
+    untrained = TaskPack(pack.manifest, {**pack.tensors, **{k: base[k].copy() for k in pack.biases}})
+    real = Session._hidden
+    monkeypatch.setattr(Session, "_hidden", lambda self, feeds, task, state, biases=None:
+                        real(self, feeds, None, state, biases))  # every task runs the base model's biases
+
+    report = verify(bert_compiled, [untrained], mode="int8", strict=False, **QUIET)
+    failed = [(c.subject, c.case) for c in report.failures]
+    assert failed == [(pack.name, "perturbed biases vs PyTorch")], report.table()
+    failure = report.failures[0]
+    assert failure.max_abs <= failure.tolerance  # within tolerance: only the move check refuses it
+    assert failure.note == "output moved 0.00e+00"
+    # the same pack on an honest session moves, and passes
+    monkeypatch.setattr(Session, "_hidden", real)
+    assert verify(bert_compiled, [untrained], mode="int8", strict=False, **QUIET).ok
