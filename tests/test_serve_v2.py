@@ -468,3 +468,31 @@ def test_a_field_of_the_wrong_type_is_400_naming_its_path(v2_client, names, body
     r = v2_client.post(path, content=raw, headers=headers)
     assert r.status_code == 400 and r.json()["error"].startswith(message), r.text
     assert v2_client.post(path, json=infer()).status_code == 200  # and it keeps serving
+
+
+def test_metrics_label_v2_routes_by_template_not_by_task(bert_compiled, packs_dir, names):
+    """/v2 traffic was all counted as endpoint "other". Each route is its own label now, its template: the
+    task and version in a path never become label values (a client must not grow the registry at will)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    app = create_app(TaskSession(bert_compiled, threads=1), packs_dir, ServeConfig(max_texts=8))
+    task = names["single"]
+    version = app.state.session.digest(task)[:16]
+    with TestClient(app) as c:
+        assert c.get("/v2").status_code == c.get("/v2/health/ready").status_code == 200
+        assert c.get(f"/v2/models/{task}").status_code == c.get(f"/v2/models/{task}/ready").status_code == 200
+        assert c.post(f"/v2/models/{task}/infer", json=infer()).status_code == 200
+        assert c.post(f"/v2/models/{task}/versions/{version}/infer", json=infer()).status_code == 200
+        for i in range(20):  # unknown tasks and versions: 404s under the route's label, not 20 new labels
+            assert c.post(f"/v2/models/no-such-task-{i}/infer", json=infer()).status_code == 404
+            assert c.get(f"/v2/models/{task}/versions/{i}").status_code == 404
+        assert c.get("/v2/models/x/y/z").status_code == 404
+        text = c.get("/metrics").text
+    counts = {(s.labels["endpoint"], s.labels["status"]): s.value for family in text_string_to_metric_families(text)
+              if family.name == "bitfit_requests" for s in family.samples if s.name == "bitfit_requests_total"}
+    assert counts == {("/v2", "200"): 1, ("/v2/health/ready", "200"): 1, ("/v2/models/{model}", "200"): 1,
+                      ("/v2/models/{model}/ready", "200"): 1, ("/v2/models/{model}/infer", "200"): 1,
+                      ("/v2/models/{model}/versions/{version}/infer", "200"): 1,
+                      ("/v2/models/{model}/infer", "404"): 20, ("/v2/models/{model}/versions/{version}", "404"): 20,
+                      ("other", "404"): 1}
+    assert task not in text and version not in text
