@@ -160,8 +160,8 @@ def parse_infer(raw: bytes, header_length: str | None, expected: Sequence[Tensor
     names = ", ".join(wanted)
     inputs = body.get("inputs")
     if not isinstance(inputs, list) or not inputs:
-        raise ProtocolError(400, f"'inputs' must be a non-empty list of tensors, got {_kind(inputs)}; this model "
-                                 f"takes {names}")
+        got = "an empty list" if inputs == [] else _kind(inputs)
+        raise ProtocolError(400, f"'inputs' must be a non-empty list of tensors, got {got}; this model takes {names}")
     out: dict[str, list[str]] = {}
     offset = 0
     for i, tensor in enumerate(inputs):
