@@ -308,7 +308,7 @@ REFUSED = [
     ("2-d shape", {"inputs": [{"name": "text", "shape": [2, 2], "datatype": "BYTES", "data": ["a"] * 4}]}, 400,
      "give [n] (or [n, 1])"),
     ("a number as text", {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [5]}]}, 400,
-     "element 0 is int, not a string"),
+     "inputs[0].data[0] must be a string, got number 5"),
     ("twice", {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"]}] * 2}, 400,
      "given twice"),
     ("unknown output", {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"]}],
@@ -355,3 +355,144 @@ def test_a_bad_header_length_is_refused(bert_compiled, packs_dir, names):
         for value, message in (("abc", "invalid Inference-Header-Content-Length"), ("9999", "does not fit a body")):
             r = c.post(path, content=b"{}", headers={"inference-header-content-length": value})
             assert r.status_code == 400 and message in r.json()["error"]
+
+
+def text(**changes) -> dict:
+    """A valid input tensor for the single-text task, with `changes` (a value of ... deletes the field)."""
+    tensor = {"name": "text", "shape": [1], "datatype": "BYTES", "data": ["good"], **changes}
+    return {k: v for k, v in tensor.items() if v is not ...}
+
+
+def infer(**changes) -> dict:
+    return {"inputs": [text()], **changes}
+
+
+def binary_text(**params) -> dict:
+    return {"name": "text", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 8, **params}}
+
+
+MISTYPED = [
+    # (name, body or (header, blob), the error's start): every field of a body, each with a wrong type, gets a 400
+    # naming the field's path (the first two were 500 `TypeError: unhashable type`)
+    ("name a list", {"inputs": [text(name=["text"])]}, "inputs[0].name must be a string, got list"),
+    ("name an object", {"inputs": [text(name={"a": 1})]}, "inputs[0].name must be a string, got object"),
+    ("name a number", {"inputs": [text(name=3)]}, "inputs[0].name must be a string, got number 3"),
+    ("name missing", {"inputs": [text(name=...)]}, "inputs[0].name is missing: it must be a string"),
+    ("datatype a list", {"inputs": [text(datatype=["BYTES"])]}, "inputs[0].datatype must be a string, got list"),
+    ("datatype null", {"inputs": [text(datatype=None)]}, "inputs[0].datatype must be a string, got null"),
+    ("shape a string", {"inputs": [text(shape="1")]}, "inputs[0].shape must be a list, got string"),
+    ("shape of a float", {"inputs": [text(shape=[1.0])]},
+     "inputs[0].shape[0] must be a whole number, got number 1.0"),
+    ("shape of a boolean", {"inputs": [text(shape=[True])]},
+     "inputs[0].shape[0] must be a whole number, got boolean true"),
+    ("data a string", {"inputs": [text(data="good")]}, "inputs[0].data must be a list of strings, got string"),
+    ("data null", {"inputs": [text(data=None)]}, "inputs[0].data must be a list of strings, got null"),
+    ("data an object", {"inputs": [text(data={"0": "good"})]}, "inputs[0].data must be a list of strings, got object"),
+    ("a row of a number", {"inputs": [text(shape=[2, 1], data=[["a"], [5]])]},
+     "inputs[0].data[1][0] must be a string, got number 5"),
+    ("a list among strings", {"inputs": [text(shape=[2], data=["a", ["b"]])]},
+     "inputs[0].data[1] must be a string, got list"),
+    ("parameters a list", {"inputs": [text(parameters=[1])]}, "inputs[0].parameters must be an object, got list"),
+    ("content_type a number", {"inputs": [text(parameters={"content_type": 1})]},
+     "inputs[0].parameters.content_type must be a string, got number 1"),
+    ("a base64 codec", {"inputs": [text(data=["Z29vZA=="], parameters={"content_type": "base64"})]},  # was a 200
+     "inputs[0].parameters.content_type 'base64' is not served"),
+    ("an output codec", infer(outputs=[{"name": "label", "parameters": {"content_type": "np"}}]),
+     "outputs[0].parameters.content_type 'np' is not served"),
+    ("an unknown input parameter", {"inputs": [text(parameters={"shared_memory_region": "r"})]},
+     "inputs[0].parameters has unsupported parameters ['shared_memory_region']"),
+    ("an unknown tensor field", {"inputs": [text(contents=["good"])]},
+     "inputs[0] has unknown fields ['contents']: it takes name, shape, datatype, parameters, data"),
+    ("a tensor a string", {"inputs": ["text"]}, "inputs[0] must be an object (name, shape, datatype, parameters, "),
+    ("the second tensor a list", {"inputs": [text(), []]}, "inputs[1] must be an object"),
+    ("inputs an object", {"inputs": {"text": ["good"]}}, "'inputs' must be a non-empty list of tensors, got object"),
+    ("id a number", infer(id=7), "id must be a string, got number 7"),
+    ("id a list", infer(id=["r"]), "id must be a string, got list"),
+    ("id a lone surrogate", infer(id="\ud800"), "id is not valid Unicode ('\\ud800' at character 0"),  # was 500
+    ("parameters a list", infer(parameters=[]), "parameters must be an object, got list"),
+    ("binary_data_output a string", infer(parameters={"binary_data_output": "yes"}),
+     "parameters.binary_data_output must be true or false, got string"),
+    ("outputs an object", infer(outputs={"name": "logits"}), "outputs must be a list, got object"),
+    ("an output a string", infer(outputs=["logits"]), "outputs[0] must be an object (name, parameters), got string"),
+    ("output name a list", infer(outputs=[{"name": ["logits"]}]), "outputs[0].name must be a string, got list"),
+    ("output name missing", infer(outputs=[{"parameters": {}}]), "outputs[0].name is missing"),
+    ("an unknown output field", infer(outputs=[{"name": "logits", "shape": [1]}]),
+     "outputs[0] has unknown fields ['shape']"),
+    ("output parameters a list", infer(outputs=[{"name": "logits", "parameters": [True]}]),
+     "outputs[0].parameters must be an object, got list"),
+    ("binary_data a number", infer(outputs=[{"name": "logits", "parameters": {"binary_data": 1}}]),
+     "outputs[0].parameters.binary_data must be true or false, got number 1"),
+    # was a 200 with every logit, as if the top-2 classes had not been asked for
+    ("the classification extension", infer(outputs=[{"name": "logits", "parameters": {"classification": 2}}]),
+     "outputs[0].parameters has unsupported parameters ['classification']"),
+    ("an output twice", infer(outputs=[{"name": "label"}, {"name": "label", "parameters": {"binary_data": True}}]),
+     "output 'label' is asked for twice"),
+    # the binary extension: the JSON header is checked the same way
+    ("binary: name a list", ({"inputs": [{**binary_text(), "name": ["text"]}]}, elements(b"good")),
+     "inputs[0].name must be a string, got list"),
+    ("binary: size a string", ({"inputs": [binary_text(binary_data_size="8")]}, elements(b"good")),
+     "inputs[0].parameters.binary_data_size must be a whole number, got string"),
+    ("binary: size a float", ({"inputs": [binary_text(binary_data_size=8.0)]}, elements(b"good")),
+     "inputs[0].parameters.binary_data_size must be a whole number, got number 8.0"),
+    ("binary: size a boolean", ({"inputs": [binary_text(binary_data_size=True)]}, elements(b"good")),
+     "inputs[0].parameters.binary_data_size must be a whole number, got boolean true"),
+    ("binary: size an object", ({"inputs": [binary_text(binary_data_size={})]}, elements(b"good")),
+     "inputs[0].parameters.binary_data_size must be a whole number, got object"),
+    ("binary: output name an object", ({"inputs": [binary_text()], "outputs": [{"name": {}}]}, elements(b"good")),
+     "outputs[0].name must be a string, got object"),
+]
+
+
+def test_kserve_string_codec_hints_are_served(v2_client, names):
+    """KServe and MLServer clients mark string tensors `content_type: str`: that is what is served here."""
+    body = infer(inputs=[text(parameters={"content_type": "str"})],
+                 outputs=[{"name": "label", "parameters": {"content_type": "str"}}])
+    r = v2_client.post(f"/v2/models/{names['single']}/infer", json=body)
+    assert r.status_code == 200 and [o["name"] for o in r.json()["outputs"]] == ["label"], r.text
+
+
+@pytest.fixture(scope="module")
+def v2_client(bert_compiled, packs_dir):
+    app = create_app(TaskSession(bert_compiled, threads=1), packs_dir, ServeConfig(max_texts=8))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        yield c
+
+
+@pytest.mark.parametrize("body, message", [r[1:] for r in MISTYPED], ids=[r[0] for r in MISTYPED])
+def test_a_field_of_the_wrong_type_is_400_naming_its_path(v2_client, names, body, message):
+    path = f"/v2/models/{names['single']}/infer"
+    if isinstance(body, tuple):
+        raw, headers = binary_body(*body)
+    else:
+        raw, headers = json.dumps(body).encode(), {"content-type": "application/json"}
+    r = v2_client.post(path, content=raw, headers=headers)
+    assert r.status_code == 400 and r.json()["error"].startswith(message), r.text
+    assert v2_client.post(path, json=infer()).status_code == 200  # and it keeps serving
+
+
+def test_metrics_label_v2_routes_by_template_not_by_task(bert_compiled, packs_dir, names):
+    """/v2 traffic was all counted as endpoint "other". Each route is its own label now, its template: the
+    task and version in a path never become label values (a client must not grow the registry at will)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    app = create_app(TaskSession(bert_compiled, threads=1), packs_dir, ServeConfig(max_texts=8))
+    task = names["single"]
+    version = app.state.session.digest(task)[:16]
+    with TestClient(app) as c:
+        assert c.get("/v2").status_code == c.get("/v2/health/ready").status_code == 200
+        assert c.get(f"/v2/models/{task}").status_code == c.get(f"/v2/models/{task}/ready").status_code == 200
+        assert c.post(f"/v2/models/{task}/infer", json=infer()).status_code == 200
+        assert c.post(f"/v2/models/{task}/versions/{version}/infer", json=infer()).status_code == 200
+        for i in range(20):  # unknown tasks and versions: 404s under the route's label, not 20 new labels
+            assert c.post(f"/v2/models/no-such-task-{i}/infer", json=infer()).status_code == 404
+            assert c.get(f"/v2/models/{task}/versions/{i}").status_code == 404
+        assert c.get("/v2/models/x/y/z").status_code == 404
+        text = c.get("/metrics").text
+    counts = {(s.labels["endpoint"], s.labels["status"]): s.value for family in text_string_to_metric_families(text)
+              if family.name == "bitfit_requests" for s in family.samples if s.name == "bitfit_requests_total"}
+    assert counts == {("/v2", "200"): 1, ("/v2/health/ready", "200"): 1, ("/v2/models/{model}", "200"): 1,
+                      ("/v2/models/{model}/ready", "200"): 1, ("/v2/models/{model}/infer", "200"): 1,
+                      ("/v2/models/{model}/versions/{version}/infer", "200"): 1,
+                      ("/v2/models/{model}/infer", "404"): 20, ("/v2/models/{model}/versions/{version}", "404"): 20,
+                      ("other", "404"): 1}
+    assert task not in text and version not in text

@@ -507,23 +507,24 @@ def create_app(
             await batcher.stop()
             batcher.close()  # the inference thread goes with the app
 
+    routes = [
+        Route("/v1/tasks", tasks, methods=["GET"]),
+        *(Route(path, post, methods=["POST"]) for path in BODIES),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+        Route("/v1/admin/reload", reload, methods=["POST"]),
+        Route("/v2", v2_server, methods=["GET"]),
+        Route("/v2/health/live", v2_live, methods=["GET"]),
+        Route("/v2/health/ready", v2_ready, methods=["GET"]),
+        *(r for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}") for r in (
+            Route(base, v2_model, methods=["GET"]),
+            Route(f"{base}/ready", v2_model_ready, methods=["GET"]),
+            Route(f"{base}/infer", v2_infer, methods=["POST"]),
+        )),
+    ]
     app = Starlette(
-        routes=[
-            Route("/v1/tasks", tasks, methods=["GET"]),
-            *(Route(path, post, methods=["POST"]) for path in BODIES),
-            Route("/healthz", healthz, methods=["GET"]),
-            Route("/metrics", metrics_endpoint, methods=["GET"]),
-            Route("/v1/admin/reload", reload, methods=["POST"]),
-            Route("/v2", v2_server, methods=["GET"]),
-            Route("/v2/health/live", v2_live, methods=["GET"]),
-            Route("/v2/health/ready", v2_ready, methods=["GET"]),
-            *(r for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}") for r in (
-                Route(base, v2_model, methods=["GET"]),
-                Route(f"{base}/ready", v2_model_ready, methods=["GET"]),
-                Route(f"{base}/infer", v2_infer, methods=["POST"]),
-            )),
-        ],
-        middleware=[Middleware(MetricsMiddleware, metrics=metrics)],
+        routes=routes,
+        middleware=[Middleware(MetricsMiddleware, metrics=metrics, routes=routes)],  # labelled by route template
         # one handler for all: the expected errors by type, and Exception (answered 500, and logged by uvicorn)
         exception_handlers={t: error_response for t in (RequestError, ProtocolError, BitFitError, ServiceUnavailable,
                                                          HTTPException, Exception)},

@@ -3,16 +3,14 @@ registered tasks and reloads (prometheus_client only, no web framework)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from bitfit.runtime.kinds import KINDS
-
 from .batcher import BatchRecord
 
-# every route the server answers; anything else is counted as "other"
-ENDPOINTS = ("/v1/tasks", *dict.fromkeys(k.route for k in KINDS.values()), "/healthz", "/metrics", "/v1/admin/reload")
+OTHER = "other"  # the label of every path no route serves
 
 
 class Metrics:
@@ -43,17 +41,24 @@ class Metrics:
 
 
 class MetricsMiddleware:
-    """Counts every HTTP request by endpoint and status, and times it (pure ASGI)."""
+    """Counts every HTTP request by endpoint and status, and times it (pure ASGI). The endpoint label is the
+    template of the route that serves the path (`/v2/models/{model}/infer`), never the path: a label value
+    per task name or version a client types would grow the registry without bound. `routes` are the app's
+    (anything with `path`, the template, and `path_regex`, as starlette's Route); other paths are "other"."""
 
-    def __init__(self, app: Any, metrics: Metrics) -> None:
+    def __init__(self, app: Any, metrics: Metrics, routes: Sequence[Any] = ()) -> None:
         self.app = app
         self.metrics = metrics
+        self.routes = [(r.path, r.path_regex) for r in routes]
+
+    def endpoint(self, path: str) -> str:
+        return next((template for template, regex in self.routes if regex.match(path)), OTHER)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        endpoint = scope.get("path", "") if scope.get("path") in ENDPOINTS else "other"
+        endpoint = self.endpoint(scope.get("path", ""))
         status = 500
 
         async def send_status(message: dict) -> None:

@@ -118,14 +118,25 @@ def _dumps(obj: Any) -> str:
 class InferRequest:
     id: str | None
     inputs: dict[str, list[str]]
-    outputs: dict[str, bool] = field(default_factory=dict)  # requested output -> binary; empty: all
+    outputs: dict[str, bool | None] = field(default_factory=dict)  # requested -> binary (None: default); {}: all
     binary_default: bool = False  # the request's binary_data_output
+
+
+TENSOR_FIELDS = ("name", "shape", "datatype", "parameters", "data")  # an input tensor (the protocol's)
+OUTPUT_FIELDS = ("name", "parameters")  # a requested output
+# The only tensor parameters served: the binary extension's, and KServe's codec hint for plain strings. Any other
+# (classification, shared memory, a base64 codec) asks for an answer this server does not give, so it is refused
+# rather than ignored.
+INPUT_PARAMETERS = ("binary_data_size", "content_type")
+OUTPUT_PARAMETERS = ("binary_data", "content_type")
+CONTENT_TYPES = ("str",)
 
 
 def parse_infer(raw: bytes, header_length: str | None, expected: Sequence[Tensor], max_items: int,
                 max_chars: int) -> InferRequest:
     """An infer request's JSON (and binary tensors after it when `header_length` is given), checked against
-    the model's inputs: names, datatypes, shapes, element counts, UTF-8, and the server's limits."""
+    the model's inputs: every field's type (a 400 naming its path, e.g. `inputs[0].name`), names,
+    datatypes, shapes, element counts, UTF-8, and the server's limits."""
     header, binary = _split(raw, header_length)
     try:
         body = json.loads(header)
@@ -138,49 +149,52 @@ def parse_infer(raw: bytes, header_length: str | None, expected: Sequence[Tensor
     unknown = sorted(set(body) - {"id", "inputs", "outputs", "parameters"})
     if unknown:
         raise ProtocolError(400, f"unknown fields {unknown} in the inference request: it takes id, inputs, outputs "
-                                 "and parameters")
-    request_id = body.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise ProtocolError(400, f"the request id must be a string, got {type(request_id).__name__}")
-    params = _params(body.get("parameters"), "the request's parameters")
-    binary_default = params.get("binary_data_output", False)
-    if not isinstance(binary_default, bool):
-        raise ProtocolError(400, "parameters.binary_data_output must be true or false")
+                                 "and parameters"[:300])
+    request_id = _field(body, "id", str, "id", required=False)
+    if request_id is not None:
+        _unicode(request_id, "id")  # echoed in the response, which must encode
+    params = _params(body, "parameters", None)
+    binary_default = _field(params, "binary_data_output", bool, "parameters.binary_data_output", required=False)
 
     wanted = {t.name: t for t in expected}
     names = ", ".join(wanted)
     inputs = body.get("inputs")
     if not isinstance(inputs, list) or not inputs:
-        raise ProtocolError(400, f"'inputs' must be a non-empty list of tensors; this model takes {names}")
+        got = "an empty list" if inputs == [] else _kind(inputs)
+        raise ProtocolError(400, f"'inputs' must be a non-empty list of tensors, got {got}; this model takes {names}")
     out: dict[str, list[str]] = {}
     offset = 0
     for i, tensor in enumerate(inputs):
-        if not isinstance(tensor, dict):
-            raise ProtocolError(400, f"inputs[{i}] must be an object with name, shape, datatype and data")
-        name = tensor.get("name")
+        path = f"inputs[{i}]"
+        _object(tensor, path, TENSOR_FIELDS)
+        name = _field(tensor, "name", str, f"{path}.name")
         if name not in wanted:
             raise ProtocolError(400, f"unknown input {name!r}: this model takes {names}"[:300])
         if name in out:
             raise ProtocolError(400, f"input {name!r} is given twice")
-        datatype = tensor.get("datatype")
+        datatype = _field(tensor, "datatype", str, f"{path}.datatype")
         if datatype != wanted[name].datatype:
             raise ProtocolError(400, f"input {name!r} has datatype {datatype!r}: this model takes "
                                      f"{wanted[name].datatype} (strings)"[:300])
-        count = _count(tensor.get("shape"), name)
-        size = _params(tensor.get("parameters"), f"input {name!r}'s parameters").get("binary_data_size")
+        count = _count(_field(tensor, "shape", list, f"{path}.shape"), name, f"{path}.shape")
+        params = _params(tensor, "parameters", INPUT_PARAMETERS, path)
+        size = _field(params, "binary_data_size", int, f"{path}.parameters.binary_data_size", required=False)
         if size is not None:
             if "data" in tensor:
                 raise ProtocolError(400, f"input {name!r} has both data and binary_data_size: give one")
-            if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary):
+            if size < 0 or offset + size > len(binary):
                 raise ProtocolError(400, f"input {name!r}: binary_data_size {size!r} does not fit the "
-                                         f"{len(binary) - offset} binary bytes left in the request")
+                                         f"{len(binary) - offset} binary bytes left in the request"[:300])
             values = _bytes_elements(binary[offset : offset + size], name)
             offset += size
         else:
-            values = _json_elements(tensor.get("data"), name)
+            if "data" not in tensor:
+                raise ProtocolError(400, f"input {name!r} needs 'data' (a list of strings) or binary data "
+                                         f"({path}.parameters.binary_data_size)")
+            values = _json_elements(tensor["data"], f"{path}.data")
         if len(values) != count:
-            raise ProtocolError(400, f"input {name!r} has shape {tensor.get('shape')} ({count} elements) but "
-                                     f"{len(values)} values")
+            raise ProtocolError(400, f"input {name!r} has shape {tensor['shape']} ({count} elements) but "
+                                     f"{len(values)} values"[:300])
         if count > max_items:
             raise ProtocolError(413, f"input {name!r} has {count} elements, over the limit of {max_items} per request")
         for j, text in enumerate(values):
@@ -194,7 +208,7 @@ def parse_infer(raw: bytes, header_length: str | None, expected: Sequence[Tensor
     missing = [n for n in wanted if n not in out]
     if missing:
         raise ProtocolError(400, f"missing inputs {missing}: this model takes {names}")
-    return InferRequest(request_id, out, _requested(body.get("outputs")), binary_default)
+    return InferRequest(request_id, out, _requested(body), bool(binary_default))
 
 
 def _split(raw: bytes, header_length: str | None) -> tuple[bytes, bytes]:
@@ -203,38 +217,94 @@ def _split(raw: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     try:
         n = int(header_length)
     except ValueError:
-        raise ProtocolError(400, f"invalid Inference-Header-Content-Length {header_length!r}") from None
+        raise ProtocolError(400, f"invalid Inference-Header-Content-Length {header_length!r}"[:300]) from None
     if not 0 < n <= len(raw):
-        raise ProtocolError(400, f"Inference-Header-Content-Length {n} does not fit a body of {len(raw)} bytes")
+        raise ProtocolError(400, f"Inference-Header-Content-Length {n} does not fit a body of {len(raw)} bytes"[:300])
     return raw[:n], raw[n:]
 
 
-def _params(value: Any, where: str) -> dict[str, Any]:
+# -- typed access: every field of a body is checked here before it is used ---------------------------------
+def _kind(value: Any) -> str:
+    """A JSON value's type for a message (with the value where it is a short scalar)."""
     if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ProtocolError(400, f"{where} must be an object")
+        return "null"
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, (int, float)):
+        return f"number {value!r}"[:40]
+    return {str: "string", list: "list", dict: "object"}.get(type(value), type(value).__name__)
+
+
+_WHAT = {str: "a string", list: "a list", dict: "an object", bool: "true or false", int: "a whole number"}
+
+
+def _field(obj: dict[str, Any], key: str, kind: type, path: str, required: bool = True) -> Any:
+    """obj[key] when it is of `kind` (null or absent: None where not required); a 400 naming `path` otherwise."""
+    value = obj.get(key)
+    if value is None and not required:
+        return None
+    if key not in obj:
+        raise ProtocolError(400, f"{path} is missing: it must be {_WHAT[kind]}")
+    return _typed(value, kind, path)
+
+
+def _typed(value: Any, kind: type, path: str) -> Any:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise ProtocolError(400, f"{path} must be {_WHAT[kind]}, got {_kind(value)}")
     return value
 
 
-def _count(shape: Any, name: str) -> int:
-    if (not isinstance(shape, list) or not shape or len(shape) > 2
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
-            or (len(shape) == 2 and shape[1] != 1)):
+def _object(value: Any, path: str, known: tuple[str, ...]) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ProtocolError(400, f"{path} must be an object ({', '.join(known)}), got {_kind(value)}")
+    unknown = sorted(set(value) - set(known))
+    if unknown:
+        raise ProtocolError(400, f"{path} has unknown fields {unknown}: it takes {', '.join(known)}"[:300])
+    return value
+
+
+def _params(obj: dict[str, Any], key: str, known: tuple[str, ...] | None, where: str = "") -> dict[str, Any]:
+    """obj's parameters object ({} when absent). `known`: the only keys served (None: any, as on a request,
+    whose other parameters, e.g. priority or timeout, are scheduling hints that do not change an answer)."""
+    path = f"{where}.{key}" if where else key
+    value = _field(obj, key, dict, path, required=False) or {}
+    if known is not None:
+        unknown = sorted(set(value) - set(known))
+        if unknown:
+            raise ProtocolError(400, f"{path} has unsupported parameters {unknown}: this server reads "
+                                     f"{', '.join(known)} only (no classification or shared-memory "
+                                     "extensions)"[:300])
+        codec = _field(value, "content_type", str, f"{path}.content_type", required=False)
+        if codec is not None and codec not in CONTENT_TYPES:
+            raise ProtocolError(400, f"{path}.content_type {codec!r} is not served: tensors here are plain UTF-8 "
+                                     f"strings (content_type {' or '.join(CONTENT_TYPES)})"[:300])
+    return value
+
+
+def _unicode(text: str, path: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ProtocolError(400, f"{path} is not valid Unicode ({text[e.start]!r} at character {e.start} is a lone "
+                                 "surrogate): send UTF-8 text") from None
+
+
+def _count(shape: list[Any], name: str, path: str) -> int:
+    for k, d in enumerate(shape):
+        _typed(d, int, f"{path}[{k}]")
+    if not shape or len(shape) > 2 or any(d < 0 for d in shape) or (len(shape) == 2 and shape[1] != 1):
         raise ProtocolError(400, f"input {name!r} has shape {shape!r}: give [n] (or [n, 1]) for n strings"[:300])
     if shape[0] < 1:
         raise ProtocolError(400, f"input {name!r} has no elements: give at least one string")
     return shape[0]
 
 
-def _json_elements(data: Any, name: str) -> list[str]:
+def _json_elements(data: Any, path: str) -> list[str]:
     if not isinstance(data, list):
-        raise ProtocolError(400, f"input {name!r} needs 'data' (a list of strings) or binary data")
-    flat = [x for row in data for x in row] if data and all(isinstance(x, list) for x in data) else data
-    for j, x in enumerate(flat):
-        if not isinstance(x, str):
-            raise ProtocolError(400, f"input {name!r} element {j} is {type(x).__name__}, not a string")
-    return flat
+        raise ProtocolError(400, f"{path} must be a list of strings, got {_kind(data)}")
+    if data and all(isinstance(row, list) for row in data):  # [[a], [b]]: the rows of shape [n, 1]
+        return [_typed(x, str, f"{path}[{j}][{k}]") for j, row in enumerate(data) for k, x in enumerate(row)]
+    return [_typed(x, str, f"{path}[{j}]") for j, x in enumerate(data)]
 
 
 def _bytes_elements(blob: bytes, name: str) -> list[str]:
@@ -255,19 +325,17 @@ def _bytes_elements(blob: bytes, name: str) -> list[str]:
     return out
 
 
-def _requested(outputs: Any) -> dict[str, bool]:
-    if outputs is None:
-        return {}
-    if not isinstance(outputs, list):
-        raise ProtocolError(400, "'outputs' must be a list of {name, parameters}")
-    out = {}
-    for i, o in enumerate(outputs):
-        if not isinstance(o, dict) or not isinstance(o.get("name"), str):
-            raise ProtocolError(400, f"outputs[{i}] must be an object with a name")
-        binary = _params(o.get("parameters"), f"output {o['name']!r}'s parameters").get("binary_data")
-        if binary is not None and not isinstance(binary, bool):
-            raise ProtocolError(400, f"output {o['name']!r}: binary_data must be true or false")
-        out[o["name"]] = binary
+def _requested(body: dict[str, Any]) -> dict[str, bool | None]:
+    outputs = _field(body, "outputs", list, "outputs", required=False)
+    out: dict[str, bool | None] = {}
+    for i, o in enumerate(outputs or []):
+        path = f"outputs[{i}]"
+        _object(o, path, OUTPUT_FIELDS)
+        name = _field(o, "name", str, f"{path}.name")
+        if name in out:
+            raise ProtocolError(400, f"output {name!r} is asked for twice"[:300])
+        params = _params(o, "parameters", OUTPUT_PARAMETERS, path)
+        out[name] = _field(params, "binary_data", bool, f"{path}.parameters.binary_data", required=False)
     return out
 
 
