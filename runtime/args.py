@@ -15,7 +15,6 @@ from . import schema as S
 from .errors import BitFitError
 
 
-
 def _path(v: Any) -> bool:
     if not isinstance(v, (str, os.PathLike)):
         return False
@@ -24,7 +23,6 @@ def _path(v: Any) -> bool:
 
 
 PATH = S.Field(_path, "a path (a non-empty str or os.PathLike)")
-NAME = S.text(256)  # a task name as an argument (which characters a name may hold: the pack's rules)
 CALLABLE = S.Field(callable, "a function")
 # a batch size, a number of rows or instances: a bool is refused (True is an int to Python, not a size to us)
 COUNT = S.Field(lambda v: S.integer(1).check(v), "a whole number >= 1")

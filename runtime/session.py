@@ -127,7 +127,6 @@ class TaskSession:
     def register(self, pack: TaskPack | str | os.PathLike, *, name: str | None = None, replace: bool = False) -> str:
         """Validate a pack against the graph's manifest and make it servable under `name` (a task name:
         runtime.schema.TASK_NAME, as /v1 and /v2 address it)."""
-        A.check("name", name, A.optional(A.NAME))
         A.check("replace", replace, S.boolean())
         if name is not None:
             check_task_name(name, fix="give register() a name the server can route to")
