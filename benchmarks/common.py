@@ -37,6 +37,12 @@ def others_busy(seconds: float = 1.0) -> float:
     return max(0.0, ((b1 - b0) - (o1 - o0)) / os.sysconf("SC_CLK_TCK") / seconds)
 
 
+def rss() -> int:
+    """This process's resident memory in bytes (Linux /proc)."""
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS"))
+
+
 def wait_until_quiet(limit: float, patience: float) -> float | None:
     """None when the machine is quiet (others use < `limit` cores), else the load seen after `patience` s."""
     deadline = time.monotonic() + patience

@@ -24,6 +24,7 @@ def _path(v: Any) -> bool:
 
 PATH = S.Field(_path, "a path (a non-empty str or os.PathLike)")
 CALLABLE = S.Field(callable, "a function")
+ANY = S.Field(lambda v: True, "anything")
 # a batch size, a number of rows or instances: a bool is refused (True is an int to Python, not a size to us)
 COUNT = S.Field(lambda v: S.integer(1).check(v), "a whole number >= 1")
 

@@ -59,6 +59,11 @@ class OrtEngine:
         _check_inputs({i.name for i in [*self.session.get_inputs(), *self.session.get_overridable_initializers()]},
                       manifest, model_path)
 
+    @property
+    def shares_memory(self) -> bool:
+        """Whether value() reads the array's memory (the CPU) rather than a copy (a GPU)."""
+        return self.device == "cpu"
+
     def value(self, array: np.ndarray) -> ort.OrtValue:
         return ort.OrtValue.ortvalue_from_numpy(array, self.device, 0)
 
@@ -125,6 +130,8 @@ class OpenVinoEngine:
         self.session = self.compiled
         self.output = self.compiled.output(manifest.output)
         self._requests = threading.local()  # an infer request is not thread-safe: one per thread
+
+    shares_memory = True  # value() wraps the array's memory, whatever the device (OpenVINO copies per run)
 
     def value(self, array: np.ndarray) -> Any:
         return self._ov.Tensor(array)  # shares the array's memory: the session keeps the array alive

@@ -253,4 +253,4 @@ def register_bank(
             f"{session.manifest.base_fingerprint[:12]}: export the bank for this compiled model"
         )
     names = list(tasks) if tasks is not None else bank.names
-    return [session.register(bank.pack(n), name=n, replace=replace) for n in names]
+    return session.register_many([bank.pack(n) for n in names], names=names, replace=replace)

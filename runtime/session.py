@@ -29,27 +29,28 @@ from .kinds import TaskKind, WrongCallError, kind
 from .pack import TaskPack, load_pack, min_max_length, two_texts
 from .results import Answers, Predictions, TokenPredictions
 from .schema import check_task_name
+from .tables import BiasTables
 from .tokenize import TextEncoder
 
 
 @dataclass
 class _Task:
-    pack: TaskPack
+    pack: TaskPack  # the session's own copy: float32 arrays; on a mixed graph its biases are views of its row
     kind: TaskKind
     values: dict[str, Any]  # bias input name -> the engine's tensor, made once at registration (plain graphs)
-    arrays: dict[str, np.ndarray]  # the memory those OrtValues point at: keep it alive
     head: Head
     digest: str  # TaskPack.digest: which version of the task this is
+    row: int = -1  # mixed graphs: the task's row in every bias table
 
 
 @dataclass(frozen=True)
 class _State:
     """Everything a call reads, replaced as a whole by register/remove: a call that took it sees one
-    consistent set of tasks (and, on a mixed graph, the bias tables built from exactly those tasks)."""
+    consistent set of tasks (and, on a mixed graph, tables whose rows for exactly those tasks stay as they
+    were: later registrations write only rows no live state indexes)."""
 
     tasks: dict[str, _Task]
-    index: dict[str, int]  # mixed graphs: each task's row in the tables
-    tables: dict[str, Any]  # mixed graphs: bias name -> [tasks, dim], as the engine's tensors
+    tables: dict[str, Any]  # mixed graphs: bias name -> [capacity, dim], as the engine's tensors
     arrays: dict[str, np.ndarray]  # the memory behind the tables
 
 
@@ -103,7 +104,9 @@ class TaskSession:
         self._base_arrays = {} if self.manifest.bias_defaults else {
             k: np.ascontiguousarray(v[None, :] if self.mixed else v, dtype=np.float32) for k, v in self.base_biases.items()}
         self._base_values = {k: self.engine.value(v) for k, v in self._base_arrays.items()}
-        self._state = _State({}, {}, {}, {})
+        self._tables = BiasTables(self.base_biases, self.engine.value, shared=self.engine.shares_memory) \
+            if self.mixed else None
+        self._state = _State({}, {}, {})
         self._lock = threading.Lock()
 
     # -- tasks ---------------------------------------------------------------------------------
@@ -124,12 +127,61 @@ class TaskSession:
         task answered (and replicas can be checked to serve the same)."""
         return self._get(task).digest
 
+    @property
+    def capacity(self) -> int:
+        """Rows the mixed graph's bias tables hold before they next grow (0 on other graphs)."""
+        return self._tables.capacity if self._tables else 0
+
     def register(self, pack: TaskPack | str | os.PathLike, *, name: str | None = None, replace: bool = False) -> str:
         """Validate a pack against the graph's manifest and make it servable under `name` (a task name:
         runtime.schema.TASK_NAME, as /v1 and /v2 address it)."""
+        A.check("pack", pack, A.PACK)
+        return self.register_many([pack], names=[name], replace=replace)[0]
+
+    def register_many(
+        self,
+        packs: Sequence[TaskPack | str | os.PathLike],
+        *,
+        names: Sequence[str | None] | None = None,
+        replace: bool = False,
+    ) -> list[str]:
+        """Register several packs at once: every pack is loaded and checked first (one bad pack registers
+        none), then all go in under one state change. Each costs O(1) amortised however many tasks are
+        registered: a mixed graph's tables grow by doubling and a task's row is written in place."""
+        A.check("packs", packs, A.PACKS)
         A.check("replace", replace, S.boolean())
-        if name is not None:
-            check_task_name(name, fix="give register() a name the server can route to")
+        names = [None] * len(packs) if names is None else list(A.check("names", names, A.sequence_of(A.ANY)))
+        if len(names) != len(packs):
+            raise BitFitError(f"names has {len(names)} items but packs has {len(packs)}: give one name per pack")
+        for name in names:
+            if name is not None:
+                check_task_name(name, fix="give register() a name the server can route to")
+        tasks = [self._prepare(p) for p in packs]
+        named = [n or t.pack.name for n, t in zip(names, tasks)]
+        if len(set(named)) != len(named):
+            raise BitFitError(f"the task names {sorted({n for n in named if named.count(n) > 1})} appear more than "
+                              "once: give each pack its own name")
+        with self._lock:  # write rows no state indexes, then swap the new state in with one assignment
+            current = self._state.tasks
+            taken = [n for n in named if n in current]
+            if taken and not replace:
+                raise BitFitError(f"a task named {taken[0]!r} is already registered: pass replace=True or another name")
+            tables = self._tables
+            if tables is not None:
+                if tables.reserve(len(tasks)):
+                    self._repoint(current)
+                for t in tasks:
+                    t.row, views = tables.write(t.pack.biases)
+                    t.pack.tensors.update(views)  # the row is the one copy of the task's biases
+                    tables.release_when_gone(t.pack, t.row)
+                tables.refresh()
+            new = dict(current)
+            new.update(zip(named, tasks))
+            self._state = self._new_state(new)
+        return named
+
+    def _prepare(self, pack: TaskPack | str | os.PathLike) -> _Task:
+        """Load and check a pack; the task holds its own copy of the pack's arrays (float32, contiguous)."""
         if not isinstance(pack, TaskPack):
             pack = load_pack(A.check("pack", pack, A.PACK))
         pack.validate(f"task pack {pack.name!r}")
@@ -141,34 +193,30 @@ class TaskSession:
             raise PackError(f"task pack {pack.name!r} has max_length {m.max_length}, less than this graph's tokenizer "
                             f"needs for its special tokens and one token of each text ({least}): train it again with "
                             "a larger --max-length")
-        name = name or pack.name
-        arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in pack.biases.items()}
-        if not self.manifest.bias_defaults and not self.mixed:  # the graph has no default to fall back on
-            arrays = {**{k: np.ascontiguousarray(v, dtype=np.float32) for k, v in self.base_biases.items()}, **arrays}
-        values = {} if self.mixed else {k: self.engine.value(v) for k, v in arrays.items()}
-        task = _Task(pack, kind(m.task_kind), values, arrays, Head.from_tensors(m.pooling, pack.tensors), pack.digest())
-        with self._lock:  # build the new state aside, then swap it in with one assignment
-            if name in self._state.tasks and not replace:
-                raise BitFitError(f"a task named {name!r} is already registered: pass replace=True or another name")
-            self._state = self._build_state({**self._state.tasks, name: task})
-        return name
+        own = TaskPack(m, {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in pack.tensors.items()})
+        values = {}
+        if not self.mixed:
+            arrays = own.biases
+            if not self.manifest.bias_defaults:  # the graph has no default to fall back on
+                arrays = {**self._base_arrays, **arrays}
+            values = {k: self.engine.value(v) for k, v in arrays.items()}
+        return _Task(own, kind(m.task_kind), values, Head.from_tensors(m.pooling, own.tensors), pack.digest())
+
+    def _repoint(self, tasks: dict[str, _Task]) -> None:
+        """After the tables grew into new memory, the registered packs' views read it, so the old tables are
+        freed once no request in flight holds them (amortised O(1): the tables double)."""
+        for t in tasks.values():
+            t.pack.tensors.update(self._tables.views(t.row, [s.name for s in t.pack.manifest.biases]))
+
+    def _new_state(self, tasks: dict[str, _Task]) -> _State:
+        if self._tables is None:
+            return _State(tasks, {}, {})
+        return _State(tasks, dict(self._tables.values), dict(self._tables.arrays))
 
     def remove(self, task: str) -> None:
         with self._lock:
             self._get(task)
-            self._state = self._build_state({k: v for k, v in self._state.tasks.items() if k != task})
-
-    def _build_state(self, tasks: dict[str, _Task]) -> _State:
-        if not self.mixed or not tasks:
-            return _State(tasks, {}, {}, {})
-        order = sorted(tasks)
-        arrays = {}
-        for spec in self.manifest.bias_inputs:  # a bias a pack did not train is the base model's
-            base = self.base_biases[spec.name]
-            arrays[spec.name] = np.ascontiguousarray(np.stack([tasks[t].arrays.get(spec.name, base) for t in order]),
-                                                     dtype=np.float32)
-        tables = {k: self.engine.value(v) for k, v in arrays.items()}
-        return _State(tasks, {t: i for i, t in enumerate(order)}, tables, arrays)
+            self._state = self._new_state({k: v for k, v in self._state.tasks.items() if k != task})
 
     def _get(self, task: str, state: _State | None = None) -> _Task:
         state = state or self._state
@@ -218,8 +266,7 @@ class TaskSession:
                 return self._forward(feeds, np.zeros(rows, np.int64), self._base_values, biases)
             if biases:
                 raise BitFitError("biases= overrides only apply with task=None")
-            self._get(task, state)
-            return self._forward(feeds, np.full(rows, state.index[task], np.int64), state.tables)
+            return self._forward(feeds, np.full(rows, self._get(task, state).row, np.int64), state.tables)
         values = self._base_values if task is None else self._get(task, state).values
         return self._forward(feeds, None, values, biases)
 
@@ -312,7 +359,7 @@ class TaskSession:
                 feeds = self._check_inputs(self.encoder.encode_rows(
                     [rows[i][1] for i in chunk], [pairs[i] for i in chunk],
                     [state.tasks[t].pack.manifest.max_length for t in tasks]))
-                ids = np.array([state.index[t] for t in tasks], np.int64)
+                ids = np.array([state.tasks[t].row for t in tasks], np.int64)
                 hidden = self._forward(feeds, ids, state.tables)
                 for task in set(tasks):
                     local = np.array([j for j, t in enumerate(tasks) if t == task])

@@ -145,7 +145,9 @@ def test_bank_rows_are_mixed_table_rows(bank_dir, bert_model, bert_compiled, pac
     tables = bank.tables()
     for name, table in tables.items():
         assert np.shares_memory(table, bank.block(0))  # a view of bank.bin, not a copy
-        assert np.array_equal(table, session._state.arrays[name])  # row i of the session's table = bank block i
+        rows = [session._state.tasks[bank.task(i).name].row for i in range(len(table))]
+        assert rows == list(range(len(table)))  # registered in bank order: task i is row i of the tables
+        assert np.array_equal(table, session._state.arrays[name][rows])  # row i of the session's table = bank block i
     # and the graph runs on the bank rows as they are, task ids = bank ids
     plain = TaskSession(bert_compiled)
     for p in packs:

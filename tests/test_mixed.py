@@ -146,3 +146,134 @@ def test_mixed_and_fuse_are_exclusive(bert_model, tmp_path):
 
     with pytest.raises(BitFitError, match="--mixed and --fuse do not combine"):
         compile_model(bert_model, tmp_path / "x", mixed=True, fuse=True, **QUIET)
+
+
+# -- many tasks: registration stays O(1), a task's biases are held once, rows are re-used safely ---------------
+def _copies(pack: TaskPack, n: int, seed: int = 0) -> list[TaskPack]:
+    rng = np.random.default_rng(seed)
+    return [TaskPack(pack.manifest, {k: (v + rng.normal(0, 0.1, v.shape)).astype(np.float32)
+                                     for k, v in pack.tensors.items()}) for _ in range(n)]
+
+
+@pytest.mark.parametrize("graph", ["mixed", "plain"])
+def test_registering_stays_flat_as_tasks_grow(graph, mixed, bert_compiled, pack_all):
+    """The last 500 of 2,000 registrations cost no more than twice the first 500 (CPU time of this process,
+    so other work on the machine does not move it). Rebuilding every table from all tasks on each
+    registration, as before, made the last 500 cost about 10x the first on this tiny model."""
+    import time
+
+    session = TaskSession(mixed if graph == "mixed" else bert_compiled, threads=1)
+    packs = _copies(load_pack(pack_all), 2000)
+    blocks = []
+    for start in range(0, 2000, 500):
+        began = time.process_time()
+        for i in range(start, start + 500):
+            session.register(packs[i], name=f"t{i}")
+        blocks.append(time.process_time() - began)
+    assert len(session.tasks) == 2000
+    assert blocks[-1] <= 2 * blocks[0], f"registration grew with the task count: {blocks}"
+
+
+def test_a_tasks_biases_are_one_row_of_the_table(mixed, pack_all):
+    session = TaskSession(mixed, threads=1)
+    names = session.register_many(_copies(load_pack(pack_all), 20), names=[f"t{i}" for i in range(20)])
+    assert session.capacity >= 20
+    state = session._state
+    for name in names:
+        task = state.tasks[name]
+        for spec in task.pack.manifest.biases:
+            bias = task.pack.tensors[spec.name]
+            assert np.shares_memory(bias, state.arrays[spec.name]), f"{name}: {spec.name} is held twice"
+            assert np.array_equal(bias, state.arrays[spec.name][task.row])
+            assert not bias.flags.writeable
+    # the caller's pack is not turned into views of the session's tables
+    mine = load_pack(pack_all)
+    session.register(mine, name="mine")
+    assert not any(np.shares_memory(v, a) for v in mine.tensors.values() for a in session._state.arrays.values())
+
+
+def test_a_removed_tasks_row_is_reused_only_when_nothing_reads_it(mixed, pack_all):
+    import gc
+
+    session = TaskSession(mixed, threads=1)
+    a, b, c, d = _copies(load_pack(pack_all), 4, seed=5)
+    session.register_many([a, b], names=["a", "b"])
+    row_a = session._state.tasks["a"].row
+    held = session._state  # a request in flight that started before the removal
+    session.remove("a")
+    gc.collect()
+    session.register(c, name="c")
+    assert session._state.tasks["c"].row != row_a  # the old state still indexes a's row: not reused
+    inputs = session.encode(TEXTS[:2], max_length=16)
+    before = session.forward("a", inputs, held)
+    del held
+    gc.collect()
+    session.register(d, name="d")
+    assert session._state.tasks["d"].row == row_a  # nothing reads it now: reused, no growth
+    alone = TaskSession(mixed, threads=1)
+    alone.register(a, name="a")
+    assert np.allclose(before, alone.logits("a", inputs), atol=1e-6)
+
+
+def test_tables_grow_and_old_requests_keep_their_memory(mixed, pack_all):
+    session = TaskSession(mixed, threads=1)
+    packs = _copies(load_pack(pack_all), 40, seed=7)
+    session.register(packs[0], name="t0")
+    first = session.capacity
+    held = session._state
+    inputs = session.encode(TEXTS[:3], max_length=16)
+    expected = session.forward("t0", inputs, held)
+    session.register_many(packs[1:], names=[f"t{i}" for i in range(1, 40)])
+    assert session.capacity > first  # grew (doubling) ...
+    assert np.array_equal(session.forward("t0", inputs, held), expected)  # ... and the old state still reads t0
+    assert np.allclose(session.logits("t0", inputs), expected, atol=1e-6)
+    assert np.shares_memory(session.pack("t0").biases[packs[0].manifest.biases[0].name],
+                            session._state.arrays[packs[0].manifest.biases[0].name])  # views moved to the new tables
+
+
+def test_register_many_is_all_or_nothing(mixed, pack_all, pack_other_base):
+    session = TaskSession(mixed, threads=1)
+    with pytest.raises(BitFitError, match="base model"):
+        session.register_many([load_pack(pack_all), load_pack(pack_other_base)], names=["ok", "bad"])
+    assert session.tasks == []
+    with pytest.raises(BitFitError, match="more than once"):
+        session.register_many([load_pack(pack_all)] * 2, names=["x", "x"])
+    assert session.tasks == []
+
+
+def test_registering_and_removing_while_mixed_batches_run(mixed, pack_all):
+    """Writers register and remove tasks while readers run mixed batches; every answer equals its task
+    alone (a row written or re-used under a running request would break that)."""
+    import threading
+
+    base = _copies(load_pack(pack_all), 6, seed=11)
+    alone = TaskSession(mixed, threads=1)
+    for i, p in enumerate(base):
+        alone.register(p, name=f"k{i}")
+    rows = [(f"k{i % 3}", t) for i, t in enumerate(TEXTS)]
+    expected = [r["logits"] for r in alone.run_mixed(rows)]
+    session = TaskSession(mixed, threads=1)
+    session.register_many(base[:3], names=["k0", "k1", "k2"])
+    churn = _copies(load_pack(pack_all), 60, seed=13)
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def writer() -> None:
+        for i, p in enumerate(churn):
+            session.register(p, name=f"churn{i % 7}", replace=True)
+            if i % 3 == 0:
+                session.remove(f"churn{i % 7}")
+        stop.set()
+
+    def reader() -> None:
+        while not stop.is_set():
+            for r, want in zip(session.run_mixed(rows), expected):
+                if not np.allclose(r["logits"], want, atol=1e-5):
+                    failures.append(f"{r['task']}: {r['logits']}")
+
+    threads = [threading.Thread(target=writer), threading.Thread(target=reader)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not failures, failures[:3]
