@@ -131,10 +131,10 @@ class OpenVinoEngine:
         self.output = self.compiled.output(manifest.output)
         self._requests = threading.local()  # an infer request is not thread-safe: one per thread
 
-    shares_memory = True  # value() wraps the array's memory, whatever the device (OpenVINO copies per run)
+    shares_memory = True  # value() wraps the array's memory (shared_memory=True; OpenVINO's default copies)
 
     def value(self, array: np.ndarray) -> Any:
-        return self._ov.Tensor(array)  # shares the array's memory: the session keeps the array alive
+        return self._ov.Tensor(array, shared_memory=True)  # the session keeps the array alive
 
     def run(self, feeds: Mapping[str, np.ndarray], values: Mapping[str, Any]) -> np.ndarray:
         request = getattr(self._requests, "request", None)

@@ -195,7 +195,7 @@ def test_run_mixed_on_a_mixed_graph_refuses_only_the_broken_task(bert_model, pac
 
     def forward(feeds, task_ids, values, biases=None):
         hidden = real(feeds, task_ids, values, biases)
-        hidden[task_ids == session._state.index["broken"]] = np.nan  # the broken task's rows only
+        hidden[task_ids == session._state.tasks["broken"].row] = np.nan  # the broken task's rows only
         return hidden
 
     monkeypatch.setattr(session, "_forward", forward)
