@@ -8,12 +8,13 @@ mismatch between the manifest and the tensors is an error, never a silent skip.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +123,8 @@ class TensorSpec:
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
 
     def to_json(self) -> dict[str, Any]:
-        return {k: (list(v) if k == "shape" else v) for k, v in asdict(self).items() if v is not None}
+        return {f.name: (list(v) if f.name == "shape" else v) for f in fields(self)
+                if (v := getattr(self, f.name)) is not None}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TensorSpec:
@@ -223,7 +225,8 @@ class PackManifest:
         return [*self.biases, *self.head]
 
     def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
+        # shallow, not asdict(): asdict deep-copies ~50 specs, and this runs for every pack registered
+        out = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name not in ("biases", "head")}
         out["biases"] = [b.to_json() for b in self.biases]
         out["head"] = [h.to_json() for h in self.head]
         return out

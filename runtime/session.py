@@ -9,9 +9,11 @@ results is each kind's decoder (runtime.decode, named by runtime.kinds).
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,11 +35,10 @@ from .tables import BiasTables
 from .tokenize import TextEncoder
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a task is a key of the session's cache of bound tensors
 class _Task:
     pack: TaskPack  # the session's own copy: float32 arrays; on a mixed graph its biases are views of its row
     kind: TaskKind
-    values: dict[str, Any]  # bias input name -> the engine's tensor, made once at registration (plain graphs)
     head: Head
     digest: str  # TaskPack.digest: which version of the task this is
     row: int = -1  # mixed graphs: the task's row in every bias table
@@ -54,6 +55,7 @@ class _State:
     arrays: dict[str, np.ndarray]  # the memory behind the tables
 
 
+VALUE_CACHE = 256  # plain graphs: tasks whose biases stay bound as the engine's tensors
 MAX_THREADS = 1024  # more intra-op threads than this is a typo (onnxruntime would try to start them all)
 
 
@@ -108,6 +110,8 @@ class TaskSession:
             if self.mixed else None
         self._state = _State({}, {}, {})
         self._lock = threading.Lock()
+        self._cache: OrderedDict[_Task, dict[str, Any]] = OrderedDict()  # plain graphs: see _values
+        self._cache_lock = threading.Lock()
 
     # -- tasks ---------------------------------------------------------------------------------
     @property
@@ -183,8 +187,9 @@ class TaskSession:
     def _prepare(self, pack: TaskPack | str | os.PathLike) -> _Task:
         """Load and check a pack; the task holds its own copy of the pack's arrays (float32, contiguous)."""
         if not isinstance(pack, TaskPack):
-            pack = load_pack(A.check("pack", pack, A.PACK))
-        pack.validate(f"task pack {pack.name!r}")
+            pack = load_pack(A.check("pack", pack, A.PACK))  # validated as it loads
+        else:
+            pack.validate(f"task pack {pack.name!r}")
         self.compiled.check_pack(pack)
         m = pack.manifest
         pair = two_texts(m.task_kind, m.text_pair)
@@ -193,14 +198,30 @@ class TaskSession:
             raise PackError(f"task pack {pack.name!r} has max_length {m.max_length}, less than this graph's tokenizer "
                             f"needs for its special tokens and one token of each text ({least}): train it again with "
                             "a larger --max-length")
-        own = TaskPack(m, {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in pack.tensors.items()})
-        values = {}
-        if not self.mixed:
-            arrays = own.biases
-            if not self.manifest.bias_defaults:  # the graph has no default to fall back on
-                arrays = {**self._base_arrays, **arrays}
-            values = {k: self.engine.value(v) for k, v in arrays.items()}
-        return _Task(own, kind(m.task_kind), values, Head.from_tensors(m.pooling, own.tensors), pack.digest())
+        m = copy.copy(m)  # the session's own manifest: its bias specs are the graph's (equal ones, shared), not
+        graph = self.manifest.bias_specs  # ~50 objects per task: 20 KB at 10,000 tasks would be 200 MB
+        m.biases = [graph[b.name] if graph.get(b.name) == b else b for b in m.biases]
+        own = TaskPack(m, _packed(pack.tensors, skip={b.name for b in m.biases} if self.mixed else set()))
+        return _Task(own, kind(m.task_kind), Head.from_tensors(m.pooling, own.tensors), pack.digest())
+
+    def _values(self, t: _Task) -> dict[str, Any]:
+        """Plain graphs: the task's biases as the engine's tensors, kept for the VALUE_CACHE tasks used last.
+        Made for every task at registration they cost ~30 KB each (an OrtValue is ~600 bytes, a task ~50 of
+        them: 1.27x the pack's own bytes); made on a miss they cost ~110 us, 1-2% of a MiniLM call."""
+        with self._cache_lock:
+            values = self._cache.get(t)
+            if values is not None:
+                self._cache.move_to_end(t)
+                return values
+        arrays = t.pack.biases
+        if not self.manifest.bias_defaults:  # the graph has no default to fall back on
+            arrays = {**self._base_arrays, **arrays}
+        values = {k: self.engine.value(v) for k, v in arrays.items()}
+        with self._cache_lock:
+            self._cache[t] = values
+            while len(self._cache) > VALUE_CACHE:
+                self._cache.popitem(last=False)
+        return values
 
     def _repoint(self, tasks: dict[str, _Task]) -> None:
         """After the tables grew into new memory, the registered packs' views read it, so the old tables are
@@ -267,7 +288,7 @@ class TaskSession:
             if biases:
                 raise BitFitError("biases= overrides only apply with task=None")
             return self._forward(feeds, np.full(rows, self._get(task, state).row, np.int64), state.tables)
-        values = self._base_values if task is None else self._get(task, state).values
+        values = self._base_values if task is None else self._values(self._get(task, state))
         return self._forward(feeds, None, values, biases)
 
     def _forward(
@@ -463,6 +484,21 @@ def _head(name: str, task: _Task, hidden: np.ndarray, attention_mask: np.ndarray
     if not np.isfinite(looked_at).all():
         raise NonFiniteOutputError(name)
     return logits
+
+
+def _packed(tensors: Mapping[str, np.ndarray], skip: set[str]) -> dict[str, np.ndarray]:
+    """The tensors as views of one float32 buffer (those in `skip` as given: a mixed graph's biases go into its
+    tables). A loaded pack's arrays cost ~1.3x their bytes (safetensors allocates each with its own
+    overhead); one buffer costs their bytes."""
+    kept = {k: np.asarray(v, dtype=np.float32) for k, v in tensors.items() if k not in skip}
+    buffer = np.empty(sum(v.size for v in kept.values()), np.float32)
+    out, at = {}, 0
+    for k, v in kept.items():
+        out[k] = buffer[at:at + v.size].reshape(v.shape)
+        out[k][...] = v
+        at += v.size
+    out.update({k: tensors[k] for k in skip if k in tensors})
+    return out
 
 
 def load(compiled_dir: str | os.PathLike, packs: Sequence[str | os.PathLike] = (), **kwargs: Any) -> TaskSession:

@@ -277,3 +277,34 @@ def test_registering_and_removing_while_mixed_batches_run(mixed, pack_all):
     for t in threads:
         t.join(timeout=120)
     assert not failures, failures[:3]
+
+
+def test_plain_graphs_keep_bound_tensors_for_a_bounded_set_of_tasks(bert_compiled, pack_all, monkeypatch):
+    """On a plain graph a task's bound tensors (~50 OrtValues, ~30 KB for MiniLM) are kept only for the tasks
+    used last; an evicted task's answer is the same when it comes back."""
+    from bitfit.runtime import session as session_module
+
+    monkeypatch.setattr(session_module, "VALUE_CACHE", 2)
+    packs = _copies(load_pack(pack_all), 4, seed=17)
+    session = TaskSession(bert_compiled, threads=1)
+    session.register_many(packs, names=["a", "b", "c", "d"])
+    inputs = session.encode(TEXTS[:2], max_length=16)
+    first = {t: session.logits(t, inputs) for t in "abcd"}
+    assert len(session._cache) == 2
+    for t in "dcba":
+        assert np.array_equal(session.logits(t, inputs), first[t])
+    assert not np.allclose(first["a"], first["b"])  # the tasks differ, so a stale cache entry would show
+
+
+def test_a_registered_pack_is_one_buffer_and_the_graphs_specs(bert_compiled, pack_all):
+    """Memory per task: the pack's tensors are views of one buffer (safetensors' own arrays cost ~1.3x their
+    bytes), and its bias specs are the graph's objects (~50 per task otherwise)."""
+    session = TaskSession(bert_compiled, threads=1)
+    session.register(pack_all, name="a")
+    pack = session.pack("a")
+    arrays = list(pack.tensors.values())
+    assert all(a.base is arrays[0].base for a in arrays[1:])  # views of one buffer ...
+    assert sum(a.nbytes for a in arrays) == arrays[0].base.nbytes  # ... that holds exactly them
+    graph = session.manifest.bias_specs
+    assert all(spec is graph[spec.name] for spec in pack.manifest.biases)
+    assert pack.digest() == load_pack(pack_all).digest()
