@@ -116,19 +116,19 @@ class TextEncoder:
         for row, enc in enumerate(encodings):
             pair = not pretokenized and isinstance(batch[row], tuple)
             for segment in (0, 1) if pair else (0,):
-                ids = [i for part in (enc, *enc.overflowing)  # a long context's later windows count too
-                       for i, m, sid in zip(part.ids, part.special_tokens_mask, part.sequence_ids)
-                       if m == 0 and sid == segment]
+                unknown = self._unknown[1] if self._unknown is not None else None
+                # the common case costs one token: a real token right after [CLS] ends the search
+                if _has_token(enc, segment, unknown) or any(_has_token(w, segment, unknown) for w in enc.overflowing):
+                    continue  # (a long context's later windows count too)
                 at = index[row] if index is not None else row
-                if not ids:
+                if unknown is None or not any(_has_token(w, segment, None) for w in (enc, *enc.overflowing)):
                     raise BitFitError(f"{names[segment]}[{at}] gives no token (empty after tokenization: only "
                                       "invisible or control characters?): give some text")
-                if self._unknown is not None and all(i == self._unknown[1] for i in ids):
-                    # the model would read nothing but "unknown" and still answer with confidence
-                    raise BitFitError(f"{names[segment]}[{at}] gives only the unknown token {self._unknown[0]} (none "
-                                      "of its characters is in the tokenizer's vocabulary, as for a script or emoji "
-                                      "the model was not trained on): the answer would mean nothing; give text in "
-                                      "a language the model knows")
+                # the model would read nothing but "unknown" and still answer with confidence
+                raise BitFitError(f"{names[segment]}[{at}] gives only the unknown token {self._unknown[0]} (none "
+                                  "of its characters is in the tokenizer's vocabulary, as for a script or emoji "
+                                  "the model was not trained on): the answer would mean nothing; give text in "
+                                  "a language the model knows")
         return encodings
 
     def encodings(
@@ -186,6 +186,12 @@ class TextEncoder:
             for k, v in encoded.items():
                 out[k][index, : v.shape[1]] = v
         return out
+
+
+def _has_token(enc: Encoding, segment: int, unknown: int | None) -> bool:
+    """Whether `enc` holds a token of text `segment` that is not special (nor, given its id, the unknown one)."""
+    return any(m == 0 and sid == segment and i != unknown
+               for i, m, sid in zip(enc.ids, enc.special_tokens_mask, enc.sequence_ids))
 
 
 def _unknown_token(tokenizer_json: str, tokenizer: Tokenizer) -> tuple[str, int] | None:
