@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
@@ -41,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 TEXTS = ["What a wonderful, moving film.", "Who wrote the novel Hamlet?", "free entry: reply WIN now",
          "the plot was dull and far too long", "How far is the moon from the earth?", "an honest, warm comedy"]
 LABELS = 6
+PATIENCE = 60  # seconds to wait for a quiet machine before a latency measurement (--patience)
 
 
 def compiled_graph(work: Path, graph: str) -> Path:
@@ -110,15 +112,15 @@ def latency(big, one, n: int, calls: int, rng: np.random.Generator) -> dict:
     return out
 
 
-def grow(graph: str, compiled: Path, counts: list[int], calls: int, threads: int) -> list[dict]:
+def grow(graph: str, compiled: Path, packs_dir: Path, counts: list[int], calls: int, threads: int) -> list[dict]:
+    """One session grows to each count, registering pack directories as the server does (load_pack: read,
+    check, hash); registration time, resident memory and latency at each count."""
     from bitfit.runtime import TaskSession
 
-    packs = Packs(compiled)
-    pack_bytes = packs.template.nbytes
+    dirs = sorted(packs_dir.iterdir(), key=lambda d: int(d.name[1:]))
+    pack_bytes = Packs(compiled).template.nbytes
     one = TaskSession(compiled, threads=threads)
-    one.register(packs.make(0))
-    gc.collect()
-    start_rss = rss()
+    one.register(dirs[0])
     big = TaskSession(compiled, threads=threads)
     gc.collect()
     empty_rss = rss()
@@ -127,12 +129,10 @@ def grow(graph: str, compiled: Path, counts: list[int], calls: int, threads: int
     for n in counts:
         times = []
         while done < n:
-            pack = packs.make(done)
             t = time.perf_counter()
-            big.register(pack)
+            big.register(dirs[done])
             times.append(time.perf_counter() - t)
             done += 1
-        del pack
         gc.collect()
         held = rss() - empty_rss
         row = {
@@ -143,11 +143,14 @@ def grow(graph: str, compiled: Path, counts: list[int], calls: int, threads: int
             "rss_per_task_bytes": int(held / n), "rss_per_task_over_pack": round(held / n / pack_bytes, 3),
             "capacity": big.capacity,
         }
-        load = wait_until_quiet(0.3, patience=60)
+        load = wait_until_quiet(0.3, patience=PATIENCE)
         row["latency"] = latency(big, one, n, calls, rng) if load is None else f"not timed: load {load:.1f}"
         print(json.dumps(row), flush=True)
         rows.append(row)
-    del start_rss
+    t = time.perf_counter()
+    bulk = TaskSession(compiled, threads=threads)
+    bulk.register_many(dirs[:counts[-1]])
+    rows[-1]["register_many_ms_per_task"] = round(1000 * (time.perf_counter() - t) / counts[-1], 3)
     return rows
 
 
@@ -157,7 +160,7 @@ def write_pack_dirs(compiled: Path, root: Path, n: int) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     have = {p.name for p in root.iterdir()}
     packs = Packs(compiled)
-    for i in range(n):
+    for i in tqdm(range(n), desc=f"pack directories in {root}", mininterval=5):
         pack = packs.make(i)
         if f"t{i}" not in have:
             save_pack(pack, root / f"t{i}")
@@ -181,7 +184,7 @@ def serve_start(compiled: Path, packs_dir: Path, work: Path) -> dict:
         extra = packs_dir / "zz-new"
         from bitfit.runtime.pack import save_pack
 
-        save_pack(Packs(compiled).make(99_999), extra)
+        save_pack(Packs(compiled).make(99_999), extra)  # task t99999
         httpx.post(f"{server.url}/v1/admin/reload", json={}, timeout=600)
         first, other = [], []
         for i in range(20):
@@ -226,6 +229,7 @@ def table(rows: list[dict], servers: list[dict]) -> str:
 
 
 def main() -> int:
+    global PATIENCE
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--counts", default="1,100,1000,10000")
     ap.add_argument("--graphs", default="plain,mixed")
@@ -234,14 +238,17 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default="runs/many_tasks", help="compiled graphs and pack directories (reused)")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--patience", type=float, default=PATIENCE, help="seconds to wait for a quiet machine")
     args = ap.parse_args()
+    PATIENCE = args.patience
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     counts = [int(x) for x in args.counts.split(",")]
     rows, servers = [], []
     for graph in args.graphs.split(","):
         compiled = compiled_graph(work, graph)
-        rows += grow(graph, compiled, counts, args.calls, args.threads)
+        packs_dir = write_pack_dirs(compiled, work / f"packs-{max(counts)}", max(counts))  # one set serves both graphs
+        rows += grow(graph, compiled, packs_dir, counts, args.calls, args.threads)
         gc.collect()
     server_counts = [int(x) for x in args.server_counts.split(",") if x]
     for graph in args.graphs.split(",") if server_counts else []:
