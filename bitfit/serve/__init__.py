@@ -1,4 +1,6 @@
-"""`bitfit serve`: the HTTP server (`app`: routes and the one error handler), its pack-directory scanner
+"""`bitfit serve`: the HTTP server (`app`: the /v1 handlers and `create_app`; `v2`: the Open Inference
+Protocol's codec and routes; `state`: ServeConfig, the one AppState and the route wrapper with the doors;
+`web`: the one error type, bodies, limits and doors both protocols share), its pack-directory scanner
 (`packdir`, no web imports), its metrics (`metrics`) and its cross-task batcher (`batcher`).
 
 `from bitfit.serve import create_app, serve, ServeConfig` loads the web app; importing the package alone
