@@ -71,7 +71,8 @@ from bitfit.runtime.session import TaskSession
 from . import v2
 from .metrics import MetricsMiddleware
 from .packdir import PackDirectory, ReloadResult
-from .state import AppState, ServeConfig, route
+from .config import ServeConfig
+from .state import AppState, route
 from .web import LOOPBACK, V1, HTTPError, check_limits, json_response, parse_json, strings
 
 __all__ = ["BODIES", "AppState", "ServeConfig", "create_app", "door_limits", "parse_body", "serve"]
