@@ -2,7 +2,9 @@
 
 Endpoints (JSON in and out; errors are 4xx {"error": message}, never a crash):
 
-    GET  /v1/tasks          {"tasks": [{"name", "task_kind", "labels", "text_pair", "max_length", "digest"}, ...]}
+    GET  /v1/tasks          {"tasks": [{"name", "task_kind", "labels", "text_pair", "max_length", "digest"}, ...],
+                             "next": NAME or null}: one page by task name, `?limit=N` (default 100, at most
+                            1000) `&after=NAME` (the previous page's "next")
     POST /v1/predict        {"task": NAME, "texts": [...], "text_pairs": [...]?}
                             -> {"predictions": [{"label", "scores", "logits"}, ...]}
                                (the numbers `bitfit predict --json` prints for that pack)
@@ -22,10 +24,15 @@ Endpoints (JSON in and out; errors are 4xx {"error": message}, never a crash):
                             health, metadata, ready and infer (bitfit.serve.v2)
 
 Which endpoint serves a task is its kind's `route` (runtime.kinds). This layer checks only the JSON shape
-of a body and the server's limits; everything about the task (registered? this endpoint's kind? pairs?
-empty texts?) is the session's one validator (`TaskSession.check_call`), whose errors reach `error_response`,
-the one place that maps error types to statuses: unknown task 404, other bad input 422 (a task whose output
-is NaN or inf too: runtime.errors.NonFiniteOutputError), over a limit 413, shutting down 503, anything else 500.
+of a body and the server's limits (web.strings, web.check_limits: the same checks as /v2's); everything
+about the task (registered? this endpoint's kind? pairs? empty texts?) is the session's one validator
+(`TaskSession.check_call`), whose errors reach `web.Protocol.render`, the one place that maps error types to
+statuses: unknown task 404, other bad input 422 (/v1; /v2 answers 400; a task whose output is NaN or inf
+too: runtime.errors.NonFiniteOutputError), over a limit 413, shutting down 503, anything else 500.
+
+The handlers are module-level functions over one `AppState` (bitfit.serve.state, in `app.state.bitfit`),
+each mounted through `state.route`, which runs the doors (Host, Origin, the admin token) before it; the /v2
+routes are v2.py's, beside the protocol's codec.
 
 The reload endpoint is an admin endpoint on the same port, without authentication: bind to loopback
 (the default, 127.0.0.1) or put the server behind a proxy that blocks /v1/admin/.
@@ -39,14 +46,13 @@ prometheus_client (`pip install 'bitfit-deploy[serve]'`); no torch.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
-import hmac
-import json
 import os
 import socket
 import sys
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,79 +61,21 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.responses import Response
 
 from bitfit.runtime.errors import BitFitError, UnknownTaskError
-from bitfit.runtime.kinds import KINDS, WrongCallError
+from bitfit.runtime.kinds import KINDS
 from bitfit.runtime.pack import MANIFEST_FILE, TENSORS_FILE
 from bitfit.runtime.session import TaskSession
-from bitfit.runtime.version import __version__
 
 from . import v2
-from .batcher import Batcher, ServiceUnavailable
-from .metrics import Metrics, MetricsMiddleware
+from .metrics import MetricsMiddleware
 from .packdir import PackDirectory, ReloadResult
-from .v2 import ProtocolError
+from .config import ServeConfig
+from .state import AppState, route
+from .web import LOOPBACK, V1, HTTPError, check_limits, json_response, parse_json, strings
 
-
-@dataclass
-class ServeConfig:
-    """Limits and doors of one server. A request over a limit is refused with 413 (too many texts, a text too
-    long, a body too large); batching groups up to max_batch_rows rows, waiting at most max_wait_ms after the
-    first queued request. The security model: docs/serving.md."""
-
-    max_texts: int = 64  # texts per request
-    max_text_chars: int = 10_000  # characters per text (and per text_pair)
-    max_batch_rows: int = 32  # rows per session call when batching
-    max_wait_ms: float = 5.0  # how long the oldest queued request waits for others
-    batching: bool = True  # False: every request is its own session call
-    max_body_bytes: int | None = None  # default: enough for max_texts texts and pairs of max_text_chars
-    body_timeout_s: float = 30.0  # a request whose body takes longer to arrive is answered 408
-    header_timeout_s: float = 10.0  # a connection that has not sent a whole request head by then is closed
-    max_connections: int = 256  # open connections (and requests in flight); more are answered 503
-    admin_token: str | None = None  # POST /v1/admin/* needs `Authorization: Bearer <token>` when set
-    allowed_hosts: tuple[str, ...] | None = None  # Host headers answered (None: any); loopback servers set it
-    reload_every_s: float = 0.0  # rescan the packs directory this often (0: only on POST /v1/admin/reload)
-
-    def __post_init__(self) -> None:
-        for name in ("max_texts", "max_text_chars", "max_batch_rows", "max_connections"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise BitFitError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.max_wait_ms, (int, float)) or not 0 <= self.max_wait_ms <= 10_000:
-            raise BitFitError(f"max_wait_ms must be between 0 and 10000, got {self.max_wait_ms!r}")
-        if not isinstance(self.reload_every_s, (int, float)) or not 0 <= self.reload_every_s <= 86_400:
-            raise BitFitError(f"reload_every_s must be 0 (off) or a number of seconds up to 86400, got "
-                              f"{self.reload_every_s!r}")
-        for name in ("body_timeout_s", "header_timeout_s"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0 < value <= 3600:
-                raise BitFitError(f"{name} must be a number of seconds in (0, 3600], got {value!r}")
-        if self.admin_token is not None and (not isinstance(self.admin_token, str) or len(self.admin_token) < 16
-                                             or not self.admin_token.isprintable() or " " in self.admin_token):
-            raise BitFitError("the admin token must be at least 16 printable characters without spaces (e.g. "
-                              "`python -c 'import secrets; print(secrets.token_urlsafe())'`)")
-        if self.max_body_bytes is None:
-            # utf-8 takes up to 4 bytes a character, JSON escapes up to 6 ("\\u1234"): be generous
-            self.max_body_bytes = 2 * self.max_texts * (6 * self.max_text_chars + 16) + 65_536
-
-    @classmethod
-    def from_limits(cls, **limits: Any) -> ServeConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(limits) - known)
-        if unknown:
-            raise BitFitError(f"unknown server limits {unknown}: known are {sorted(known)}")
-        return cls(**{k: v for k, v in limits.items() if v is not None})
-
-
-class RequestError(Exception):
-    """A request this layer refuses (bad JSON, wrong shape, over a limit): answered with `status`."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+__all__ = ["BODIES", "AppState", "ServeConfig", "create_app", "door_limits", "parse_body", "serve"]
 
 
 @dataclass(frozen=True)
@@ -148,161 +96,136 @@ BODIES = {
 assert {k.route for k in KINDS.values()} <= set(BODIES), "every kind's route needs a body shape here"
 
 
-# -- errors -------------------------------------------------------------------------------------------
-def error_response(request: Request, exc: BaseException) -> Response:
-    """The one mapping of errors to HTTP answers (every handler raises; nothing else builds an error)."""
-    response = _map_error(request, exc)
-    if request.url.path.startswith("/v2/") and response.status_code == 422:
-        response.status_code = 400  # the Open Inference Protocol answers every invalid request 400
-    return response
-
-
-def _map_error(request: Request, exc: BaseException) -> Response:
-    if isinstance(exc, (RequestError, ProtocolError)):
-        return _error(exc.status, exc.message)
-    if isinstance(exc, WrongCallError):  # the session names a call; a client needs the route
-        route = KINDS[exc.kind].route
-        return _error(422, f"task {exc.task!r} is a {exc.kind} task: POST it to {route}, not {request.url.path}")
-    if isinstance(exc, UnknownTaskError):
-        return _error(404, str(exc))
-    if isinstance(exc, BitFitError):  # NonFiniteOutputError too: 422, not a 500 (the server works; the pack does not)
-        return _error(422, str(exc))
-    if isinstance(exc, ServiceUnavailable):
-        return _error(503, str(exc))
-    if isinstance(exc, HTTPException):
-        return _error(exc.status_code, str(exc.detail))
-    return _error(500, f"internal error: {type(exc).__name__}: {exc}"[:500])
-
-
-def _error(status: int, message: str) -> Response:
-    return JSONResponse({"error": message}, status_code=status)
-
-
-def _json(content: Any, status: int = 200) -> Response:
-    try:
-        body = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-    except ValueError:  # NaN or inf in an output: the pack is broken, not the request
-        return _error(500, "the model produced a non-finite value (NaN or inf): check the task pack")
-    return Response(body, status_code=status, media_type="application/json")
-
-
-# -- request bodies: JSON shape and limits only ---------------------------------------------------------
-async def read_json(request: Request, limit: int, timeout: float = 30.0) -> Any:
-    """The body as JSON: at most `limit` bytes, arriving within `timeout` seconds (a client that trickles its
-    body holds a connection and a task; 408 after that)."""
-    body = await read_body(request, limit, timeout)
-    if not body.strip():
-        raise RequestError(400, "invalid JSON: the request body is empty")
-    try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RequestError(400, f"invalid JSON: {e}") from None
-    except RecursionError:
-        raise RequestError(400, "invalid JSON: nested too deeply") from None
-    except ValueError as e:  # an integer of thousands of digits: Python refuses to convert it
-        raise RequestError(400, f"invalid JSON: {e}"[:300]) from None
-
-
-async def read_body(request: Request, limit: int, timeout: float = 30.0) -> bytes:
-    """The raw body: at most `limit` bytes, arriving within `timeout` seconds."""
-    try:
-        return await asyncio.wait_for(_read_body(request, limit), timeout)
-    except asyncio.TimeoutError:
-        raise RequestError(408, f"the request body did not arrive within {timeout:g} s") from None
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    length = request.headers.get("content-length")
-    if length is not None:
-        try:
-            too_large = int(length) > limit
-        except ValueError:
-            raise RequestError(400, f"invalid Content-Length header {length!r}") from None
-        if too_large:
-            raise RequestError(413, f"request body of {length} bytes is over the limit of {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(413, f"request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-# -- doors: who may call what ---------------------------------------------------------------------------
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-def check_door(request: Request, config: ServeConfig, admin: bool) -> None:
-    """Refuse what a web page in a browser on this machine could make the server do, and admin calls without
-    the token. Host: on a loopback server only loopback names are answered (a DNS-rebinding page names its
-    own). Origin: a browser sends one on a cross-site request; it must be the server's own. Admin routes:
-    the token when one is set, and a JSON content type, which a page cannot send cross-site unasked."""
-    host = _hostname(request.headers.get("host", ""))
-    if config.allowed_hosts is not None and host not in config.allowed_hosts:
-        raise RequestError(403, f"requests for host {host!r} are not answered here: address the server by "
-                                f"{' or '.join(config.allowed_hosts)}")
-    origin = request.headers.get("origin")
-    if origin is not None and request.method == "POST":
-        from urllib.parse import urlsplit
-
-        parts = urlsplit(origin)
-        if parts.netloc.lower() != request.headers.get("host", "").lower():
-            raise RequestError(403, f"cross-site request from origin {origin!r} refused: call the API from a "
-                                    "server or a page of this origin")
-    if not admin:
-        return
-    if config.admin_token is not None:
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {config.admin_token}".encode()):
-            raise RequestError(401, "admin routes need `Authorization: Bearer <token>` with the server's admin token")
-    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if kind != "application/json":
-        raise RequestError(415, "admin routes take Content-Type: application/json (send {} as the body)")
-
-
-def _hostname(host: str) -> str:
-    host = host.strip().lower()
-    if host.startswith("["):  # [::1]:8000
-        return host[1 : host.find("]")] if "]" in host else host
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-
-
 def parse_body(data: Any, shape: Body, config: ServeConfig) -> dict[str, Any]:
     """The body's fields, checked for shape and limits: a JSON object with known fields, `task` a non-empty
-    string, every other field a list of strings within the limits. RequestError otherwise."""
+    string, every other field a list of strings within the limits. HTTPError otherwise."""
     takes = ", ".join(shape.fields[:-1]) + " and " + shape.fields[-1]
     if not isinstance(data, dict):
-        raise RequestError(422, f"the body must be a JSON object with {takes}, got {type(data).__name__}")
+        raise HTTPError(f"the body must be a JSON object with {takes}, got {type(data).__name__}")
     unknown = sorted(set(data) - set(shape.fields))
     if unknown:
-        raise RequestError(422, f"unknown fields {unknown}: the body takes {takes}"[:500])
+        raise HTTPError(f"unknown fields {unknown}: the body takes {takes}"[:500])
     for key in shape.required:
         if key not in data:
-            raise RequestError(422, f"missing field {key!r}: the body takes {takes}")
+            raise HTTPError(f"missing field {key!r}: the body takes {takes}")
     task = data["task"]
     if not isinstance(task, str) or not task:
-        raise RequestError(422, f"task must be a non-empty string, got {task!r}"[:300])
+        raise HTTPError(f"task must be a non-empty string, got {task!r}"[:300])
     out: dict[str, Any] = {"task": task}
     for key in shape.fields[1:]:
-        value = data.get(key)
-        if value is None:
-            continue
-        if not isinstance(value, list):
-            raise RequestError(422, f"{key} must be a list of strings, got {type(value).__name__}")
-        if len(value) > config.max_texts:
-            raise RequestError(413, f"{key} has {len(value)} items, over the limit of {config.max_texts} per request")
-        for i, text in enumerate(value):
-            if not isinstance(text, str):
-                raise RequestError(422, f"{key}[{i}] must be a string, got {type(text).__name__}")
-            if len(text) > config.max_text_chars:
-                raise RequestError(413, f"{key}[{i}] has {len(text)} characters, over the limit of "
-                                        f"{config.max_text_chars}")
-        out[key] = value
+        if data.get(key) is not None:
+            out[key] = check_limits(key, strings(data[key], key), config.max_texts, config.max_text_chars)
     return out
 
 
+# -- /v1 handlers ---------------------------------------------------------------------------------------
+PAGE = 100  # tasks per /v1/tasks page unless ?limit= says otherwise
+MAX_PAGE = 1000
+
+
+def _page_limit(request: Request) -> int:
+    raw = request.query_params.get("limit")
+    if raw is None:
+        return PAGE
+    try:
+        limit = int(raw)
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= MAX_PAGE:
+        raise HTTPError(f"limit must be a whole number from 1 to {MAX_PAGE}, got {raw!r}"[:300])
+    return limit
+
+
+async def tasks(request: Request, state: AppState) -> Response:
+    """One page of the registered tasks, by name: those after `after`, at most `limit`; "next" is the `after`
+    of the next page (null on the last)."""
+    session, limit = state.session, _page_limit(request)
+    names = session.tasks  # sorted
+    after = request.query_params.get("after")
+    start = bisect.bisect_right(names, after) if after is not None else 0
+    out = []
+    for name in names[start:]:
+        if len(out) == limit:
+            break
+        try:
+            m, digest = session.pack(name).manifest, session.digest(name)
+        except UnknownTaskError:  # removed since the listing
+            continue
+        out.append({"name": name, "task_kind": m.task_kind, "labels": list(m.labels), "text_pair": bool(m.text_pair),
+                    "max_length": int(m.max_length), "digest": digest})
+    more = bool(out) and names[-1] > out[-1]["name"]
+    return json_response({"tasks": out, "next": out[-1]["name"] if more else None,
+                          **({"replica": state.replica} if state.replica else {})})
+
+
+async def post(request: Request, state: AppState) -> Response:
+    """Every POST endpoint of a kind: the body's shape here, the rest is the session's."""
+    shape = BODIES[request.url.path]
+    body = parse_body(parse_json(await state.body(request), "invalid JSON", status=400), shape, state.config)
+    task, session, batcher = body["task"], state.session, state.batcher
+    if shape.answer == "answers":
+        result = await batcher.call(session.answer, task, body["questions"], body["contexts"])
+    elif "text_pairs" in shape.fields:  # sequence kinds: batched with every other such request
+        records = await batcher.submit(task, body["texts"], body.get("text_pairs"))
+        return json_response({"predictions": [{k: r[k] for k in ("label", "scores", "logits")} for r in records]})
+    else:
+        result = await batcher.call(session.run_tokens, task, body["texts"])
+    return json_response({shape.answer: result.records()})
+
+
+async def healthz(request: Request, state: AppState) -> Response:
+    n = len(state.session.tasks)
+    named: dict[str, Any] = {"replica": state.replica} if state.replica else {}
+    if state.packs is not None and state.packs.clashes:  # directories declaring one task: which is served
+        named["clashes"] = dict(sorted(state.packs.clashes.items()))
+    if n == 0:
+        return json_response({"status": "no tasks", "tasks": 0, **named}, 503)
+    return json_response({"status": "ok", "tasks": n, **named})
+
+
+async def metrics(request: Request, state: AppState) -> Response:
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def reload(request: Request, state: AppState) -> Response:
+    if state.reload_all is not None:
+        return json_response(await state.reload_all())
+    return json_response((await state.reload()).to_json())
+
+
+ROUTES = [
+    route("/v1/tasks", tasks),
+    *(route(path, post, "POST") for path in BODIES),
+    route("/healthz", healthz),
+    route("/metrics", metrics),
+    route("/v1/admin/reload", reload, "POST", admin=True),
+    *v2.ROUTES,
+]
+
+
 # -- the app ------------------------------------------------------------------------------------------
+@contextlib.asynccontextmanager
+async def lifespan(app: Starlette):
+    state: AppState = app.state.bitfit
+    await state.batcher.start()
+    rescans = asyncio.create_task(state.rescan_periodically()) \
+        if state.config.reload_every_s and state.packs is not None else None
+    try:
+        yield
+    finally:
+        if rescans is not None:
+            rescans.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await rescans
+        await state.batcher.stop()
+        state.batcher.close()  # the inference thread goes with the app
+
+
+def _unexpected(request: Request, exc: Exception) -> Response:
+    """Errors outside every route's own handling: starlette's 404 and 405, and a 500 (logged by uvicorn)."""
+    return V1.render(request, exc)
+
+
 def create_app(
     session: TaskSession,
     packs_dir: str | os.PathLike | None,
@@ -312,231 +235,23 @@ def create_app(
     reload_all: Callable[[], Awaitable[dict[str, Any]]] | None = None,
 ) -> Starlette:
     """The server app for `session`. With `packs_dir`, every valid pack in it is registered now (the outcome
-    is `app.state.initial_load`, a ReloadResult) and POST /v1/admin/reload rescans it. `app.state` also
-    holds session, config, batcher (its `stats` count batches, rows and mixed-task batches), metrics and
-    `reload` (rescan now, in this process: the ReloadResult). Where the app is one of several replicas
-    (bitfit.serve.ray_app), `replica` names it in /v1/tasks and /healthz, and `reload_all` is what the
-    admin route runs instead: the rescan on every replica, its answer the route's."""
-    config = config or ServeConfig()
-    metrics = Metrics()
-    batcher = Batcher(session, max_batch_rows=config.max_batch_rows, max_wait_ms=config.max_wait_ms,
-                      enabled=config.batching, on_batch=metrics.batch)
+    is `app.state.initial_load`, a ReloadResult) and POST /v1/admin/reload rescans it. `app.state.bitfit` is
+    the AppState; `app.state` also holds its session, config, batcher (its `stats` count batches, rows and
+    mixed-task batches), metrics, packs and `reload` (rescan now, in this process: the ReloadResult). Where
+    the app is one of several replicas (bitfit.serve.ray_app), `replica` names it in /v1/tasks and /healthz,
+    and `reload_all` is what the admin route runs instead: the rescan on every replica, its answer the route's."""
     packs = PackDirectory(packs_dir, session) if packs_dir is not None else None
-    initial = packs.reload() if packs is not None else ReloadResult(unchanged=list(session.tasks))
-    reload_lock = asyncio.Lock()
-    metrics.tasks.set_function(lambda: len(session.tasks))
-
-    async def tasks(request: Request) -> Response:
-        check_door(request, config, admin=False)
-        out = []
-        for name in session.tasks:
-            try:
-                m = session.pack(name).manifest
-            except UnknownTaskError:  # removed since the listing
-                continue
-            out.append({"name": name, "task_kind": m.task_kind, "labels": list(m.labels),
-                        "text_pair": bool(m.text_pair), "max_length": int(m.max_length),
-                        "digest": session.digest(name)})
-        return _json({"tasks": out, **({"replica": replica} if replica else {})})
-
-    async def post(request: Request) -> Response:
-        """Every POST endpoint of a kind: the body's shape here, the rest is the session's."""
-        check_door(request, config, admin=False)
-        shape = BODIES[request.url.path]
-        body = parse_body(await read_json(request, int(config.max_body_bytes or 0), config.body_timeout_s), shape,
-                          config)
-        task = body["task"]
-        if shape.answer == "answers":
-            result = await batcher.call(session.answer, task, body["questions"], body["contexts"])
-        elif "text_pairs" in shape.fields:  # sequence kinds: batched with every other such request
-            records = await batcher.submit(task, body["texts"], body.get("text_pairs"))
-            return _json({"predictions": [{k: r[k] for k in ("label", "scores", "logits")} for r in records]})
-        else:
-            result = await batcher.call(session.run_tokens, task, body["texts"])
-        return _json({shape.answer: result.records()})
-
-    async def healthz(request: Request) -> Response:
-        check_door(request, config, admin=False)
-        n = len(session.tasks)
-        named = {"replica": replica} if replica else {}
-        if packs is not None and packs.clashes:  # directories declaring one task: which is served (packdir)
-            named["clashes"] = dict(sorted(packs.clashes.items()))
-        if n == 0:
-            return _json({"status": "no tasks", "tasks": 0, **named}, 503)
-        return _json({"status": "ok", "tasks": n, **named})
-
-    async def metrics_endpoint(request: Request) -> Response:
-        check_door(request, config, admin=False)
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    async def reload_here() -> ReloadResult:
-        if packs is None:
-            raise RequestError(409, "this server was started without a packs directory: nothing to reload")
-        async with reload_lock:  # one reload at a time
-            try:
-                loaded, result = await asyncio.to_thread(packs.prepare)
-            except OSError as e:
-                raise RequestError(500, f"cannot read the packs directory: {e}") from e
-            # all swaps of one reload happen together, between two batches
-            result = await batcher.call(packs.commit, loaded, result)
-        for outcome in ("added", "replaced"):
-            metrics.reloads.labels(outcome).inc(len(getattr(result, outcome)))
-        metrics.reloads.labels("refused").inc(len(result.refused))
-        return result
-
-    async def reload(request: Request) -> Response:
-        check_door(request, config, admin=True)
-        if reload_all is not None:
-            return _json(await reload_all())
-        return _json((await reload_here()).to_json())
-
-    async def rescan_periodically() -> None:
-        while True:
-            await asyncio.sleep(config.reload_every_s)
-            try:
-                result = await reload_here()
-            except Exception as e:  # noqa: BLE001 - a failed rescan is reported and retried, never fatal
-                print(f"bitfit serve: rescanning {packs_dir} failed: {e}", file=sys.stderr, flush=True)
-                continue
-            if result.added or result.replaced or result.refused:
-                print(f"bitfit serve: rescan: {json.dumps(result.to_json())}", file=sys.stderr, flush=True)
-
-    # -- the Open Inference Protocol (KServe v2 / Triton HTTP): one model per task ----------------------
-    async def v2_server(request: Request) -> Response:
-        check_door(request, config, admin=False)
-        return _json({"name": "bitfit", "version": __version__, "extensions": ["binary_tensor_data"]})
-
-    async def v2_live(request: Request) -> Response:
-        check_door(request, config, admin=False)
-        return _json({"live": True})
-
-    async def v2_ready(request: Request) -> Response:
-        check_door(request, config, admin=False)
-        ready = bool(session.tasks)
-        return _json({"ready": ready}, 200 if ready else 503)
-
-    def v2_task(request: Request) -> tuple[str, str, Any]:
-        """The task a /v2/models/{model}[/versions/{version}] path names, its digest and pack (404 otherwise)."""
-        task = request.path_params["model"]
-        pack = session.pack(task)  # UnknownTaskError: 404
-        digest = session.digest(task)
-        version = request.path_params.get("version")
-        if version is not None and version != v2.version_of(digest):
-            raise RequestError(404, f"task {task!r} is served at version {v2.version_of(digest)}, not {version!r} "
-                                    f"(a version is the start of the pack's digest; GET /v2/models/{task})")
-        return task, digest, pack
-
-    async def v2_model(request: Request) -> Response:
-        check_door(request, config, admin=False)
-        task, digest, pack = v2_task(request)
-        m = pack.manifest
-        return _json(v2.model_metadata(task, digest, KINDS[m.task_kind], m, f"bitfit-{session.backend}"))
-
-    async def v2_model_ready(request: Request) -> Response:
-        check_door(request, config, admin=False)
-        task, _, _ = v2_task(request)
-        return _json({"name": task, "ready": True})
-
-    def versioned(fn: Callable[..., Any]) -> Callable[..., tuple[Any, str]]:
-        def call(task: str, *args: Any) -> tuple[Any, str]:
-            digest = session.digest(task)
-            return fn(task, *args), digest
-        return call
-
-    def reloaded_under(task: str, parsed: Any, ran: str | None) -> ServiceUnavailable | None:
-        """A reload that changed the task's signature (its kind, or pairs) between parsing a request against one
-        pack and running it on another: the request was read for a model that no longer exists, so the honest
-        answer is a retry (the client re-reads the metadata), not the other kind's refusal or its outputs."""
-        pack, digest = session.pack(task), session.digest(task)  # UnknownTaskError (removed): 404 as ever
-        if ran is not None and digest != ran:  # reloaded again since: which pack ran is no longer known
-            same = False
-        else:
-            was, now = KINDS[parsed.manifest.task_kind], KINDS[pack.manifest.task_kind]
-            same = (v2.inputs_of(was, parsed.manifest), v2.outputs_of(was, parsed.manifest)) == \
-                (v2.inputs_of(now, pack.manifest), v2.outputs_of(now, pack.manifest))
-        return None if same else ServiceUnavailable(
-            f"task {task!r} was reloaded as a {pack.manifest.task_kind} task with another signature while this "
-            f"request ran: retry it (GET /v2/models/{task} for the new inputs and outputs)")
-
-    async def v2_infer(request: Request) -> Response:
-        check_door(request, config, admin=False)
-        task, parsed_digest, pack = v2_task(request)
-        kind = KINDS[pack.manifest.task_kind]
-        raw = await read_body(request, int(config.max_body_bytes or 0), config.body_timeout_s)
-        req = v2.parse_infer(raw, request.headers.get(v2.HEADER_LENGTH), v2.inputs_of(kind, pack.manifest),
-                             config.max_texts, config.max_text_chars)
-        v2.check_outputs(req, v2.outputs_of(kind, pack.manifest))
-        # the version reported is the digest of the pack that ran, read on the inference thread with the run
-        # (a reload between the run and the response must not label old outputs with the new version)
-        try:
-            if kind.call == "answer":
-                result, digest = await batcher.call(versioned(session.answer), task, req.inputs["question"],
-                                                    req.inputs["context"])
-                records = result.records()
-            elif kind.call == "run_tokens":
-                result, digest = await batcher.call(versioned(session.run_tokens), task, req.inputs["text"])
-                records = result.records()
-            else:  # batched with every other sequence request, /v1 and /v2 alike
-                records = await batcher.submit(task, req.inputs["text"], req.inputs.get("text_pair"))
-                digest = records[0]["digest"]
-        except UnknownTaskError:
-            raise
-        except BitFitError as exc:  # the pack's own refusal, unless a reload changed the task under the request
-            if session.digest(task) != parsed_digest and (busy := reloaded_under(task, pack, None)):
-                raise busy from exc
-            raise
-        if digest != parsed_digest and (busy := reloaded_under(task, pack, digest)):
-            raise busy
-        try:
-            body, headers = v2.encode_response(task, digest, req, v2.output_tensors(kind, records))
-        except ValueError:  # NaN or inf in an output: the pack is broken, not the request
-            return _error(500, "the model produced a non-finite value (NaN or inf): check the task pack")
-        return Response(body, headers=headers)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette):
-        await batcher.start()
-        rescans = asyncio.create_task(rescan_periodically()) if config.reload_every_s and packs else None
-        try:
-            yield
-        finally:
-            if rescans is not None:
-                rescans.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await rescans
-            await batcher.stop()
-            batcher.close()  # the inference thread goes with the app
-
-    routes = [
-        Route("/v1/tasks", tasks, methods=["GET"]),
-        *(Route(path, post, methods=["POST"]) for path in BODIES),
-        Route("/healthz", healthz, methods=["GET"]),
-        Route("/metrics", metrics_endpoint, methods=["GET"]),
-        Route("/v1/admin/reload", reload, methods=["POST"]),
-        Route("/v2", v2_server, methods=["GET"]),
-        Route("/v2/health/live", v2_live, methods=["GET"]),
-        Route("/v2/health/ready", v2_ready, methods=["GET"]),
-        *(r for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}") for r in (
-            Route(base, v2_model, methods=["GET"]),
-            Route(f"{base}/ready", v2_model_ready, methods=["GET"]),
-            Route(f"{base}/infer", v2_infer, methods=["POST"]),
-        )),
-    ]
+    state = AppState.start(session, packs, config or ServeConfig(), replica=replica, reload_all=reload_all)
     app = Starlette(
-        routes=routes,
-        middleware=[Middleware(MetricsMiddleware, metrics=metrics, routes=routes)],  # labelled by route template
-        # one handler for all: the expected errors by type, and Exception (answered 500, and logged by uvicorn)
-        exception_handlers={t: error_response for t in (RequestError, ProtocolError, BitFitError, ServiceUnavailable,
-                                                         HTTPException, Exception)},
+        routes=ROUTES,
+        middleware=[Middleware(MetricsMiddleware, metrics=state.metrics, routes=ROUTES)],  # by route template
+        exception_handlers={HTTPException: _unexpected, Exception: _unexpected},
         lifespan=lifespan,
     )
-    app.state.session = session
-    app.state.config = config
-    app.state.batcher = batcher
-    app.state.metrics = metrics
-    app.state.packs = packs
-    app.state.initial_load = initial
-    app.state.reload = reload_here
+    app.state.bitfit = state
+    for name in ("session", "config", "batcher", "metrics", "packs", "initial_load"):
+        setattr(app.state, name, getattr(state, name))
+    app.state.reload = state.reload
     return app
 
 

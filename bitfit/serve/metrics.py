@@ -1,9 +1,9 @@
 """Prometheus metrics of the server: requests by endpoint and status, latencies, rows and tasks per batch,
-registered tasks and reloads (prometheus_client only, no web framework)."""
+registered tasks, the mixed graph's table capacity and reloads (prometheus_client only, no web framework)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -16,7 +16,9 @@ OTHER = "other"  # the label of every path no route serves
 class Metrics:
     """Prometheus metrics of one app, in their own registry (so many apps can live in one process)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tasks: Callable[[], float] | None = None, capacity: Callable[[], float] | None = None) -> None:
+        """`tasks` and `capacity`: read at each scrape (the session's registered tasks, and the rows its mixed
+        graph's bias tables hold before they next grow: TaskSession.capacity, 0 on other graphs)."""
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter("bitfit_requests", "HTTP requests by endpoint and status",
                                 ["endpoint", "status"], registry=self.registry)
@@ -31,6 +33,12 @@ class Metrics:
                                        registry=self.registry,
                                        buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5))
         self.tasks = Gauge("bitfit_tasks", "registered tasks", registry=self.registry)
+        self.capacity = Gauge("bitfit_table_capacity", "task rows the mixed graph's bias tables hold before they "
+                              "next grow (0: not a mixed graph)", registry=self.registry)
+        if tasks is not None:
+            self.tasks.set_function(tasks)
+        if capacity is not None:
+            self.capacity.set_function(capacity)
         self.reloads = Counter("bitfit_reloads", "pack reloads by outcome (added, replaced, refused)",
                                ["outcome"], registry=self.registry)
 

@@ -7,9 +7,14 @@ directory's name (as `TaskSession.register` and `bitfit predict` do). On reload 
 changed (its manifest.json or tensors.safetensors bytes differ from the version served: replaced atomically
 with `TaskSession.register(..., replace=True)`) or unchanged. A pack that fails the runtime's strict
 validation or does not fit the graph is refused with its error (keyed by task name, or by directory name
-when its manifest cannot be read) and the version already served keeps serving. A refused directory is
-remembered by its files' (inode, size, mtime, ctime): a rescan re-reports it without reading it again
-(a huge file is not hashed on every --reload-every), until one of its files changes.
+when its manifest cannot be read) and the version already served keeps serving. Every directory read is
+remembered by its files' (inode, size, mtime, ctime): a rescan neither reads nor hashes a directory whose
+files have not changed since (it re-reports a refused one, and counts a served one unchanged), so a rescan
+of 10,000 packs costs 20,000 stats, and a huge file is not hashed on every --reload-every.
+
+What a scan loads is registered in one `TaskSession.register_many` call (one state change, the mixed
+graph's tables grown once), so a server starting over N packs builds its tables once; a pack that the
+session refuses then is retried alone, so it fails alone.
 
 Several directories declaring one task name clash: one of them is served and the others are refused (keyed
 by directory name, saying which one is served), and `clashes` (in the reload's answer and /healthz) names
@@ -61,6 +66,7 @@ class _Loaded:
     directory: Path
     fingerprint: str
     pack: TaskPack
+    key: tuple  # the directory's _stat_key before it was read
 
 
 def _fingerprint(directory: Path, manifest: PackManifest) -> str:
@@ -88,10 +94,14 @@ def _stat_key(directory: Path) -> tuple:
 
 
 @dataclass
-class _Refusal:
-    key: tuple  # _stat_key when refused
-    task: str | None  # the task its manifest declares (None: the manifest was refused)
-    message: str
+class _Seen:
+    """A directory as last read: its files' _stat_key then, the task its manifest declares (None: the
+    manifest was refused), and either the refusal's message or the fingerprint of the version served."""
+
+    key: tuple
+    task: str | None
+    message: str | None = None  # refused
+    fingerprint: str | None = None  # served
 
 
 class PackDirectory:
@@ -103,60 +113,36 @@ class PackDirectory:
         self.served: dict[str, str] = {}  # task -> fingerprint of the version registered from this directory
         self.sources: dict[str, Path] = {}  # task -> the directory that version came from
         self.clashes: dict[str, dict[str, Any]] = {}  # as of the last scan (ReloadResult.clashes)
-        self._refused: dict[Path, _Refusal] = {}
+        self._seen: dict[Path, _Seen] = {}
 
     def _refuse(self, directory: Path, key: tuple, task: str | None, error: Exception) -> str:
-        self._refused[directory] = _Refusal(key, task, str(error))
+        self._seen[directory] = _Seen(key, task, message=str(error))
         return str(error)
+
+    def _still_served(self, directory: Path, seen: _Seen) -> bool:
+        """Whether `seen` is the version this directory serves now (then an unchanged key means unchanged)."""
+        return (seen.fingerprint is not None and self.served.get(seen.task) == seen.fingerprint
+                and self.sources.get(seen.task) == directory and seen.task in self.session.tasks)
 
     def prepare(self) -> tuple[list[_Loaded], ReloadResult]:
         """Read, check and load everything new or changed (no registration): safe to run in a thread."""
         result = ReloadResult()
-        if not self.root.is_dir():
-            raise BitFitError(f"no packs directory at {self.root}: give a directory of task packs")
-        claims: dict[str, list[tuple[Path, tuple, PackManifest | None]]] = {}
-        directories = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        self._refused = {d: r for d, r in self._refused.items() if d in directories}  # gone: forgotten
-        for directory in directories:
-            if not (directory / MANIFEST_FILE).is_file():
-                continue
-            key = _stat_key(directory)
-            known = self._refused.get(directory)
-            if known is not None and known.key == key:  # refused before and unchanged since: not read again
-                if known.task is None:
-                    result.refused[directory.name] = known.message
-                else:
-                    claims.setdefault(known.task, []).append((directory, key, None))
-                continue
-            self._refused.pop(directory, None)
-            try:
-                manifest = read_manifest(directory)
-            except Exception as e:  # noqa: BLE001 - a bad pack is reported, never fatal
-                result.refused[directory.name] = self._refuse(directory, key, None, e)
-                continue
-            claims.setdefault(manifest.task, []).append((directory, key, manifest))
+        claims = self._scan(result)
         loaded: list[_Loaded] = []
         for name, candidates in claims.items():
-            directory, key, manifest = candidates[0]
-            if len(candidates) > 1:
-                source = self.sources.get(name) if name in self.session.tasks else None
-                chosen = next((c for c in candidates if c[0] == source), None)
-                why = "the directory already serving it" if chosen else "the first by directory name"
-                directory, key, manifest = chosen or candidates[0]
-                ignored = [c[0].name for c in candidates if c[0] != directory]
-                result.clashes[name] = {"serving": directory.name, "ignored": ignored}
-                every = ", ".join(sorted(c[0].name for c in candidates))
-                for other in ignored:
-                    result.refused[other] = (f"task {name!r} is declared by several packs ({every}): "
-                                             f"{directory.name!r} is served ({why}), {other!r} is not loaded; keep "
-                                             "one of them (move the others out, or give them another task name)")
+            directory, key, manifest = self._choose(name, candidates, result)
+            seen = self._seen.get(directory)
+            if manifest is None and seen is not None and seen.message is None:  # served, unchanged: not read
+                result.unchanged.append(name)
+                continue
             if manifest is None:  # refused before, unchanged since
-                result.refused[name] = self._refused[directory].message
+                result.refused[name] = seen.message if seen is not None else "refused"
                 continue
             try:
                 fingerprint = _fingerprint(directory, manifest)
                 if self.served.get(name) == fingerprint and name in self.session.tasks:
                     self.sources[name] = directory  # the same bytes, maybe a copy in another directory now
+                    self._seen[directory] = _Seen(key, name, fingerprint=fingerprint)
                     result.unchanged.append(name)
                     continue
                 pack = load_pack(directory)  # strict: checksum, provenance, names, shapes, dtypes, finite
@@ -166,25 +152,86 @@ class PackDirectory:
             except Exception as e:  # noqa: BLE001
                 result.refused[name] = self._refuse(directory, key, name, e)
                 continue
-            loaded.append(_Loaded(name, directory, fingerprint, pack))
+            loaded.append(_Loaded(name, directory, fingerprint, pack, key))
         present = set(claims)
         result.missing = [t for t in self.session.tasks if t not in present]
         self.clashes = result.clashes
         return loaded, result
 
-    def commit(self, loaded: list[_Loaded], result: ReloadResult) -> ReloadResult:
-        """Register every loaded pack (each swap is atomic in the session). Call it where no inference runs
-        at the same time: the server runs it on the batcher's inference thread."""
-        for item in loaded:
-            existed = item.name in self.session.tasks
-            try:
-                self.session.register(item.pack, name=item.name, replace=True)
-            except Exception as e:  # noqa: BLE001
-                result.refused[item.name] = str(e)
+    def _scan(self, result: ReloadResult) -> dict[str, list[tuple[Path, tuple, PackManifest | None]]]:
+        """Every pack directory by the task it declares, with its _stat_key and its manifest (None where the
+        directory is unchanged since it was last read: a refusal then, or the version served)."""
+        if not self.root.is_dir():
+            raise BitFitError(f"no packs directory at {self.root}: give a directory of task packs")
+        claims: dict[str, list[tuple[Path, tuple, PackManifest | None]]] = {}
+        directories = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        present = set(directories)
+        self._seen = {d: r for d, r in self._seen.items() if d in present}  # gone: forgotten
+        for directory in directories:
+            if not (directory / MANIFEST_FILE).is_file():
                 continue
+            key = _stat_key(directory)
+            seen = self._seen.get(directory)
+            unchanged = seen is not None and seen.key == key
+            if unchanged and (seen.message is not None or self._still_served(directory, seen)):
+                if seen.task is None:
+                    result.refused[directory.name] = seen.message or ""
+                else:
+                    claims.setdefault(seen.task, []).append((directory, key, None))
+                continue
+            self._seen.pop(directory, None)
+            try:
+                manifest = read_manifest(directory)
+            except Exception as e:  # noqa: BLE001 - a bad pack is reported, never fatal
+                result.refused[directory.name] = self._refuse(directory, key, None, e)
+                continue
+            claims.setdefault(manifest.task, []).append((directory, key, manifest))
+        return claims
+
+    def _choose(self, name: str, candidates: list[tuple[Path, tuple, PackManifest | None]],
+                result: ReloadResult) -> tuple[Path, tuple, PackManifest | None]:
+        """The directory that serves `name`: the only one, or of several (a clash, reported in `result`) the
+        one already serving it, else the first by directory name."""
+        if len(candidates) == 1:
+            return candidates[0]
+        source = self.sources.get(name) if name in self.session.tasks else None
+        chosen = next((c for c in candidates if c[0] == source), None)
+        why = "the directory already serving it" if chosen else "the first by directory name"
+        directory = (chosen or candidates[0])[0]
+        ignored = [c[0].name for c in candidates if c[0] != directory]
+        result.clashes[name] = {"serving": directory.name, "ignored": ignored}
+        every = ", ".join(sorted(c[0].name for c in candidates))
+        for other in ignored:
+            result.refused[other] = (f"task {name!r} is declared by several packs ({every}): {directory.name!r} "
+                                     f"is served ({why}), {other!r} is not loaded; keep one of them (move the "
+                                     "others out, or give them another task name)")
+        return chosen or candidates[0]
+
+    def commit(self, loaded: list[_Loaded], result: ReloadResult) -> ReloadResult:
+        """Register every loaded pack, all in one state change (`TaskSession.register_many`; each swap is
+        atomic in the session); should the session refuse one, each is registered alone so only it fails.
+        Call it where no inference runs at the same time: the server runs it on the batcher's inference
+        thread."""
+        if not loaded:
+            return result
+        existed = {item.name: item.name in self.session.tasks for item in loaded}
+        try:
+            self.session.register_many([i.pack for i in loaded], names=[i.name for i in loaded], replace=True)
+            done = loaded
+        except Exception:  # noqa: BLE001 - one bad pack must not keep the others out
+            done = []
+            for item in loaded:
+                try:
+                    self.session.register(item.pack, name=item.name, replace=True)
+                except Exception as e:  # noqa: BLE001
+                    result.refused[item.name] = str(e)
+                    continue
+                done.append(item)
+        for item in done:
             self.served[item.name] = item.fingerprint
             self.sources[item.name] = item.directory
-            (result.replaced if existed else result.added).append(item.name)
+            self._seen[item.directory] = _Seen(item.key, item.name, fingerprint=item.fingerprint)
+            (result.replaced if existed[item.name] else result.added).append(item.name)
         return result
 
     def reload(self) -> ReloadResult:

@@ -1,10 +1,11 @@
 """The Open Inference Protocol (KServe v2, Triton's HTTP API) for `bitfit serve`: one model per task.
 
-Only the protocol lives here: what a task's model looks like as tensors (its kind's signature), reading an
-infer request (JSON, or JSON plus binary tensors: the `binary_tensor_data` extension that tritonclient uses
-by default) and writing the response. The routes are in app.py, beside /v1, and share its doors, limits,
-batcher and error mapping (errors are `{"error": message}` with a 4xx status, which is also the protocol's
-error shape).
+The protocol and its routes live here: what a task's model looks like as tensors (its kind's signature),
+reading an infer request (JSON, or JSON plus binary tensors: the `binary_tensor_data` extension that
+tritonclient uses by default), writing the response, and the /v2 handlers over the app's state (`ROUTES`,
+which app.py mounts beside /v1). They share /v1's doors, limits, batcher and error type (state.route,
+web.HTTPError); errors are `{"error": message}` with a 4xx status, which is also the protocol's error shape,
+and an invalid request is 400 here (web.V2) where /v1 answers 422.
 
 A task's model, by its kind (`TaskKind.call`):
 
@@ -21,28 +22,26 @@ changes a pack changes its version, and a request for another version is answere
 """
 from __future__ import annotations
 
-import json
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from starlette.requests import Request
+from starlette.responses import Response
 
+from bitfit.runtime.errors import BitFitError, UnknownTaskError
 from bitfit.runtime.kinds import KINDS, TaskKind
-from bitfit.runtime.pack import PackManifest
+from bitfit.runtime.pack import PackManifest, TaskPack
+from bitfit.runtime.version import __version__
+
+from .batcher import ServiceUnavailable
+from .state import AppState, route
+from .web import NON_FINITE, V2, HTTPError, check_limits, dumps, error, json_response, kind_of, parse_json, strings
 
 VERSION_DIGITS = 16
 HEADER_LENGTH = "inference-header-content-length"
-
-
-class ProtocolError(Exception):
-    """A request the protocol layer refuses: answered with `status` and {"error": message}."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -96,9 +95,9 @@ def output_tensors(kind: TaskKind, records: Sequence[dict[str, Any]]) -> dict[st
     n = len(records)
     if kind.call == "answer":
         return {"answer": ("BYTES", (n,), [r["answer"] for r in records]),
-                "record": ("BYTES", (n,), [_dumps(r) for r in records])}
+                "record": ("BYTES", (n,), [dumps(r) for r in records])}
     if kind.call == "run_tokens":
-        return {"record": ("BYTES", (n,), [_dumps(r) for r in records])}
+        return {"record": ("BYTES", (n,), [dumps(r) for r in records])}
     logits = np.asarray([r["logits"] for r in records], dtype=np.float32).reshape(n, -1)
     out: dict[str, tuple[str, tuple[int, ...], Any]] = {"logits": ("FP32", logits.shape, logits)}
     if kind.labels == "value":
@@ -107,10 +106,6 @@ def output_tensors(kind: TaskKind, records: Sequence[dict[str, Any]]) -> dict[st
         out["label"] = ("BYTES", (n,), [r["label"] for r in records])
         out["scores"] = ("FP32", logits.shape, np.asarray([list(r["scores"].values()) for r in records], np.float32))
     return out
-
-
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
 # -- requests ------------------------------------------------------------------------------------------
@@ -138,18 +133,13 @@ def parse_infer(raw: bytes, header_length: str | None, expected: Sequence[Tensor
     the model's inputs: every field's type (a 400 naming its path, e.g. `inputs[0].name`), names,
     datatypes, shapes, element counts, UTF-8, and the server's limits."""
     header, binary = _split(raw, header_length)
-    try:
-        body = json.loads(header)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise ProtocolError(400, f"invalid JSON in the inference request: {e}"[:300]) from None
-    except ValueError as e:
-        raise ProtocolError(400, f"invalid JSON in the inference request: {e}"[:300]) from None
+    body = parse_json(header, "invalid JSON in the inference request")
     if not isinstance(body, dict):
-        raise ProtocolError(400, "the inference request must be a JSON object with 'inputs'")
+        raise HTTPError("the inference request must be a JSON object with 'inputs'")
     unknown = sorted(set(body) - {"id", "inputs", "outputs", "parameters"})
     if unknown:
-        raise ProtocolError(400, f"unknown fields {unknown} in the inference request: it takes id, inputs, outputs "
-                                 "and parameters"[:300])
+        raise HTTPError(f"unknown fields {unknown} in the inference request: it takes id, inputs, outputs "
+                        "and parameters"[:300])
     request_id = _field(body, "id", str, "id", required=False)
     if request_id is not None:
         _unicode(request_id, "id")  # echoed in the response, which must encode
@@ -160,55 +150,57 @@ def parse_infer(raw: bytes, header_length: str | None, expected: Sequence[Tensor
     names = ", ".join(wanted)
     inputs = body.get("inputs")
     if not isinstance(inputs, list) or not inputs:
-        got = "an empty list" if inputs == [] else _kind(inputs)
-        raise ProtocolError(400, f"'inputs' must be a non-empty list of tensors, got {got}; this model takes {names}")
+        got = "an empty list" if inputs == [] else kind_of(inputs)
+        raise HTTPError(f"'inputs' must be a non-empty list of tensors, got {got}; this model takes {names}")
     out: dict[str, list[str]] = {}
     offset = 0
     for i, tensor in enumerate(inputs):
-        path = f"inputs[{i}]"
-        _object(tensor, path, TENSOR_FIELDS)
-        name = _field(tensor, "name", str, f"{path}.name")
-        if name not in wanted:
-            raise ProtocolError(400, f"unknown input {name!r}: this model takes {names}"[:300])
-        if name in out:
-            raise ProtocolError(400, f"input {name!r} is given twice")
-        datatype = _field(tensor, "datatype", str, f"{path}.datatype")
-        if datatype != wanted[name].datatype:
-            raise ProtocolError(400, f"input {name!r} has datatype {datatype!r}: this model takes "
-                                     f"{wanted[name].datatype} (strings)"[:300])
-        count = _count(_field(tensor, "shape", list, f"{path}.shape"), name, f"{path}.shape")
-        params = _params(tensor, "parameters", INPUT_PARAMETERS, path)
-        size = _field(params, "binary_data_size", int, f"{path}.parameters.binary_data_size", required=False)
-        if size is not None:
-            if "data" in tensor:
-                raise ProtocolError(400, f"input {name!r} has both data and binary_data_size: give one")
-            if size < 0 or offset + size > len(binary):
-                raise ProtocolError(400, f"input {name!r}: binary_data_size {size!r} does not fit the "
-                                         f"{len(binary) - offset} binary bytes left in the request"[:300])
-            values = _bytes_elements(binary[offset : offset + size], name)
-            offset += size
-        else:
-            if "data" not in tensor:
-                raise ProtocolError(400, f"input {name!r} needs 'data' (a list of strings) or binary data "
-                                         f"({path}.parameters.binary_data_size)")
-            values = _json_elements(tensor["data"], f"{path}.data")
-        if len(values) != count:
-            raise ProtocolError(400, f"input {name!r} has shape {tensor['shape']} ({count} elements) but "
-                                     f"{len(values)} values"[:300])
-        if count > max_items:
-            raise ProtocolError(413, f"input {name!r} has {count} elements, over the limit of {max_items} per request")
-        for j, text in enumerate(values):
-            if len(text) > max_chars:
-                raise ProtocolError(413, f"input {name!r}[{j}] has {len(text)} characters, over the limit of "
-                                         f"{max_chars}")
-        out[name] = values
+        name, values, offset = _input(tensor, f"inputs[{i}]", wanted, out, binary, offset)
+        out[name] = check_limits(f"input {name!r}", values, max_items, max_chars)
     if offset != len(binary):
-        raise ProtocolError(400, f"{len(binary) - offset} binary bytes after the inputs that no input claims "
-                                 "(binary_data_size)")
+        raise HTTPError(f"{len(binary) - offset} binary bytes after the inputs that no input claims "
+                        "(binary_data_size)")
     missing = [n for n in wanted if n not in out]
     if missing:
-        raise ProtocolError(400, f"missing inputs {missing}: this model takes {names}")
+        raise HTTPError(f"missing inputs {missing}: this model takes {names}")
     return InferRequest(request_id, out, _requested(body), bool(binary_default))
+
+
+def _input(tensor: Any, path: str, wanted: dict[str, Tensor], seen: dict[str, list[str]], binary: bytes,
+           offset: int) -> tuple[str, list[str], int]:
+    """One input tensor: its name, its strings (from its JSON data, or from `binary` at `offset`), and the
+    offset of the next binary tensor."""
+    names = ", ".join(wanted)
+    _object(tensor, path, TENSOR_FIELDS)
+    name = _field(tensor, "name", str, f"{path}.name")
+    if name not in wanted:
+        raise HTTPError(f"unknown input {name!r}: this model takes {names}"[:300])
+    if name in seen:
+        raise HTTPError(f"input {name!r} is given twice")
+    datatype = _field(tensor, "datatype", str, f"{path}.datatype")
+    if datatype != wanted[name].datatype:
+        raise HTTPError(f"input {name!r} has datatype {datatype!r}: this model takes "
+                        f"{wanted[name].datatype} (strings)"[:300])
+    count = _count(_field(tensor, "shape", list, f"{path}.shape"), name, f"{path}.shape")
+    params = _params(tensor, "parameters", INPUT_PARAMETERS, path)
+    size = _field(params, "binary_data_size", int, f"{path}.parameters.binary_data_size", required=False)
+    if size is not None:
+        if "data" in tensor:
+            raise HTTPError(f"input {name!r} has both data and binary_data_size: give one")
+        if size < 0 or offset + size > len(binary):
+            raise HTTPError(f"input {name!r}: binary_data_size {size!r} does not fit the "
+                            f"{len(binary) - offset} binary bytes left in the request"[:300])
+        values = _bytes_elements(binary[offset : offset + size], name)
+        offset += size
+    else:
+        if "data" not in tensor:
+            raise HTTPError(f"input {name!r} needs 'data' (a list of strings) or binary data "
+                            f"({path}.parameters.binary_data_size)")
+        values = _json_elements(tensor["data"], f"{path}.data")
+    if len(values) != count:
+        raise HTTPError(f"input {name!r} has shape {tensor['shape']} ({count} elements) but "
+                        f"{len(values)} values"[:300])
+    return name, values, offset
 
 
 def _split(raw: bytes, header_length: str | None) -> tuple[bytes, bytes]:
@@ -217,24 +209,13 @@ def _split(raw: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     try:
         n = int(header_length)
     except ValueError:
-        raise ProtocolError(400, f"invalid Inference-Header-Content-Length {header_length!r}"[:300]) from None
+        raise HTTPError(f"invalid Inference-Header-Content-Length {header_length!r}"[:300]) from None
     if not 0 < n <= len(raw):
-        raise ProtocolError(400, f"Inference-Header-Content-Length {n} does not fit a body of {len(raw)} bytes"[:300])
+        raise HTTPError(f"Inference-Header-Content-Length {n} does not fit a body of {len(raw)} bytes"[:300])
     return raw[:n], raw[n:]
 
 
 # -- typed access: every field of a body is checked here before it is used ---------------------------------
-def _kind(value: Any) -> str:
-    """A JSON value's type for a message (with the value where it is a short scalar)."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"boolean {str(value).lower()}"
-    if isinstance(value, (int, float)):
-        return f"number {value!r}"[:40]
-    return {str: "string", list: "list", dict: "object"}.get(type(value), type(value).__name__)
-
-
 _WHAT = {str: "a string", list: "a list", dict: "an object", bool: "true or false", int: "a whole number"}
 
 
@@ -244,22 +225,22 @@ def _field(obj: dict[str, Any], key: str, kind: type, path: str, required: bool 
     if value is None and not required:
         return None
     if key not in obj:
-        raise ProtocolError(400, f"{path} is missing: it must be {_WHAT[kind]}")
+        raise HTTPError(f"{path} is missing: it must be {_WHAT[kind]}")
     return _typed(value, kind, path)
 
 
 def _typed(value: Any, kind: type, path: str) -> Any:
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise ProtocolError(400, f"{path} must be {_WHAT[kind]}, got {_kind(value)}")
+        raise HTTPError(f"{path} must be {_WHAT[kind]}, got {kind_of(value)}")
     return value
 
 
 def _object(value: Any, path: str, known: tuple[str, ...]) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise ProtocolError(400, f"{path} must be an object ({', '.join(known)}), got {_kind(value)}")
+        raise HTTPError(f"{path} must be an object ({', '.join(known)}), got {kind_of(value)}")
     unknown = sorted(set(value) - set(known))
     if unknown:
-        raise ProtocolError(400, f"{path} has unknown fields {unknown}: it takes {', '.join(known)}"[:300])
+        raise HTTPError(f"{path} has unknown fields {unknown}: it takes {', '.join(known)}"[:300])
     return value
 
 
@@ -271,13 +252,12 @@ def _params(obj: dict[str, Any], key: str, known: tuple[str, ...] | None, where:
     if known is not None:
         unknown = sorted(set(value) - set(known))
         if unknown:
-            raise ProtocolError(400, f"{path} has unsupported parameters {unknown}: this server reads "
-                                     f"{', '.join(known)} only (no classification or shared-memory "
-                                     "extensions)"[:300])
+            raise HTTPError(f"{path} has unsupported parameters {unknown}: this server reads "
+                            f"{', '.join(known)} only (no classification or shared-memory extensions)"[:300])
         codec = _field(value, "content_type", str, f"{path}.content_type", required=False)
         if codec is not None and codec not in CONTENT_TYPES:
-            raise ProtocolError(400, f"{path}.content_type {codec!r} is not served: tensors here are plain UTF-8 "
-                                     f"strings (content_type {' or '.join(CONTENT_TYPES)})"[:300])
+            raise HTTPError(f"{path}.content_type {codec!r} is not served: tensors here are plain UTF-8 "
+                            f"strings (content_type {' or '.join(CONTENT_TYPES)})"[:300])
     return value
 
 
@@ -285,26 +265,24 @@ def _unicode(text: str, path: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ProtocolError(400, f"{path} is not valid Unicode ({text[e.start]!r} at character {e.start} is a lone "
-                                 "surrogate): send UTF-8 text") from None
+        raise HTTPError(f"{path} is not valid Unicode ({text[e.start]!r} at character {e.start} is a lone "
+                        "surrogate): send UTF-8 text") from None
 
 
 def _count(shape: list[Any], name: str, path: str) -> int:
     for k, d in enumerate(shape):
         _typed(d, int, f"{path}[{k}]")
     if not shape or len(shape) > 2 or any(d < 0 for d in shape) or (len(shape) == 2 and shape[1] != 1):
-        raise ProtocolError(400, f"input {name!r} has shape {shape!r}: give [n] (or [n, 1]) for n strings"[:300])
+        raise HTTPError(f"input {name!r} has shape {shape!r}: give [n] (or [n, 1]) for n strings"[:300])
     if shape[0] < 1:
-        raise ProtocolError(400, f"input {name!r} has no elements: give at least one string")
+        raise HTTPError(f"input {name!r} has no elements: give at least one string")
     return shape[0]
 
 
 def _json_elements(data: Any, path: str) -> list[str]:
-    if not isinstance(data, list):
-        raise ProtocolError(400, f"{path} must be a list of strings, got {_kind(data)}")
-    if data and all(isinstance(row, list) for row in data):  # [[a], [b]]: the rows of shape [n, 1]
-        return [_typed(x, str, f"{path}[{j}][{k}]") for j, row in enumerate(data) for k, x in enumerate(row)]
-    return [_typed(x, str, f"{path}[{j}]") for j, x in enumerate(data)]
+    if isinstance(data, list) and data and all(isinstance(row, list) for row in data):  # [[a], [b]]: shape [n, 1]
+        return [x for j, row in enumerate(data) for x in strings(row, f"{path}[{j}]")]
+    return strings(data, path)
 
 
 def _bytes_elements(blob: bytes, name: str) -> list[str]:
@@ -312,15 +290,15 @@ def _bytes_elements(blob: bytes, name: str) -> list[str]:
     out, i = [], 0
     while i < len(blob):
         if i + 4 > len(blob):
-            raise ProtocolError(400, f"input {name!r}: its binary data ends inside an element's length")
+            raise HTTPError(f"input {name!r}: its binary data ends inside an element's length")
         (n,) = struct.unpack_from("<I", blob, i)
         i += 4
         if i + n > len(blob):
-            raise ProtocolError(400, f"input {name!r}: element {len(out)} claims {n} bytes, {len(blob) - i} remain")
+            raise HTTPError(f"input {name!r}: element {len(out)} claims {n} bytes, {len(blob) - i} remain")
         try:
             out.append(blob[i : i + n].decode("utf-8"))
         except UnicodeDecodeError:
-            raise ProtocolError(400, f"input {name!r} element {len(out)} is not UTF-8 text") from None
+            raise HTTPError(f"input {name!r} element {len(out)} is not UTF-8 text") from None
         i += n
     return out
 
@@ -333,7 +311,7 @@ def _requested(body: dict[str, Any]) -> dict[str, bool | None]:
         _object(o, path, OUTPUT_FIELDS)
         name = _field(o, "name", str, f"{path}.name")
         if name in out:
-            raise ProtocolError(400, f"output {name!r} is asked for twice"[:300])
+            raise HTTPError(f"output {name!r} is asked for twice"[:300])
         params = _params(o, "parameters", OUTPUT_PARAMETERS, path)
         out[name] = _field(params, "binary_data", bool, f"{path}.parameters.binary_data", required=False)
     return out
@@ -343,7 +321,7 @@ def check_outputs(request: InferRequest, available: Sequence[Tensor]) -> None:
     names = [t.name for t in available]
     unknown = [n for n in request.outputs if n not in names]
     if unknown:
-        raise ProtocolError(400, f"unknown outputs {unknown}: this model gives {', '.join(names)}")
+        raise HTTPError(f"unknown outputs {unknown}: this model gives {', '.join(names)}")
 
 
 # -- responses -----------------------------------------------------------------------------------------
@@ -367,7 +345,7 @@ def encode_response(task: str, digest: str, request: InferRequest,
     body: dict[str, Any] = {"model_name": task, "model_version": version_of(digest), "outputs": outputs}
     if request.id is not None:
         body["id"] = request.id
-    header = json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    header = dumps(body).encode()
     if not blobs:
         return header, {"content-type": "application/json"}
     return header + b"".join(blobs), {"content-type": "application/octet-stream",
@@ -382,3 +360,118 @@ def _to_bytes(datatype: str, values: Any) -> bytes:
             parts.append(struct.pack("<I", len(b)) + b)
         return b"".join(parts)
     return np.ascontiguousarray(values, dtype="<f4").tobytes()
+
+
+# -- the routes: one model per task -------------------------------------------------------------------------
+async def server(request: Request, state: AppState) -> Response:
+    return json_response({"name": "bitfit", "version": __version__, "extensions": ["binary_tensor_data"]})
+
+
+async def live(request: Request, state: AppState) -> Response:
+    return json_response({"live": True})
+
+
+async def ready(request: Request, state: AppState) -> Response:
+    is_ready = bool(state.session.tasks)
+    return json_response({"ready": is_ready}, 200 if is_ready else 503)
+
+
+def task_of(request: Request, state: AppState) -> tuple[str, str, TaskPack]:
+    """The task a /v2/models/{model}[/versions/{version}] path names, its digest and pack (404 otherwise)."""
+    task = request.path_params["model"]
+    pack = state.session.pack(task)  # UnknownTaskError: 404
+    digest = state.session.digest(task)
+    version = request.path_params.get("version")
+    if version is not None and version != version_of(digest):
+        raise HTTPError(f"task {task!r} is served at version {version_of(digest)}, not {version!r} (a version is "
+                        f"the start of the pack's digest; GET /v2/models/{task})", 404)
+    return task, digest, pack
+
+
+async def model(request: Request, state: AppState) -> Response:
+    task, digest, pack = task_of(request, state)
+    m = pack.manifest
+    return json_response(model_metadata(task, digest, KINDS[m.task_kind], m, f"bitfit-{state.session.backend}"))
+
+
+async def model_ready(request: Request, state: AppState) -> Response:
+    task, _, _ = task_of(request, state)
+    return json_response({"name": task, "ready": True})
+
+
+def _signature(pack: TaskPack) -> tuple[list[Tensor], list[Tensor]]:
+    kind = KINDS[pack.manifest.task_kind]
+    return inputs_of(kind, pack.manifest), outputs_of(kind, pack.manifest)
+
+
+def reloaded_under(state: AppState, task: str, parsed: TaskPack, ran: str | None) -> ServiceUnavailable | None:
+    """A reload that changed the task's signature (its kind, or pairs) between parsing a request against one
+    pack and running it on another: the request was read for a model that no longer exists, so the honest
+    answer is a retry (the client re-reads the metadata), not the other kind's refusal or its outputs.
+    `ran`: the digest of the pack that ran (None: the run failed)."""
+    pack, digest = state.session.pack(task), state.session.digest(task)  # UnknownTaskError (removed): 404 as ever
+    # reloaded again since the run: which pack ran is no longer known, so the signature cannot be vouched for
+    same = (ran is None or digest == ran) and _signature(parsed) == _signature(pack)
+    return None if same else ServiceUnavailable(
+        f"task {task!r} was reloaded as a {pack.manifest.task_kind} task with another signature while this "
+        f"request ran: retry it (GET /v2/models/{task} for the new inputs and outputs)")
+
+
+async def _run(state: AppState, task: str, kind: TaskKind, req: InferRequest) -> tuple[list[dict[str, Any]], str]:
+    """The records of one infer request and the digest of the pack that ran them (read on the inference
+    thread with the run: a reload between the run and the response must not label old outputs with the new
+    version)."""
+    session, batcher = state.session, state.batcher
+
+    def versioned(fn: Callable[..., Any]) -> Callable[..., tuple[Any, str]]:
+        def call(task: str, *args: Any) -> tuple[Any, str]:
+            digest = session.digest(task)
+            return fn(task, *args), digest
+        return call
+
+    if kind.call == "answer":
+        result, digest = await batcher.call(versioned(session.answer), task, req.inputs["question"],
+                                            req.inputs["context"])
+        return result.records(), digest
+    if kind.call == "run_tokens":
+        result, digest = await batcher.call(versioned(session.run_tokens), task, req.inputs["text"])
+        return result.records(), digest
+    # batched with every other sequence request, /v1 and /v2 alike
+    records = await batcher.submit(task, req.inputs["text"], req.inputs.get("text_pair"))
+    return records, records[0]["digest"]
+
+
+async def infer(request: Request, state: AppState) -> Response:
+    task, parsed_digest, pack = task_of(request, state)
+    kind = KINDS[pack.manifest.task_kind]
+    config = state.config
+    req = parse_infer(await state.body(request), request.headers.get(HEADER_LENGTH), inputs_of(kind, pack.manifest),
+                      config.max_texts, config.max_text_chars)
+    check_outputs(req, outputs_of(kind, pack.manifest))
+    try:
+        records, digest = await _run(state, task, kind, req)
+    except UnknownTaskError:
+        raise
+    except BitFitError as exc:  # the pack's own refusal, unless a reload changed the task under the request
+        if state.session.digest(task) != parsed_digest and (busy := reloaded_under(state, task, pack, None)):
+            raise busy from exc
+        raise
+    if digest != parsed_digest and (busy := reloaded_under(state, task, pack, digest)):
+        raise busy
+    try:
+        body, headers = encode_response(task, digest, req, output_tensors(kind, records))
+    except ValueError:  # NaN or inf in an output: the pack is broken, not the request
+        return error(500, NON_FINITE)
+    return Response(body, headers=headers)
+
+
+ROUTES = [
+    route("/v2", server, protocol=V2),
+    route("/v2/health/live", live, protocol=V2),
+    route("/v2/health/ready", ready, protocol=V2),
+    *(r for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}") for r in (
+        route(base, model, protocol=V2),
+        route(f"{base}/ready", model_ready, protocol=V2),
+        route(f"{base}/infer", infer, "POST", protocol=V2),
+    )),
+]
