@@ -13,9 +13,9 @@ from bitfit.runtime import (
     TaskPack,
     TaskSession,
     WrongCallError,
-    decode,
     load_pack,
 )
+from bitfit.runtime.calls import SEQUENCE
 from bitfit.runtime.errors import PackError
 from bitfit.runtime.results import Predictions
 
@@ -32,15 +32,15 @@ def test_every_kind_is_served_and_trainable():
         assert (k.decode is not None) == (not k.token_level)  # sequence kinds decode [n, k] logits
 
 
-def sigmoid_labels(task, manifest, logits) -> Predictions:
+def sigmoid_labels(call, logits) -> Predictions:
     """Multi-label: an independent probability per label; the labels over one half are the prediction."""
     scores = 1 / (1 + np.exp(-logits))
-    labels = [",".join(n for n, s in zip(manifest.labels, row) if s > 0.5) for row in scores]
-    return Predictions(task, manifest.task_kind, list(manifest.labels), logits, scores, labels)
+    labels = [",".join(n for n, s in zip(call.labels, row) if s > 0.5) for row in scores]
+    return Predictions(call.task, call.kind, list(call.labels), logits, scores, labels, call.digest)
 
 
-MULTI = TaskKind("multi-label", "run", "/v1/predict", False, "names", "accuracy", False, decode.run_sequence,
-                 decode.check_sequence, lambda record, text: f"[{record['label']}]\t{text}", decode=sigmoid_labels)
+MULTI = TaskKind("multi-label", SEQUENCE, "names", "accuracy", False,
+                 lambda record, text: f"[{record['label']}]\t{text}", decode=sigmoid_labels)
 
 
 @pytest.fixture
