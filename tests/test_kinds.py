@@ -21,11 +21,12 @@ from bitfit.runtime.results import Predictions
 
 
 def test_every_kind_is_served_and_trainable():
-    from bitfit.training.objectives import OBJECTIVES
+    from bitfit.training.objectives import OBJECTIVES, objective, trainable
 
     from bitfit.serve.app import BODIES
 
-    assert set(OBJECTIVES) == set(KINDS)
+    assert set(trainable()) == set(KINDS)  # every kind names an objective that exists
+    assert all(objective(name) is OBJECTIVES[k.objective] for name, k in KINDS.items())
     for k in KINDS.values():
         assert k.route in BODIES
         assert hasattr(TaskSession, k.call)
