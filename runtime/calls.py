@@ -70,14 +70,15 @@ class CallShape:
 
 _TEXTS = Tensor("text", "BYTES", (-1,))
 _RECORD = Tensor("record", "BYTES", (-1,))
+_LOGITS = Tensor("logits", "FP32", (-1, "K"))
 
 SEQUENCE = CallShape(
     "sequence", "run", ("run", "run_mixed"), "/v1/predict",
     Body(("task", "texts", "text_pairs"), ("task", "texts"), "predictions"),
     decode.check_sequence, decode.batch_options, decode.run_sequence, token_level=False, paired=False,
     pairs="text_pairs", v2_inputs=(_TEXTS,), v2_pair=Tensor("text_pair", "BYTES", (-1,)),
-    v2_outputs=(Tensor("logits", "FP32", (-1, "K")), Tensor("label", "BYTES", (-1,)), Tensor("scores", "FP32", (-1, "K"))),
-    v2_value_outputs=(Tensor("logits", "FP32", (-1, "K")), Tensor("value", "FP32", (-1,))),
+    v2_outputs=(_LOGITS, Tensor("label", "BYTES", (-1,)), Tensor("scores", "FP32", (-1, "K"))),
+    v2_value_outputs=(_LOGITS, Tensor("value", "FP32", (-1,))),
 )
 TOKENS = CallShape(
     "tokens", "run_tokens", ("run_tokens",), "/v1/tokens", Body(("task", "texts"), ("task", "texts"), "predictions"),

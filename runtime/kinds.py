@@ -68,12 +68,6 @@ class TaskKind:
         """How many logits the head has (per text, or per token for token kinds)."""
         return 1 if self.labels == "value" else len(labels)
 
-    def label_names(self, labels: Sequence[str]) -> list[str]:
-        """The label names a pack of this kind records: its fixed ones, none for a value, or `labels`."""
-        if isinstance(self.labels, tuple):
-            return list(self.labels)
-        return [] if self.labels == "value" else list(labels)
-
     def v2_signature(self, text_pair: bool, labels: Sequence[str]) -> tuple[list[Tensor], list[Tensor]]:
         """The KServe v2 model's (inputs, outputs) for a task of this kind."""
         return self.shape.inputs(text_pair), self.shape.outputs(self.labels == "value", self.outputs(labels))

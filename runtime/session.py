@@ -348,7 +348,9 @@ class TaskSession:
         return decode.run_mixed(rows, partial(self.check_call, "run_mixed", state=state),
                                 partial(self._forward_rows, state) if self.mixed else None, batch_size=batch_size)
 
-    def _forward_rows(self, state: _State, tasks: list[str], texts: list[str], pairs: list[str | None]) -> list[np.ndarray]:
+    def _forward_rows(
+        self, state: _State, tasks: list[str], texts: list[str], pairs: list[str | None]
+    ) -> list[np.ndarray]:
         """A mixed graph's one pass over rows of different tasks, each row with its own task's biases and head."""
         feeds = self._check_inputs(self.encoder.encode_rows(
             texts, pairs, [state.tasks[t].pack.manifest.max_length for t in tasks]))
