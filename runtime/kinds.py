@@ -34,7 +34,7 @@ class TaskKind:
     data: str = "texts"  # the format of its training rows (training.data.FORMATS): texts, tags or squad
     checkpoint: str = ""  # the transformers architecture suffix of a fine-tuned model of this kind (extract)
 
-    # what the call shape owns, named here for the kind's callers
+    # what the call shape owns, named here for the kind's callers (the server reads call and route)
     @property
     def call(self) -> str:
         """The TaskSession method that serves it: run, run_tokens or answer."""
@@ -43,18 +43,6 @@ class TaskKind:
     @property
     def route(self) -> str:
         return self.shape.route
-
-    @property
-    def run(self) -> Callable[..., Any]:
-        return self.shape.run
-
-    @property
-    def check(self) -> Callable[..., None]:
-        return self.shape.check
-
-    @property
-    def pairs(self) -> str:
-        return self.shape.pairs
 
     @property
     def token_level(self) -> bool:
@@ -111,11 +99,6 @@ TOKEN_CLASSIFICATION = TaskKind("token-classification", TOKENS, "names", "accura
 QUESTION_ANSWERING = TaskKind("question-answering", ANSWER, ("start", "end"), "f1", False, _answer_line,
                               no_answer=True, objective="spans", data="squad", checkpoint="ForQuestionAnswering")
 KINDS: dict[str, TaskKind] = {k.name: k for k in (CLASSIFICATION, REGRESSION, TOKEN_CLASSIFICATION, QUESTION_ANSWERING)}
-
-
-def token_kinds() -> tuple[str, ...]:
-    """The kinds with logits per token (read at call time: a kind registered later counts)."""
-    return tuple(k for k, v in KINDS.items() if v.token_level)
 
 
 def kind(name: Any) -> TaskKind:
