@@ -53,9 +53,8 @@ def sequence_of(item: S.Field, min_len: int = 0) -> S.Field:
 
 
 def _pack_or_path(v: Any) -> bool:
-    from .pack import TaskPack  # the pack module checks its own arguments here: imported late
-
-    return isinstance(v, TaskPack) or PATH.check(v)
+    # a TaskPack by what it has (the pack module imports this one: importing it back, even late, is a circle)
+    return all(hasattr(v, a) for a in ("manifest", "tensors", "validate", "digest")) or PATH.check(v)
 
 
 PACK = S.Field(_pack_or_path, "a TaskPack or the path of a pack directory")

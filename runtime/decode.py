@@ -1,12 +1,13 @@
-"""Decoding per task kind: each kind's input check and the way its logits become results.
+"""Decoding per call shape: each shape's input check and the way its logits become results.
 
-The session (runtime.session) owns registration, the state swap, binding and the forward pass; these
-functions take a session and use only `check_call`, `encoder` and `forward`. runtime.kinds names, per
-kind, which of them serve it.
+A decoder receives a `Bound` handle (made by TaskSession.check_call: the task as it is in one state of the
+session, its encoder and its forward pass), never the session, so this module imports nothing of the
+session's. runtime.calls names, per call shape, which of these functions serve it.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,28 +26,45 @@ from .heads import (
 from .results import Answers, Predictions, TokenPredictions
 from .tokenize import check_texts
 
-if TYPE_CHECKING:  # the session imports this module, not the other way round
-    from .pack import PackManifest
-    from .session import TaskSession
+if TYPE_CHECKING:  # tokenize imports nothing of the decoders
+    from .tokenize import TextEncoder
+
+
+@dataclass(frozen=True)
+class Bound:
+    """One call's view of one task, made by TaskSession.check_call: the pack's fields a decoder reads, the
+    digest of the pack version that runs, the encoder, and `forward` (token inputs -> the task's logits, with
+    the biases and head of that same version, whatever registrations happen meanwhile)."""
+
+    task: str
+    kind: str  # the task kind's name
+    labels: tuple[str, ...]
+    text_pair: bool
+    max_length: int
+    no_answer: bool
+    digest: str  # TaskPack.digest of the pack that runs
+    decode: Callable[[Bound, np.ndarray], Predictions] | None  # the kind's decoder of [n, k] logits
+    encoder: TextEncoder
+    forward: Callable[[dict[str, np.ndarray]], np.ndarray]
 
 
 # -- input checks (called by TaskSession.check_call, the one validator of a call) ----------------------
-def check_sequence(task: str, manifest: PackManifest, texts: Any, pairs: Any) -> None:
+def check_sequence(call: Bound, texts: Any, pairs: Any) -> None:
     check_texts(texts, "texts")
     if pairs is not None:
         check_texts(pairs, "text_pairs")
         if len(pairs) != len(texts):
             raise BitFitError(f"text_pairs has {len(pairs)} items but texts has {len(texts)}: give one pair per text")
-    if manifest.text_pair and pairs is None:
-        raise BitFitError(f"task {task!r} takes sentence pairs: give text_pairs, one per text")
-    if not manifest.text_pair and pairs is not None:
-        raise BitFitError(f"task {task!r} takes single sentences: do not give text_pairs")
+    if call.text_pair and pairs is None:
+        raise BitFitError(f"task {call.task!r} takes sentence pairs: give text_pairs, one per text")
+    if not call.text_pair and pairs is not None:
+        raise BitFitError(f"task {call.task!r} takes single sentences: do not give text_pairs")
 
 
-def check_words(task: str, manifest: PackManifest, texts: Any, pairs: Any) -> None:
+def check_words(call: Bound, texts: Any, pairs: Any) -> None:
     """Strings, or lists of words (as in the training data): one form for all."""
     if pairs is not None:
-        raise BitFitError(f"task {task!r} labels the words of single texts: do not give text pairs")
+        raise BitFitError(f"task {call.task!r} labels the words of single texts: do not give text pairs")
     if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
         raise BitFitError(f"texts must be a list of strings, or of lists of words, got {type(texts).__name__}")
     if not texts:
@@ -60,56 +78,128 @@ def check_words(task: str, manifest: PackManifest, texts: Any, pairs: Any) -> No
         check_texts(words, f"texts[{i}]")
 
 
-def check_questions(task: str, manifest: PackManifest, questions: Any, contexts: Any) -> None:
+def check_questions(call: Bound, questions: Any, contexts: Any) -> None:
     if contexts is None:
-        raise BitFitError(f"task {task!r} answers questions from contexts: give a context for every question")
+        raise BitFitError(f"task {call.task!r} answers questions from contexts: give a context for every question")
     check_texts(questions, "questions")
     check_texts(contexts, "contexts")
     if len(questions) != len(contexts):
         raise BitFitError(f"got {len(questions)} questions but {len(contexts)} contexts: give one context per question")
 
 
+# -- option checks (made before the task is looked up, so a bad option is the first thing reported) ------
+def batch_options(*, batch_size: int = 32) -> None:
+    A.check("batch_size", batch_size, A.COUNT)
+
+
+def answer_options(
+    *,
+    max_answer_tokens: int = DEFAULT_MAX_ANSWER_TOKENS,
+    batch_size: int = 32,
+    windows: bool = True,
+    stride: int | None = None,
+    no_answer: bool | None = None,
+    null_threshold: float = 0.0,
+) -> None:
+    A.check("max_answer_tokens", max_answer_tokens, A.COUNT)
+    A.check("batch_size", batch_size, A.COUNT)
+    A.check("windows", windows, S.boolean())
+    A.check("stride", stride, A.optional(S.integer(0)))
+    A.check("no_answer", no_answer, A.optional(S.boolean()))
+    A.check("null_threshold", null_threshold, A.number())
+
+
 # -- sequence kinds: logits [n, k] -> Predictions ------------------------------------------------------
-def classes(task: str, manifest: PackManifest, logits: np.ndarray) -> Predictions:
+def classes(call: Bound, logits: np.ndarray) -> Predictions:
     scores = softmax(logits)
-    labels = [manifest.labels[i] for i in scores.argmax(axis=-1)]
-    return Predictions(task, manifest.task_kind, list(manifest.labels), logits, scores, labels)
+    labels = [call.labels[i] for i in scores.argmax(axis=-1)]
+    return Predictions(call.task, call.kind, list(call.labels), logits, scores, labels, call.digest)
 
 
-def value(task: str, manifest: PackManifest, logits: np.ndarray) -> Predictions:
-    return Predictions(task, manifest.task_kind, [], logits, logits, [float(v) for v in logits[:, 0]])
+def value(call: Bound, logits: np.ndarray) -> Predictions:
+    return Predictions(call.task, call.kind, [], logits, logits, [float(v) for v in logits[:, 0]], call.digest)
 
 
-def run_sequence(session: TaskSession, task: str, texts: Sequence[str], text_pairs: Sequence[str] | None = None,
+def run_sequence(call: Bound, texts: Sequence[str], text_pairs: Sequence[str] | None = None,
                  *, batch_size: int = 32) -> Predictions:
     """Tokenize, run in batches of `batch_size`, apply the task's head and its kind's decoder."""
-    A.check("batch_size", batch_size, A.COUNT)
-    state, t = session.check_call("run", task, texts, text_pairs)
-    m = t.pack.manifest
     chunks = []
     for start in range(0, len(texts), batch_size):
         pairs = None if text_pairs is None else text_pairs[start : start + batch_size]
-        inputs = session.encoder(texts[start : start + batch_size], pairs, max_length=m.max_length,
-                                 index=range(start, start + len(texts[start : start + batch_size])))
-        chunks.append(session.forward(task, inputs, state))
-    return t.kind.decode(task, m, np.concatenate(chunks))
+        inputs = call.encoder(texts[start : start + batch_size], pairs, max_length=call.max_length,
+                              index=range(start, start + len(texts[start : start + batch_size])))
+        chunks.append(call.forward(inputs))
+    return _decode(call, np.concatenate(chunks))
+
+
+def _decode(call: Bound, logits: np.ndarray) -> Predictions:
+    if call.decode is None:
+        raise BitFitError(f"task {call.task!r} is a {call.kind} task, which has no decoder of sequence logits")
+    return call.decode(call, logits)
+
+
+def run_mixed(
+    rows: Sequence[tuple[str, str] | tuple[str, str, str | None]],
+    bind: Callable[[str, list[str], list[str] | None], Bound],
+    forward_rows: Callable[[list[str], list[str], list[str | None]], list[np.ndarray]] | None,
+    *,
+    batch_size: int = 64,
+) -> list[dict[str, Any]]:
+    """Rows of (task, text) or (task, text, text_pair), any sequence tasks mixed: one record per row, in order,
+    each with task, label, scores and logits (the numbers run_sequence gives for that row's task).
+
+    `bind(task, texts, pairs)` checks each task's rows and binds it (TaskSession.check_call, all in one state).
+    `forward_rows(tasks, texts, pairs)` (a mixed graph) runs rows of different tasks together, `batch_size`
+    at a time, each with its own task's biases; without it, one pass per task present."""
+    if isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence) or not rows:
+        raise BitFitError("rows must be a non-empty list of (task, text) or (task, text, text_pair)")
+    A.check("batch_size", batch_size, A.COUNT)
+    groups: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        if not isinstance(row, (tuple, list)) or len(row) not in (2, 3):
+            raise BitFitError(f"rows[{i}] must be (task, text) or (task, text, text_pair), got {row!r}"[:300])
+        A.check(f"rows[{i}][0] (the task)", row[0], S.string())  # a list is no task name, nor a dict key
+        groups.setdefault(row[0], []).append(i)
+    pairs = [row[2] if len(row) == 3 else None for row in rows]
+    calls: dict[str, Bound] = {}
+    for task, index in groups.items():
+        given = sum(pairs[i] is not None for i in index)
+        if given not in (0, len(index)):
+            raise BitFitError(f"rows of task {task!r} mix single texts and pairs: give text_pair for all or none")
+        calls[task] = bind(task, [rows[i][1] for i in index], [pairs[i] for i in index] if given else None)
+    logits: list[np.ndarray | None] = [None] * len(rows)
+    if forward_rows is not None:
+        for start in range(0, len(rows), batch_size):
+            chunk = range(start, min(start + batch_size, len(rows)))
+            out = forward_rows([rows[i][0] for i in chunk], [rows[i][1] for i in chunk], [pairs[i] for i in chunk])
+            logits[start : start + len(chunk)] = out
+    else:
+        for task, index in groups.items():
+            call = calls[task]
+            texts = [rows[i][1] for i in index]
+            task_pairs = [pairs[i] for i in index] if pairs[index[0]] is not None else None
+            for start in range(0, len(index), batch_size):
+                sl = slice(start, start + batch_size)
+                inputs = call.encoder(texts[sl], None if task_pairs is None else task_pairs[sl],
+                                      max_length=call.max_length)
+                for i, row_logits in zip(index[sl], call.forward(inputs)):
+                    logits[i] = row_logits
+    return [{"task": row[0], **_decode(calls[row[0]], row_logits[None, :]).records()[0]}
+            for row, row_logits in zip(rows, logits)]
 
 
 # -- token classification: a label per word -----------------------------------------------------------
-def run_tokens(session: TaskSession, task: str, texts: Sequence[str] | Sequence[Sequence[str]],
-               text_pairs: None = None, *, batch_size: int = 32) -> TokenPredictions:
+def run_tokens(call: Bound, texts: Sequence[str] | Sequence[Sequence[str]], text_pairs: None = None, *,
+               batch_size: int = 32) -> TokenPredictions:
     """A label per word, from the word's first sub-token (as trained). Each item of `texts` is a string (words
     are then the tokenizer's own pre-tokenization, with character offsets) or a list of words."""
-    A.check("batch_size", batch_size, A.COUNT)
-    state, t = session.check_call("run_tokens", task, texts, text_pairs)
-    m = t.pack.manifest
     pretokenized = not isinstance(texts[0], str)
     words_out, labels_out, scores_out, logits_out, offsets_out, truncated_out = [], [], [], [], [], []
     for start in range(0, len(texts), batch_size):
         batch = [list(x) if pretokenized else x for x in texts[start : start + batch_size]]
-        inputs, encodings = session.encoder.encodings(batch, max_length=m.max_length, pretokenized=pretokenized,
-                                                      index=range(start, start + len(batch)))
-        logits = session.forward(task, inputs, state)
+        inputs, encodings = call.encoder.encodings(batch, max_length=call.max_length, pretokenized=pretokenized,
+                                                   index=range(start, start + len(batch)))
+        logits = call.forward(inputs)
         for row, item, enc in zip(logits, batch, encodings):
             if pretokenized:
                 words, offsets, word_ids = list(item), None, enc.word_ids
@@ -122,13 +212,13 @@ def run_tokens(session: TaskSession, task: str, texts: Sequence[str] | Sequence[
             has = ~np.isnan(wl[:, 0]) if n_words else np.zeros(0, bool)
             best = probs.argmax(axis=-1) if n_words else np.zeros(0, np.int64)
             words_out.append(words)
-            labels_out.append([m.labels[k] if h else None for k, h in zip(best, has)])
+            labels_out.append([call.labels[k] if h else None for k, h in zip(best, has)])
             scores_out.append([float(p[k]) if h else None for p, k, h in zip(probs, best, has)])
             logits_out.append(wl)
             offsets_out.append(offsets)
             truncated_out.append(bool(enc.overflowing) or not bool(has.all()))
-    return TokenPredictions(task, list(m.labels), words_out, labels_out, scores_out, logits_out, offsets_out,
-                            truncated_out)
+    return TokenPredictions(call.task, list(call.labels), words_out, labels_out, scores_out, logits_out, offsets_out,
+                            truncated_out, call.digest)
 
 
 def word_spans(encoding: Any) -> tuple[list[tuple[int, int]], list[int | None]]:
@@ -149,8 +239,7 @@ def word_spans(encoding: Any) -> tuple[list[tuple[int, int]], list[int | None]]:
 
 # -- extractive question answering: the best span of each context -------------------------------------
 def answer(
-    session: TaskSession,
-    task: str,
+    call: Bound,
     questions: Sequence[str],
     contexts: Sequence[str],
     *,
@@ -161,16 +250,8 @@ def answer(
     no_answer: bool | None = None,
     null_threshold: float = 0.0,
 ) -> Answers:
-    """See TaskSession.answer."""
-    A.check("max_answer_tokens", max_answer_tokens, A.COUNT)
-    A.check("batch_size", batch_size, A.COUNT)
-    A.check("windows", windows, S.boolean())
-    A.check("stride", stride, A.optional(S.integer(0)))
-    A.check("no_answer", no_answer, A.optional(S.boolean()))
-    A.check("null_threshold", null_threshold, A.number())
-    state, t = session.check_call("answer", task, questions, contexts)
-    m = t.pack.manifest
-    stride = m.max_length // 4 if stride is None else stride
+    """See TaskSession.answer (the options were checked by answer_options)."""
+    stride = call.max_length // 4 if stride is None else stride
     pairs = list(zip(questions, contexts))
     best: list[tuple[float, int, int]] = [(float("-inf"), 0, 0)] * len(pairs)
     null = [float("inf")] * len(pairs)
@@ -180,17 +261,17 @@ def answer(
     for first in range(0, len(pairs), batch_size):
         group = pairs[first : first + batch_size]
         if windows:
-            inputs, encodings, owner = session.encoder.windows(group, max_length=m.max_length, stride=stride,
-                                                                    first=first)
+            inputs, encodings, owner = call.encoder.windows(group, max_length=call.max_length, stride=stride,
+                                                            first=first)
         else:
-            inputs, encodings = session.encoder.encodings(group, max_length=m.max_length, strategy="only_second",
-                                                          names=("questions", "contexts"),
-                                                          index=range(first, first + len(group)))
+            inputs, encodings = call.encoder.encodings(group, max_length=call.max_length, strategy="only_second",
+                                                       names=("questions", "contexts"),
+                                                       index=range(first, first + len(group)))
             owner = list(range(len(group)))
             truncated[first : first + len(group)] = [bool(enc.overflowing) for enc in encodings]
         for start in range(0, len(encodings), batch_size):
             rows = slice(start, start + batch_size)
-            logits = session.forward(task, {k: v[rows] for k, v in inputs.items()}, state)
+            logits = call.forward({k: v[rows] for k, v in inputs.items()})
             for row, enc, j in zip(logits, encodings[rows], owner[rows]):
                 i = first + j
                 allowed = np.array([s == 1 for s in enc.sequence_ids]) & (np.asarray(enc.attention_mask) == 1)
@@ -200,8 +281,8 @@ def answer(
                 if score > best[i][0]:
                     best[i] = (score, enc.offsets[s][0], enc.offsets[e][1])
                 null[i] = min(null[i], null_score(row[:, 0], row[:, 1]))
-    use_null = m.no_answer if no_answer is None else no_answer
+    use_null = call.no_answer if no_answer is None else no_answer
     if use_null:
         best = [(n, 0, 0) if answers_nothing(n, b[0], null_threshold) else b for b, n in zip(best, null)]
-    return Answers(task, [c[a:b] for c, (_, a, b) in zip(contexts, best)], [int(a) for _, a, _ in best],
-                   [int(b) for _, _, b in best], [float(score) for score, _, _ in best], truncated)
+    return Answers(call.task, [c[a:b] for c, (_, a, b) in zip(contexts, best)], [int(a) for _, a, _ in best],
+                   [int(b) for _, _, b in best], [float(score) for score, _, _ in best], truncated, call.digest)

@@ -1,11 +1,12 @@
 """Task kinds as data: one registry that every part reads (pack validation, session calls, decoding,
-`bitfit predict`, verify, the server's routes, inspect, training).
+`bitfit predict`, verify, the server's routes, inspect, training, checkpoint extraction).
 
-A kind says what its head outputs (one logit per label, one value, or logits per token), which session
-call serves it and which server route, how its labels are checked, which metric training reports by
-default, and how `bitfit predict` prints one record. Its decoder and input check live in
-runtime.decode. Adding a kind is one entry here plus its decoder there (and, to train it, its objective
-in training.objectives).
+A kind says what its head outputs (one logit per label, one value, or logits per token), which call shape
+serves it (runtime.calls: the session method, input check, decoder, /v1 body and v2 signature), how its
+labels are checked, which metric and objective training uses, the format of its training data, and how
+`bitfit predict` prints one record. Adding a kind is one entry here (plus its decoder in runtime.decode if
+it decodes logits in a new way, and a new call shape only if it is called in a new way). Nothing outside
+this file and runtime.calls names a kind or compares call shapes.
 """
 from __future__ import annotations
 
@@ -14,29 +15,50 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import decode
+from .calls import ANSWER, SEQUENCE, TOKENS, CallShape, Tensor
 from .errors import BitFitError, PackError
 
 
 @dataclass(frozen=True)
 class TaskKind:
     name: str
-    call: str  # the TaskSession method that serves it: run, run_tokens or answer
-    route: str  # the HTTP endpoint of `bitfit serve`
-    token_level: bool  # logits per token (pooling "none", the graph's token_logits); not in mixed batches
+    shape: CallShape  # how it is called: session method, input check, decoder, /v1 body, v2 signature
     labels: str | tuple[str, ...]  # "names": >= 2 label names, a logit each; "value": one output, no names;
     #                                 a tuple: exactly these names (QA: start, end)
     metric: str  # what training reports when the data set names none
     argmax: bool  # outputs score labels: verify compares argmax labels and probabilities
-    run: Callable[..., Any]  # (session, task, texts, pairs, batch_size=) -> results: what `predict` calls
-    check: Callable[..., None]  # (task, manifest, texts, pairs) -> None or BitFitError: the call's inputs
     describe: Callable[[dict[str, Any], Any], str]  # one record of results.records() and its input -> a line
-    decode: Callable[..., Any] | None = None  # sequence kinds: (task, manifest, logits [n, k]) -> Predictions
-    pairs: str = "text_pairs"  # what the second texts are called for this kind (QA: contexts)
+    decode: Callable[..., Any] | None = None  # sequence kinds: (decode.Bound, logits [n, k]) -> Predictions
     no_answer: bool = False  # may be trained with unanswerable questions (SQuAD 2.0)
+    objective: str | None = None  # training.objectives.OBJECTIVES key: how it trains (None: not trainable)
+    data: str = "texts"  # the format of its training rows (training.data.FORMATS): texts, tags or squad
+    checkpoint: str = ""  # the transformers architecture suffix of a fine-tuned model of this kind (extract)
+
+    # what the call shape owns, named here for the kind's callers (the server reads call and route)
+    @property
+    def call(self) -> str:
+        """The TaskSession method that serves it: run, run_tokens or answer."""
+        return self.shape.method
+
+    @property
+    def route(self) -> str:
+        return self.shape.route
+
+    @property
+    def token_level(self) -> bool:
+        return self.shape.token_level
+
+    def two_texts(self, text_pair: Any) -> bool:
+        """Whether its rows are two texts: sentence pairs, or question answering's question and context."""
+        return bool(text_pair) or self.shape.paired
 
     def outputs(self, labels: Sequence[str]) -> int:
         """How many logits the head has (per text, or per token for token kinds)."""
         return 1 if self.labels == "value" else len(labels)
+
+    def v2_signature(self, text_pair: bool, labels: Sequence[str]) -> tuple[list[Tensor], list[Tensor]]:
+        """The KServe v2 model's (inputs, outputs) for a task of this kind."""
+        return self.shape.inputs(text_pair), self.shape.outputs(self.labels == "value", self.outputs(labels))
 
     def check_labels(self, labels: Any) -> None:
         if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
@@ -68,17 +90,15 @@ def _answer_line(record: dict[str, Any], text: Any) -> str:
     return f"{record['answer']}\t{score}\t{text}"
 
 
-KINDS: dict[str, TaskKind] = {k.name: k for k in (
-    TaskKind("classification", "run", "/v1/predict", False, "names", "accuracy", True,
-             decode.run_sequence, decode.check_sequence, _label_line, decode=decode.classes),
-    TaskKind("regression", "run", "/v1/predict", False, "value", "spearman", False,
-             decode.run_sequence, decode.check_sequence, _value_line, decode=decode.value),
-    TaskKind("token-classification", "run_tokens", "/v1/tokens", True, "names", "accuracy", True,
-             decode.run_tokens, decode.check_words, _tags_line),
-    TaskKind("question-answering", "answer", "/v1/answer", True, ("start", "end"), "f1", False,
-             decode.answer, decode.check_questions, _answer_line, pairs="contexts", no_answer=True),
-)}
-TOKEN_KINDS = tuple(k for k, v in KINDS.items() if v.token_level)
+CLASSIFICATION = TaskKind("classification", SEQUENCE, "names", "accuracy", True, _label_line, decode=decode.classes,
+                          objective="classes", checkpoint="ForSequenceClassification")
+REGRESSION = TaskKind("regression", SEQUENCE, "value", "spearman", False, _value_line, decode=decode.value,
+                      objective="value", checkpoint="ForSequenceClassification")
+TOKEN_CLASSIFICATION = TaskKind("token-classification", TOKENS, "names", "accuracy", True, _tags_line,
+                                objective="tags", data="tags", checkpoint="ForTokenClassification")
+QUESTION_ANSWERING = TaskKind("question-answering", ANSWER, ("start", "end"), "f1", False, _answer_line,
+                              no_answer=True, objective="spans", data="squad", checkpoint="ForQuestionAnswering")
+KINDS: dict[str, TaskKind] = {k.name: k for k in (CLASSIFICATION, REGRESSION, TOKEN_CLASSIFICATION, QUESTION_ANSWERING)}
 
 
 def kind(name: Any) -> TaskKind:
@@ -93,7 +113,7 @@ class WrongCallError(BitFitError):
     """A task was called through another kind's call (or route): the message names the right one."""
 
     def __init__(self, task: str, kind_name: str, call: str) -> None:
-        right = KINDS[kind_name].call
+        right = KINDS[kind_name].shape.method
         if call == "run_mixed":
             text = f"task {task!r} is a {kind_name} task: run_mixed serves sequence tasks only; call {right}() for it"
         else:

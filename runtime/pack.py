@@ -68,7 +68,7 @@ def min_max_length(pair: bool, special_tokens: int | None = None) -> int:
 
 def two_texts(task_kind: str, text_pair: bool) -> bool:
     """Whether a task's rows are two texts: sentence pairs, or question answering's question and context."""
-    return bool(text_pair) or task_kind == "question-answering"
+    return kind(task_kind).two_texts(text_pair)
 
 
 SPEC_FIELDS = {

@@ -19,6 +19,7 @@ class Predictions:
     logits: np.ndarray
     scores: np.ndarray
     labels: list[Any]
+    digest: str = ""  # TaskPack.digest of the pack that ran (the session fills it): which version answered
 
     def records(self) -> list[dict[str, Any]]:
         """One dict per text: label, scores by label name (or {"value": v}), logits."""
@@ -45,6 +46,7 @@ class TokenPredictions:
     logits: list[np.ndarray]  # [n_words, K] per text, NaN rows for words without a token
     offsets: list[list[tuple[int, int]] | None]  # None for pre-split words
     truncated: list[bool]
+    digest: str = ""  # TaskPack.digest of the pack that ran
 
     def records(self) -> list[dict[str, Any]]:
         out = []
@@ -69,6 +71,7 @@ class Answers:
     ends: list[int]
     scores: list[float]
     truncated: list[bool]  # the context was cut at max_length (windows=False): the answer may lie beyond it
+    digest: str = ""  # TaskPack.digest of the pack that ran
 
     def records(self) -> list[dict[str, Any]]:
         # score -inf: the context has no token (e.g. only characters the tokenizer drops), so no span

@@ -5,17 +5,18 @@ graph's bias inputs; the graph is never reloaded. Biases a pack does not train a
 graph's defaults (the base model's values, stored as overridable initializers) apply.
 
 The session holds registration, the state swap, binding and the forward pass; turning logits into
-results is each kind's decoder (runtime.decode, named by runtime.kinds).
+results is each call shape's decoder (runtime.decode, named by runtime.calls), which receives a bound handle
+made by `check_call`, never the session.
 """
 from __future__ import annotations
 
 import copy
-import inspect
 import os
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -24,11 +25,12 @@ from . import args as A
 from . import decode
 from . import schema as S
 from .backends import open_engine
+from .calls import ANSWER, SEQUENCE, TOKENS, CallShape
 from .compiled import TASK_IDS, CompiledModel
 from .errors import BitFitError, NonFiniteOutputError, PackError, UnknownTaskError
 from .heads import DEFAULT_MAX_ANSWER_TOKENS, Head
 from .kinds import TaskKind, WrongCallError, kind
-from .pack import TaskPack, load_pack, min_max_length, two_texts
+from .pack import TaskPack, load_pack, min_max_length
 from .results import Answers, Predictions, TokenPredictions
 from .schema import check_task_name
 from .tables import BiasTables
@@ -192,7 +194,7 @@ class TaskSession:
             pack.validate(f"task pack {pack.name!r}")
         self.compiled.check_pack(pack)
         m = pack.manifest
-        pair = two_texts(m.task_kind, m.text_pair)
+        pair = kind(m.task_kind).two_texts(m.text_pair)
         least = min_max_length(pair, self.encoder.special_tokens(pair))
         if m.max_length < least:  # the manifest's floor is BERT's; this graph's tokenizer may add more
             raise PackError(f"task pack {pack.name!r} has max_length {m.max_length}, less than this graph's tokenizer "
@@ -249,17 +251,26 @@ class TaskSession:
 
     def check_call(
         self, call: str, task: str, texts: Any, pairs: Any = None, state: _State | None = None
-    ) -> tuple[_State, _Task]:
+    ) -> decode.Bound:
         """The one check of a call, made before any work: the task is registered (UnknownTaskError), `call`
         is how its kind is served (WrongCallError, naming the right call), and the inputs fit the task (its
-        kind's check: BitFitError). call: run, run_mixed, run_tokens or answer. Returns the state the call
-        must use throughout and the task in it, so a concurrent swap never gives half of two packs."""
+        call shape's check: BitFitError). call: run, run_mixed, run_tokens or answer. Returns the task bound
+        to one state (its pack's fields and digest, the encoder, its forward pass), which the decoder uses
+        throughout, so a concurrent swap never gives half of two packs."""
         state = state or self._state
         t = self._get(task, state)
-        if call != t.kind.call and not (call == "run_mixed" and t.kind.call == "run"):
+        if call not in t.kind.shape.calls:
             raise WrongCallError(task, t.kind.name, call)
-        t.kind.check(task, t.pack.manifest, texts, pairs)
-        return state, t
+        m = t.pack.manifest
+        bound = decode.Bound(task, t.kind.name, tuple(m.labels), bool(m.text_pair), m.max_length, bool(m.no_answer),
+                             t.digest, t.kind.decode, self.encoder, partial(self.forward, task, state=state))
+        t.kind.shape.check(bound, texts, pairs)
+        return bound
+
+    def _serve(self, shape: CallShape, task: str, texts: Any, pairs: Any, options: dict[str, Any]) -> Any:
+        """A call through `shape`: its options, then the one check, then its decoder on the bound task."""
+        shape.options(**options)
+        return shape.run(self.check_call(shape.method, task, texts, pairs), texts, pairs, **options)
 
     # -- inference -----------------------------------------------------------------------------
     def encode(
@@ -327,13 +338,12 @@ class TaskSession:
         """Whatever the task's kind gives: Predictions (run), TokenPredictions (run_tokens) or Answers (answer,
         with `text_pairs` as the contexts). `options` go to that call (batch_size, ...)."""
         k = self._get(task).kind
-        taken = [p for p in inspect.signature(k.run).parameters if p not in ("session", "task", "texts", "text_pairs",
-                                                                                "questions", "contexts")]
+        taken = k.shape.option_names()
         unknown = sorted(set(options) - set(taken))
         if unknown:
             raise BitFitError(f"{k.call}() takes no option {', '.join(unknown)}: a {k.name} task takes "
                               f"{', '.join(taken) or 'none'}")
-        return k.run(self, task, texts, text_pairs, **options)
+        return self._serve(k.shape, task, texts, text_pairs, options)
 
     def run(
         self,
@@ -344,7 +354,7 @@ class TaskSession:
         batch_size: int = 32,
     ) -> Predictions:
         """Classification / regression: tokenize, run in batches of `batch_size`, apply the task's head."""
-        return decode.run_sequence(self, task, texts, text_pairs, batch_size=batch_size)
+        return self._serve(SEQUENCE, task, texts, text_pairs, {"batch_size": batch_size})
 
     def run_mixed(
         self, rows: Sequence[tuple[str, str] | tuple[str, str, str | None]], *, batch_size: int = 64
@@ -355,54 +365,25 @@ class TaskSession:
         On a graph compiled with mixed=True the rows run together, `batch_size` at a time, each row with
         its own task's biases; on other graphs, one pass per task present.
         """
-        if isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence) or not rows:
-            raise BitFitError("rows must be a non-empty list of (task, text) or (task, text, text_pair)")
-        A.check("batch_size", batch_size, A.COUNT)
         state = self._state
-        groups: dict[str, list[int]] = {}
-        for i, row in enumerate(rows):
-            if not isinstance(row, (tuple, list)) or len(row) not in (2, 3):
-                raise BitFitError(f"rows[{i}] must be (task, text) or (task, text, text_pair), got {row!r}"[:300])
-            A.check(f"rows[{i}][0] (the task)", row[0], S.string())  # a list is no task name, nor a dict key
-            groups.setdefault(row[0], []).append(i)
-        pairs = [row[2] if len(row) == 3 else None for row in rows]
-        for task, index in groups.items():
-            given = sum(pairs[i] is not None for i in index)
-            if given not in (0, len(index)):
-                raise BitFitError(f"rows of task {task!r} mix single texts and pairs: give text_pair for all or none")
-            self.check_call("run_mixed", task, [rows[i][1] for i in index],
-                            [pairs[i] for i in index] if given else None, state)
-        logits: list[np.ndarray | None] = [None] * len(rows)
-        if self.mixed:
-            for start in range(0, len(rows), batch_size):
-                chunk = range(start, min(start + batch_size, len(rows)))
-                tasks = [rows[i][0] for i in chunk]
-                feeds = self._check_inputs(self.encoder.encode_rows(
-                    [rows[i][1] for i in chunk], [pairs[i] for i in chunk],
-                    [state.tasks[t].pack.manifest.max_length for t in tasks]))
-                ids = np.array([state.tasks[t].row for t in tasks], np.int64)
-                hidden = self._forward(feeds, ids, state.tables)
-                for task in set(tasks):
-                    local = np.array([j for j, t in enumerate(tasks) if t == task])
-                    out = _head(task, state.tasks[task], hidden[local], feeds["attention_mask"][local])
-                    for j, row_logits in zip(local, out):
-                        logits[start + j] = row_logits
-        else:
-            for task, index in groups.items():
-                m = state.tasks[task].pack.manifest
-                texts = [rows[i][1] for i in index]
-                task_pairs = [pairs[i] for i in index] if pairs[index[0]] is not None else None
-                for start in range(0, len(index), batch_size):
-                    sl = slice(start, start + batch_size)
-                    inputs = self.encode(texts[sl], None if task_pairs is None else task_pairs[sl], max_length=m.max_length)
-                    for i, row_logits in zip(index[sl], self.forward(task, inputs, state)):
-                        logits[i] = row_logits
-        out = []
-        for row, row_logits in zip(rows, logits):
-            t = state.tasks[row[0]]
-            record = t.kind.decode(row[0], t.pack.manifest, row_logits[None, :]).records()[0]
-            out.append({"task": row[0], **record})
-        return out
+        return decode.run_mixed(rows, partial(self.check_call, "run_mixed", state=state),
+                                partial(self._forward_rows, state) if self.mixed else None, batch_size=batch_size)
+
+    def _forward_rows(
+        self, state: _State, tasks: list[str], texts: list[str], pairs: list[str | None]
+    ) -> list[np.ndarray]:
+        """A mixed graph's one pass over rows of different tasks, each row with its own task's biases and head."""
+        feeds = self._check_inputs(self.encoder.encode_rows(
+            texts, pairs, [state.tasks[t].pack.manifest.max_length for t in tasks]))
+        ids = np.array([state.tasks[t].row for t in tasks], np.int64)
+        hidden = self._forward(feeds, ids, state.tables)
+        logits: list[np.ndarray] = [np.empty(0)] * len(tasks)
+        for task in set(tasks):
+            local = np.array([j for j, t in enumerate(tasks) if t == task])
+            out = _head(task, state.tasks[task], hidden[local], feeds["attention_mask"][local])
+            for j, row_logits in zip(local, out):
+                logits[j] = row_logits
+        return logits
 
     def run_tokens(
         self, task: str, texts: Sequence[str] | Sequence[Sequence[str]], *, batch_size: int = 32
@@ -410,7 +391,7 @@ class TaskSession:
         """Token classification: a label per word, from the word's first sub-token (as trained). Each item
         of `texts` is a string (words are then the tokenizer's own pre-tokenization, with character
         offsets) or a list of words (as in the training data); all items must be of one form."""
-        return decode.run_tokens(self, task, texts, batch_size=batch_size)
+        return self._serve(TOKENS, task, texts, None, {"batch_size": batch_size})
 
     def answer(
         self,
@@ -438,9 +419,9 @@ class TaskSession:
         SQuAD 2.0): the answer is "" (start = end = 0) when the "no answer" score, CLS start + end logit
         (the lowest over windows), beats the best span's score by more than `null_threshold`; `score` is
         then that null score."""
-        return decode.answer(self, task, questions, contexts, max_answer_tokens=max_answer_tokens,
-                             batch_size=batch_size, windows=windows, stride=stride, no_answer=no_answer,
-                             null_threshold=null_threshold)
+        return self._serve(ANSWER, task, questions, contexts, {
+            "max_answer_tokens": max_answer_tokens, "batch_size": batch_size, "windows": windows, "stride": stride,
+            "no_answer": no_answer, "null_threshold": null_threshold})
 
     def _check_inputs(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         wanted = self.manifest.token_inputs

@@ -355,6 +355,13 @@ def test_unanswerable_questions_squad2(bert_model, bert_compiled, torch_logits, 
                                 "labels": ["a", "b"]})
 
 
+def test_token_and_qa_results_carry_the_pack_digest(session):
+    assert session.run_tokens("tags", ["a good film"]).digest == session.digest("tags")
+    assert session.answer("qa", ["who?"], ["the actor"]).digest == session.digest("qa")
+    assert session.predict("qa", ["who?"], ["the actor"]).digest == session.digest("qa")
+    assert session.digest("tags") != session.digest("qa")
+
+
 def test_token_tasks_have_their_own_calls(session, bert_compiled, pack_all):
     with pytest.raises(BitFitError, match=r"'tags' is a token-classification task: call run_tokens\(\) for it, not "):
         session.run("tags", ["a text"])

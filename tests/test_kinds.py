@@ -13,34 +13,35 @@ from bitfit.runtime import (
     TaskPack,
     TaskSession,
     WrongCallError,
-    decode,
     load_pack,
 )
+from bitfit.runtime.calls import SEQUENCE
 from bitfit.runtime.errors import PackError
 from bitfit.runtime.results import Predictions
 
 
 def test_every_kind_is_served_and_trainable():
-    from bitfit.training.objectives import OBJECTIVES
+    from bitfit.training.objectives import OBJECTIVES, objective, trainable
 
     from bitfit.serve.app import BODIES
 
-    assert set(OBJECTIVES) == set(KINDS)
+    assert set(trainable()) == set(KINDS)  # every kind names an objective that exists
+    assert all(objective(name) is OBJECTIVES[k.objective] for name, k in KINDS.items())
     for k in KINDS.values():
         assert k.route in BODIES
         assert hasattr(TaskSession, k.call)
         assert (k.decode is not None) == (not k.token_level)  # sequence kinds decode [n, k] logits
 
 
-def sigmoid_labels(task, manifest, logits) -> Predictions:
+def sigmoid_labels(call, logits) -> Predictions:
     """Multi-label: an independent probability per label; the labels over one half are the prediction."""
     scores = 1 / (1 + np.exp(-logits))
-    labels = [",".join(n for n, s in zip(manifest.labels, row) if s > 0.5) for row in scores]
-    return Predictions(task, manifest.task_kind, list(manifest.labels), logits, scores, labels)
+    labels = [",".join(n for n, s in zip(call.labels, row) if s > 0.5) for row in scores]
+    return Predictions(call.task, call.kind, list(call.labels), logits, scores, labels, call.digest)
 
 
-MULTI = TaskKind("multi-label", "run", "/v1/predict", False, "names", "accuracy", False, decode.run_sequence,
-                 decode.check_sequence, lambda record, text: f"[{record['label']}]\t{text}", decode=sigmoid_labels)
+MULTI = TaskKind("multi-label", SEQUENCE, "names", "accuracy", False,
+                 lambda record, text: f"[{record['label']}]\t{text}", decode=sigmoid_labels)
 
 
 @pytest.fixture
@@ -78,3 +79,43 @@ def test_an_unregistered_kind_is_refused(pack_all):
     pack = load_pack(pack_all)
     with pytest.raises(PackError, match=r"task_kind must be one of classification, regression, .*; got 'multi-label'"):
         type(pack.manifest).from_json({**pack.manifest.to_json(), "task_kind": "multi-label"})
+
+
+# -- call shapes: what the server and v2 will ask instead of switching on kinds --------------------------------
+def test_call_shapes_say_what_the_server_tables_say():
+    """The call shapes hold the /v1 bodies and v2 signatures as data; until the server reads them (issue 24,
+    server side), they must agree with its own tables, so the switch changes no answer."""
+    from types import SimpleNamespace
+
+    from bitfit.runtime.calls import SHAPES, by_route
+
+    from bitfit.serve import v2
+    from bitfit.serve.app import BODIES
+
+    assert {route: (s.body.fields, s.body.required, s.body.answer) for route, s in by_route().items()} == \
+        {route: (b.fields, b.required, b.answer) for route, b in BODIES.items()}
+    for k in KINDS.values():
+        assert k.shape in SHAPES.values() and k.call in k.shape.calls and hasattr(TaskSession, k.call)
+        labels = list(k.labels) if isinstance(k.labels, tuple) else [] if k.labels == "value" else ["a", "b", "c"]
+        for pair in (False, True):
+            manifest = SimpleNamespace(text_pair=pair, labels=labels)  # all v2's signature reads of a manifest
+            ins, outs = k.v2_signature(pair, labels)
+            assert [(t.name, t.datatype, t.shape) for t in ins] == \
+                [(t.name, t.datatype, t.shape) for t in v2.inputs_of(k, manifest)], (k.name, pair)
+            assert [(t.name, t.datatype, t.shape) for t in outs] == \
+                [(t.name, t.datatype, t.shape) for t in v2.outputs_of(k, manifest)], (k.name, pair)
+
+
+def test_check_call_binds_the_task_for_its_decoder(bert_compiled, pack_all):
+    """Decoders get a Bound handle (pack fields, digest, encoder, forward), not the session."""
+    from bitfit.runtime.decode import Bound
+
+    session = TaskSession(bert_compiled)
+    session.register(pack_all, name="s")
+    call = session.check_call("run", "s", ["a film"])
+    assert isinstance(call, Bound) and call.task == "s" and call.digest == session.digest("s")
+    assert call.labels == tuple(session.pack("s").manifest.labels) and call.encoder is session.encoder
+    inputs = session.encode(["a film"], max_length=call.max_length)
+    np.testing.assert_array_equal(call.forward(inputs), session.logits("s", inputs))
+    with pytest.raises(WrongCallError, match=r"call run\(\) for it, not answer\(\)"):
+        session.check_call("answer", "s", ["q"], ["c"])

@@ -123,3 +123,21 @@ def test_device_option(bert_compiled):
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         with pytest.raises(BitFitError, match="install onnxruntime-gpu"):
             TaskSession(bert_compiled, device="cuda")
+
+
+def test_results_carry_the_digest_of_the_pack_that_ran(bert_compiled, pack_all, trained_pack):
+    """A server reads which version answered from the result itself (one read, taken with the run): the digest
+    of the pack registered when the call was bound, not of one registered since."""
+    session = TaskSession(bert_compiled)
+    session.register(pack_all, name="A")
+    first = session.digest("A")
+    assert session.run("A", ["a good film"]).digest == first
+    assert session.predict("A", ["a good film"]).digest == first
+    other = trained_pack("bert", "all", seed=5, epochs=1)
+    session.register(other, name="A", replace=True)
+    assert session.digest("A") != first
+    assert session.run("A", ["a good film"]).digest == session.digest("A")
+    # a call bound before the swap decodes with the pack it was bound to
+    call = session.check_call("run", "A", ["x"])
+    session.register(pack_all, name="A", replace=True)
+    assert call.digest != session.digest("A") == first

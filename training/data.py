@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bitfit.runtime import kinds as K
 from bitfit.runtime.errors import BitFitError
 
 TEST_SIZE, DEV_SIZE = 1500, 500
@@ -69,9 +70,9 @@ class QAExample:
 @dataclass
 class TaskData:
     name: str
-    kind: str  # classification | regression | token-classification | question-answering
+    kind: str  # a runtime.kinds name
     labels: list[str]
-    metric: str  # accuracy | f1 | spearman | entity_f1 (token-classification) | f1 (QA: SQuAD F1)
+    metric: str  # accuracy | f1 | spearman | entity_f1 (BIO tags) | f1 (QA: SQuAD F1); the kind's by default
     train: list[Example]
     dev: list[Example]
     test: list[Example] = field(default_factory=list)
@@ -79,12 +80,11 @@ class TaskData:
 
     @property
     def text_pair(self) -> bool:
-        if self.kind == "question-answering":
-            return True  # (question, context)
-        return any(getattr(e, "text_pair", None) is not None for e in self.train)
+        # question answering: always (question, context)
+        return K.kind(self.kind).two_texts(any(getattr(e, "text_pair", None) is not None for e in self.train))
 
     def targets(self, examples: list[Example]) -> np.ndarray:
-        if self.kind == "regression":
+        if K.kind(self.kind).labels == "value":
             return np.array([float(e.label) for e in examples], dtype=np.float32)
         index = {name: i for i, name in enumerate(self.labels)}
         return np.array([index[str(e.label)] for e in examples], dtype=np.int64)
@@ -140,11 +140,11 @@ def _sms_spam() -> list[Example]:
         return [Example(r["text"].strip(), "spam" if r["spam"] == "1" else "ham") for r in csv.DictReader(fh)]
 
 
-BUILTINS: dict[str, tuple[Callable[[], list[Example]], str, str]] = {
-    "movie-sentiment": (_movie_sentiment, "classification", "accuracy"),
-    "movie-score": (_movie_score, "regression", "spearman"),
-    "trec6": (_trec6, "classification", "accuracy"),
-    "sms-spam": (_sms_spam, "classification", "f1"),
+BUILTINS: dict[str, tuple[Callable[[], list[Example]], K.TaskKind, str | None]] = {  # metric None: the kind's
+    "movie-sentiment": (_movie_sentiment, K.CLASSIFICATION, None),
+    "movie-score": (_movie_score, K.REGRESSION, None),
+    "trec6": (_trec6, K.CLASSIFICATION, None),
+    "sms-spam": (_sms_spam, K.CLASSIFICATION, "f1"),
 }
 
 
@@ -169,8 +169,8 @@ def load_builtin(name: str, *, train_size: int | None = None) -> TaskData:
     test, dev, train = examples[:TEST_SIZE], examples[TEST_SIZE : TEST_SIZE + DEV_SIZE], examples[TEST_SIZE + DEV_SIZE :]
     if train_size is not None:
         train = train[:train_size]
-    labels = _label_names(examples) if kind == "classification" else []
-    return TaskData(name, kind, labels, metric, train, dev, test, source=f"built-in {name}")
+    labels = _label_names(examples) if kind.labels == "names" else []
+    return TaskData(name, kind.name, labels, metric or kind.metric, train, dev, test, source=f"built-in {name}")
 
 
 # -- user files --------------------------------------------------------------------------------------
@@ -243,7 +243,7 @@ def read_token_examples(path: str | os.PathLike) -> list[TokenExample]:
     """Token classification JSONL: {"tokens": [words], "tags": [one tag per word]}."""
     path = Path(path)
     out = []
-    for n, row in enumerate(_jsonl_rows(path, "token-classification", ("tokens", "tags")), 1):
+    for n, row in enumerate(_jsonl_rows(path, _reading("tags"), FORMATS["tags"][1]), 1):
         tokens = _strings(row["tokens"], f"{path}: row {n}", "tokens")
         tags = _strings(row["tags"], f"{path}: row {n}", "tags")
         if not tokens:
@@ -261,7 +261,7 @@ def read_qa_examples(path: str | os.PathLike) -> list[QAExample]:
     """SQuAD-style JSONL: {"question", "context", "answers": {"text": [...], "answer_start": [...]}}."""
     path = Path(path)
     out = []
-    for n, row in enumerate(_jsonl_rows(path, "question-answering", ("question", "context", "answers")), 1):
+    for n, row in enumerate(_jsonl_rows(path, _reading("squad"), FORMATS["squad"][1]), 1):
         where = f"{path}: row {n}"
         question, context, answers = row["question"], row["context"], row["answers"]
         if not isinstance(question, str) or not question.strip():
@@ -287,16 +287,28 @@ def read_qa_examples(path: str | os.PathLike) -> list[QAExample]:
     return out
 
 
+# The JSONL formats of training rows other than text/label files (TaskKind.data names one): the reader and the
+# keys every row has (a file's first row that has them all says its kind).
+FORMATS: dict[str, tuple[Callable[[Path], list], tuple[str, ...]]] = {
+    "tags": (lambda path: read_token_examples(path), ("tokens", "tags")),
+    "squad": (lambda path: read_qa_examples(path), ("question", "context", "answers")),
+}
+
+
+def _reading(data: str) -> str:
+    """The kinds whose rows are in format `data`, for messages."""
+    return " / ".join(name for name, k in K.KINDS.items() if k.data == data)
+
+
 def detect_kind(path: str | os.PathLike) -> str | None:
     """A JSONL file's token-level kind from its first row's keys (None: a text/label file)."""
     path = Path(path)
     if path.suffix.lower() not in (".jsonl", ".json", ".ndjson") or not path.is_file():
         return None
     first = read_rows(path)[0]
-    if "tokens" in first and "tags" in first:
-        return "token-classification"
-    if "question" in first and "context" in first and "answers" in first:
-        return "question-answering"
+    for name, k in K.KINDS.items():
+        if k.data in FORMATS and all(c in first for c in FORMATS[k.data][1]):
+            return name
     return None
 
 
@@ -316,23 +328,24 @@ def _train_dev(train: list, data: object, dev: str | os.PathLike | None, reader:
     return shuffled[n_dev:], shuffled[:n_dev]
 
 
-def _load_token_task(data: Path, dev: str | os.PathLike | None, kind: str, train_size: int | None,
+def _load_token_task(data: Path, dev: str | os.PathLike | None, kind: K.TaskKind, train_size: int | None,
                      dev_fraction: float, seed: int) -> TaskData:
-    reader = read_token_examples if kind == "token-classification" else read_qa_examples
+    reader = FORMATS[kind.data][0]
     train = reader(data)
     train, dev_examples = _train_dev(train, data, dev, reader, dev_fraction, seed)
     if train_size is not None:
         train = train[:train_size]
-    if kind == "question-answering":
-        return TaskData(data.stem, kind, ["start", "end"], "f1", train, dev_examples, [], source=str(data))
+    if isinstance(kind.labels, tuple):  # labels fixed by the kind (QA: start, end)
+        return TaskData(data.stem, kind.name, list(kind.labels), kind.metric, train, dev_examples, [],
+                        source=str(data))
     labels = sorted({t for e in train for t in e.tags})
     unseen = sorted({t for e in dev_examples for t in e.tags} - set(labels))
     if unseen:
         raise BitFitError(f"the dev set has tags {unseen} that never occur in training data")
     if len(labels) < 2:
         raise BitFitError(f"{data}: token classification needs at least two tags, found {labels}")
-    metric = "entity_f1" if is_bio(labels) else "accuracy"
-    return TaskData(data.stem, kind, labels, metric, train, dev_examples, [], source=str(data))
+    metric = "entity_f1" if is_bio(labels) else kind.metric
+    return TaskData(data.stem, kind.name, labels, metric, train, dev_examples, [], source=str(data))
 
 
 def infer_kind(examples: list[Example]) -> str:
@@ -340,11 +353,11 @@ def infer_kind(examples: list[Example]) -> str:
     try:
         values = [float(e.label) for e in examples]
     except (TypeError, ValueError):
-        return "classification"
+        return K.CLASSIFICATION.name
     bad = [e.label for e, v in zip(examples, values) if not math.isfinite(v)]
     if bad:
         raise BitFitError(f"labels {bad[:3]} are not finite numbers: fix or drop those rows")
-    return "regression" if any(v != int(v) for v in values) else "classification"
+    return (K.REGRESSION if any(v != int(v) for v in values) else K.CLASSIFICATION).name
 
 
 def _label_names(examples: list[Example]) -> list[str]:
@@ -369,32 +382,29 @@ def load_task_data(
         if dev is not None:
             raise BitFitError(f"{data} is a built-in data set with a fixed dev split: do not pass a dev file")
         return load_builtin(str(data), train_size=train_size)
-    token_kind = detect_kind(data) if task_kind == "auto" else task_kind
-    if token_kind in ("token-classification", "question-answering"):
-        return _load_token_task(Path(data), dev, token_kind, train_size, dev_fraction, seed)
+    detected = K.KINDS.get(detect_kind(data) if task_kind == "auto" else task_kind)
+    if detected is not None and detected.data in FORMATS:
+        return _load_token_task(Path(data), dev, detected, train_size, dev_fraction, seed)
     train = read_examples(data)
     train, dev_examples = _train_dev(train, data, dev, read_examples, dev_fraction, seed)
     if train_size is not None:
         train = train[:train_size]
-    kind = infer_kind(train + dev_examples) if task_kind == "auto" else task_kind
-    if kind not in ("classification", "regression"):
-        raise BitFitError(
-            f"task kind must be auto, classification, regression, token-classification or question-answering, "
-            f"got {task_kind!r}"
-        )
+    kind = K.KINDS.get(infer_kind(train + dev_examples) if task_kind == "auto" else task_kind)
+    if kind is None or kind.data != "texts":
+        names = ["auto", *K.KINDS]
+        raise BitFitError(f"task kind must be {', '.join(names[:-1])} or {names[-1]}, got {task_kind!r}")
     labels: list[str] = []
-    if kind == "classification":
+    if kind.labels == "names":
         labels = _label_names(train)
         unseen = sorted({str(e.label) for e in dev_examples} - set(labels))
         if unseen:
             raise BitFitError(f"the dev set has labels {unseen} that never occur in training data")
         if len(labels) < 2:
-            raise BitFitError(f"{data}: classification needs at least two labels, found {labels}")
+            raise BitFitError(f"{data}: {kind.name} needs at least two labels, found {labels}")
     else:
         try:
             [float(e.label) for e in train + dev_examples]
         except ValueError as e:
-            raise BitFitError(f"{data}: regression needs numeric labels ({e})") from e
-    metric = "accuracy" if kind == "classification" else "spearman"
+            raise BitFitError(f"{data}: {kind.name} needs numeric labels ({e})") from e
     name = Path(data).stem
-    return TaskData(name, kind, labels, metric, train, dev_examples, [], source=str(data))
+    return TaskData(name, kind.name, labels, kind.metric, train, dev_examples, [], source=str(data))

@@ -27,7 +27,7 @@ from bitfit.encoder.biases import ALL_KINDS, find_biases, parse_subset
 from bitfit.encoder.model import base_fingerprint, count_parameters, load_encoder, max_positions
 from bitfit.runtime.errors import BitFitError, IncompatibleError
 from bitfit.runtime.heads import HEAD_BIAS, HEAD_POOLER_BIAS, HEAD_POOLER_WEIGHT, HEAD_WEIGHT
-from bitfit.runtime.kinds import KINDS
+from bitfit.runtime.kinds import KINDS, TaskKind
 from bitfit.runtime.pack import PackManifest, TaskPack, TensorSpec, save_pack
 from bitfit.runtime.schema import check_task_name
 from bitfit.runtime.version import __version__
@@ -50,6 +50,8 @@ UNMAPPABLE_HEADS = {
 }
 TOKEN_HEAD = "classifier"
 QA_HEAD = "qa_outputs"
+# transformers' per-token heads, by architecture suffix (TaskKind.checkpoint): the output layer's module path
+TOKEN_HEADS = {"ForTokenClassification": TOKEN_HEAD, "ForQuestionAnswering": QA_HEAD}
 # Configuration keys that do not change what the encoder computes at inference.
 _CONFIG_IGNORED = {
     "architectures", "id2label", "label2id", "num_labels", "problem_type", "finetuning_task", "dtype", "torch_dtype",
@@ -116,7 +118,7 @@ def load_task_model(path: str | os.PathLike) -> nn.Module:
         raise BitFitError(f"cannot read a model config from {path!r} ({e}): give a saved HF checkpoint directory") from e
     arch = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
-    if cls is None or not _task_suffix(arch):
+    if cls is None or not _kinds_of(arch):
         raise BitFitError(
             f"{path} is a {arch or 'model without an architectures entry'}, not a *ForSequenceClassification, "
             "*ForTokenClassification or *ForQuestionAnswering checkpoint: a task pack needs the task head"
@@ -154,15 +156,15 @@ def pack_from_task_model(
     if atol < 0 or not np.isfinite(atol):
         raise BitFitError(f"atol must be a finite number >= 0, got {atol}")
     arch = type(model).__name__
-    kind = _task_suffix(arch)
-    if kind is None:
+    task_kinds = _kinds_of(arch)  # (not `kinds`: below, that is the bias kinds)
+    if not task_kinds:
         raise BitFitError(f"{arch} is not a sequence-classification, token-classification or QA model")
     encoder = load_encoder(base)
     ft_encoder = model.base_model
     prefix = model.base_model_prefix
     _check_config(encoder.config, ft_encoder.config, base)
 
-    pooler_path, head_path, pooling = _head_paths(model, arch, kind, prefix)
+    pooler_path, head_path, pooling = _head_paths(model, arch, prefix)
     head_tensors = _head_tensors(model, head_path, pooler_path)
     _check_accounted(model, prefix, head_path, pooler_path)
 
@@ -198,7 +200,7 @@ def pack_from_task_model(
     kept = [s for s in slots if s.kind in kinds]
 
     config = model.config
-    task_kind, names = _labels(config, kind, head_tensors[HEAD_WEIGHT].shape[0], labels)
+    task_kind, names = _labels(config, task_kinds, head_tensors[HEAD_WEIGHT].shape[0], labels)
     tensors = {s.name: values[s.name] for s in kept}
     tensors.update(head_tensors)
     tokenizer = _tokenizer_or_none(base)
@@ -213,7 +215,7 @@ def pack_from_task_model(
         labels=names,
         pooling=pooling,
         max_length=int(max_length or max_positions(encoder, tokenizer)),
-        text_pair=bool(task_kind == "question-answering" if text_pair is None else text_pair),
+        text_pair=bool(KINDS[task_kind].two_texts(False) if text_pair is None else text_pair),
         base_model=base_id,
         base_model_type=encoder.config.model_type,
         base_fingerprint=base_fingerprint(encoder),
@@ -233,20 +235,17 @@ def pack_from_task_model(
     return Extraction(pack, changed, max_diff, notes)
 
 
-def _task_suffix(arch: str | None) -> str | None:
-    for suffix, kind in (("ForSequenceClassification", "sequence"), ("ForTokenClassification", "token"),
-                         ("ForQuestionAnswering", "qa")):
-        if arch and arch.endswith(suffix):
-            return kind
-    return None
+def _kinds_of(arch: str | None) -> list[TaskKind]:
+    """The registered kinds a checkpoint of this architecture may hold (by TaskKind.checkpoint; a sequence
+    classifier: classification, or regression with one output)."""
+    return [k for k in KINDS.values() if arch and k.checkpoint and arch.endswith(k.checkpoint)]
 
 
-def _head_paths(model: nn.Module, arch: str, kind: str, prefix: str) -> tuple[str | None, str, str]:
+def _head_paths(model: nn.Module, arch: str, prefix: str) -> tuple[str | None, str, str]:
     """(pooler module path or None, output layer path, pack pooling)."""
-    if kind == "token":
-        return None, TOKEN_HEAD, "none"
-    if kind == "qa":
-        return None, QA_HEAD, "none"
+    for suffix, head in TOKEN_HEADS.items():
+        if arch.endswith(suffix):
+            return None, head, "none"
     if arch in UNMAPPABLE_HEADS:
         raise BitFitError(
             f"{arch} cannot become a task pack exactly: {UNMAPPABLE_HEADS[arch]}. Supported sequence heads: "
@@ -342,19 +341,23 @@ def _check_config(base_config: Any, ft_config: Any, base: Any) -> None:
         )
 
 
-def _labels(config: Any, kind: str, outputs: int, given: list[str] | None) -> tuple[str, list[str]]:
-    if kind == "qa":
-        if outputs != 2:
-            raise BitFitError(f"a question-answering head has 2 outputs (start, end), this one has {outputs}")
-        return "question-answering", list(KINDS["question-answering"].labels)
+def _labels(config: Any, kinds: list[TaskKind], outputs: int, given: list[str] | None) -> tuple[str, list[str]]:
+    """The pack's kind among `kinds` (those of the checkpoint's architecture) and its label names."""
+    fixed = next((k for k in kinds if isinstance(k.labels, tuple)), None)
+    if fixed is not None:  # labels fixed by the kind (QA: start, end)
+        if outputs != len(fixed.labels):
+            raise BitFitError(f"a {fixed.name} head has {len(fixed.labels)} outputs ({', '.join(fixed.labels)}), "
+                              f"this one has {outputs}")
+        return fixed.name, list(fixed.labels)
     problem = getattr(config, "problem_type", None)
     if problem == "multi_label_classification":
         raise BitFitError(
             "the checkpoint is multi-label (independent sigmoids per label); task packs score labels with a "
             "softmax, so its scores would be wrong: not supported"
         )
-    if kind == "sequence" and (problem == "regression" or outputs == 1):
-        return "regression", []  # as `bitfit train` writes regression packs
+    value = next((k for k in kinds if k.labels == "value"), None)
+    if value is not None and (problem == "regression" or outputs == 1):
+        return value.name, []  # as `bitfit train` writes regression packs
     if given is not None:
         names = list(given)
     else:
@@ -362,7 +365,7 @@ def _labels(config: Any, kind: str, outputs: int, given: list[str] | None) -> tu
         names = [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(outputs)]
     if len(names) != outputs:
         raise BitFitError(f"{len(names)} labels given but the head has {outputs} outputs")
-    return ("token-classification" if kind == "token" else "classification"), names
+    return next(k for k in kinds if k.labels == "names").name, names
 
 
 def _tokenizer_or_none(base: Any):

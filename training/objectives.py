@@ -1,6 +1,8 @@
-"""How each task kind trains: the torch side of runtime.kinds. Per kind: a batch's inputs and targets, the
+"""How task kinds train: the torch side of runtime.kinds. Per objective: a batch's inputs and targets, the
 loss, how many terms that loss averages (DDP weighs each process's shard by it), and the metrics on a split.
-train() reads only this table; a new kind that should be trainable adds its entry here.
+A kind names its objective (TaskKind.objective: the pointer goes from the kind to here, as the runtime cannot
+import training); train() asks `objective(kind)`. A new kind that trains like an existing one names that
+objective; one that trains in a new way adds its entry here.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from typing import Any
 
 import torch
 from bitfit.runtime.errors import BitFitError
+from bitfit.runtime.kinds import KINDS
 from torch.nn import functional as F
 
 from . import tokens
@@ -46,17 +49,23 @@ def _rows(target: torch.Tensor) -> int:
     return len(target)  # QA too: its loss averages start and end within each row
 
 
-OBJECTIVES: dict[str, Objective] = {
-    "classification": Objective(_encode_texts, _classes_loss, _rows, _evaluate_texts),
-    "regression": Objective(_encode_texts, _value_loss, _rows, _evaluate_texts),
-    "token-classification": Objective(tokens.encode_tags_batch, tokens.tags_loss, tokens.labelled_tokens,
-                                      tokens.evaluate_tags),
-    "question-answering": Objective(tokens.encode_spans_batch, tokens.spans_loss, _rows, tokens.evaluate_spans),
+OBJECTIVES: dict[str, Objective] = {  # by TaskKind.objective
+    "classes": Objective(_encode_texts, _classes_loss, _rows, _evaluate_texts),
+    "value": Objective(_encode_texts, _value_loss, _rows, _evaluate_texts),
+    "tags": Objective(tokens.encode_tags_batch, tokens.tags_loss, tokens.labelled_tokens, tokens.evaluate_tags),
+    "spans": Objective(tokens.encode_spans_batch, tokens.spans_loss, _rows, tokens.evaluate_spans),
 }
 
 
+def trainable() -> list[str]:
+    """The registered kinds that name an objective here."""
+    return [name for name, k in KINDS.items() if k.objective in OBJECTIVES]
+
+
 def objective(kind: str) -> Objective:
-    found = OBJECTIVES.get(kind)
+    """How a kind trains: the objective its registry entry names."""
+    k = KINDS.get(kind) if isinstance(kind, str) else None
+    found = OBJECTIVES.get(k.objective) if k is not None and k.objective is not None else None
     if found is None:
-        raise BitFitError(f"task kind {kind!r} cannot be trained here: trainable kinds are {', '.join(OBJECTIVES)}")
+        raise BitFitError(f"task kind {kind!r} cannot be trained here: trainable kinds are {', '.join(trainable())}")
     return found
