@@ -1,6 +1,9 @@
 """The replication's report from runs.jsonl: the table (the paper's Table 3 layout) with 95% intervals, the
-final LR grids, one verdict per finding of the paper, the convergence control, the data-size curve, the
-controls, and the plots (Figure 1 per task, the data-size curve, the generalisation gap)."""
+final LR grids, one verdict per finding of the paper (judged by two intervals, over seeds and over seeds and
+test examples, under one rule: `judge`), the convergence control, the data-size curve and its trend, the
+controls, which runs have predictions, the knife-edge grids and pending runs, and the plots (Figure 1 per
+task, the data-size curve, the generalisation gap). The findings' words also go, generated, into
+docs/replication.md and the README (`splice`), so all three say the same."""
 from __future__ import annotations
 
 import json
@@ -147,7 +150,8 @@ class Finding:
 
     def line(self, long: bool = True) -> str:
         over = "" if len(self.tasks) == len(TASKS) else f" (over {', '.join(self.tasks)})"
-        return f"- {self.text if long else self.short}: {both_text(self.seed_only, self.both)}{over}: **{self.verdict}**"
+        name = self.text if long else self.short
+        return f"- {name}: {both_text(self.seed_only, self.both)}{over}: **{self.verdict}**"
 
 
 def final(runs: list[dict], methods=METHODS, tasks=TASKS, **where) -> dict[tuple[str, str], list[dict]]:
@@ -223,7 +227,8 @@ CHECKS = (  # (short name, the report's text, a, b: the gap a - b, goal, below: 
 SIZE_TEXT = ("BitFit leads with little data, full fine-tuning with more (paper: Figures 2-3, BitFit ahead on small "
              "training sets, the trend reversed with more data; goal: BitFit - full > 0 at the smallest size, < 0 at "
              "the largest)")
-SIZE_SHORT = "BitFit leads with little data, full fine-tuning with more (goal: BitFit - full > 0 at the smallest size, < 0 at the largest)"
+SIZE_SHORT = ("BitFit leads with little data, full fine-tuning with more (goal: BitFit - full > 0 at the smallest "
+              "size, < 0 at the largest)")
 GEN_TEXT = "bias-only training overfits less (paper: a smaller train-dev gap; goal: BitFit's gap - full's < 0)"
 GEN_SHORT = "bias-only training overfits less (goal: BitFit's train-dev gap - full's < 0)"
 
@@ -258,9 +263,8 @@ def size_and_generalisation(cells: dict, runs: list[dict], gold: Gold | None, lo
         for t, g in curve.items():
             ends = curve_ends(g)
             goals = {ends[0]: False, ends[-1]: True}  # BitFit ahead (> 0) at the smallest, behind at the largest
-            parts = [f"{n} examples {both_text(g[n], tests[t].get(n, NONE))} "
-                     f"({'BitFit ahead' if not goals[n] else 'full ahead'}: {judge(g[n], tests[t].get(n, NONE), 0.0, goals[n])})"
-                     for n in ends]
+            parts = [f"{n} examples {both_text(g[n], tests[t].get(n, NONE))} ({'full' if goals[n] else 'BitFit'} "
+                     f"ahead: {judge(g[n], tests[t].get(n, NONE), 0.0, goals[n])})" for n in ends]
             trend = size_slope(runs, t)
             per_task.append(f"{t}: " + "; ".join(parts) + f": **{data_size_verdict(g, tests[t])}**; trend of "
                             f"BitFit - full {trend.text()} points per doubling of the data (over seeds)")
@@ -430,7 +434,8 @@ def size_curve(runs: list[dict], gold: Gold | None = None) -> tuple[list[str], d
 
 def per_task_gaps(cells: dict, a: str, b: str, gold: Gold | None = None) -> str:
     """a - b on each task both have finished ('' when none): over seeds, and over seeds and test examples."""
-    return "; ".join(f"{t} {both_text(paired_gap(by_seed(cells[(a, t)]), by_seed(cells[(b, t)])), seed_and_test(cells, a, b, (t,), gold))}"
+    return "; ".join(f"{t} " + both_text(paired_gap(by_seed(cells[(a, t)]), by_seed(cells[(b, t)])),
+                                         seed_and_test(cells, a, b, (t,), gold))
                      for t in TASKS if (a, t) in cells and (b, t) in cells)
 
 
@@ -553,8 +558,8 @@ RERUNS = "reruns.jsonl"  # replicate.py rerun-sample's log: a metric-only row ru
 
 def seconds_for(runs: list[dict], method: str, task: str, size: int, epochs: int, model: str = "minilm") -> float:
     """The mean time of the logged runs of that cell (any LR, any seed): an estimate of one more run there."""
-    same = [r["seconds"] for r in runs if "seconds" in r and r["method"] == method and r["task"] == task and r["train_size"] == size
-            and r["epochs"] == epochs and r.get("model", "minilm") == model]
+    same = [r["seconds"] for r in runs if "seconds" in r and r["method"] == method and r["task"] == task
+            and r["train_size"] == size and r["epochs"] == epochs and r.get("model", "minilm") == model]
     return float(np.mean(same)) if same else float("nan")
 
 
@@ -598,7 +603,8 @@ def pending_lines(runs: list[dict], reruns: list[dict]) -> list[str]:
         hours = sum(s["estimated_seconds"] for s in specs) / 3600
         lines.append(f"- {what}: {len(specs)} runs, about {hours:.1f} CPU-hours on these 2 cores (the mean time of "
                      f"the logged runs of each cell); `python experiments/replicate.py {command}`")
-        lines += [f"  - {s.get('model', 'minilm')} {s['method']} {s['task']} {s['train_size']} examples {s['epochs']} epochs "
+        lines += [f"  - {s.get('model', 'minilm')} {s['method']} {s['task']} {s['train_size']} examples "
+                  f"{s['epochs']} epochs "
                   f"seed {s['seed']} lr {s['lr']:g} (~{s['estimated_seconds'] / 60:.0f} min)" for s in specs]
     return lines
 
@@ -890,7 +896,7 @@ def write_report(runs: list[dict], out: Path, gold: Gold | None = None, serving:
     text += base_size(runs)
     text += ["", "## Pending runs (issue 28, items 3, 4 and 6)", "", *pending_lines(runs, reruns or [])]
     (out / "table.md").write_text("\n".join(text) + "\n")
-    waiting = "\n".join(pending_lines(runs, reruns or []))
+    waiting = "\n".join(wrap(line) for line in pending_lines(runs, reruns or []))
     for doc in docs:  # the findings into each; the pending runs into those that hold a place for them
         splice(doc, block)
         if markers("pending runs")[0] in doc.read_text():

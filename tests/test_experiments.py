@@ -251,8 +251,8 @@ def test_the_report_states_intervals_and_verdicts(tmp_path, monkeypatch):
     assert "goal: full - BitFit < 1.5): 1.00 [1.00, 1.00] (n=5) over seeds; " in text
     assert "over seeds and test examples (5 of 5 seeds have predictions): **undetermined**" in text
     assert "goal: BitFit - frozen > 10): 15.00" in text and "(seed-only: no test predictions)" in text
-    assert re.search(r"\| trec6 \| 1\.00 \[1\.00, 1\.00\] \(n=5\) \| (8|9|10|11|12|13)\.\d\d \[.*\] \(n=5\) \| 5 of 5 \| full ahead \|",
-                     text)
+    assert re.search(r"\| trec6 \| 1\.00 \[1\.00, 1\.00\] \(n=5\) \| (8|9|10|11|12|13)\.\d\d \[.*\] \(n=5\) "
+                     r"\| 5 of 5 \| full ahead \|", text)
     assert "**0.001**" in text  # the chosen LR is marked in the grids
     assert (tmp_path / "out" / "bias_change.png").stat().st_size > 0
 
@@ -558,7 +558,8 @@ def test_the_edges_and_mpnet_seeds_commands_run_through_the_driver(tmp_path, mon
                         {**spec, "dev_metric": 50.0, "test_metric": 50.0, "seconds": 1.0})
     replicate.drive(replicate.plan_mpnet_seeds(argparse.Namespace(tasks=list(protocol.TASKS))), None, "t")
     assert sorted((c["method"], c["seed"], c["lr"], c["model"]) for c in calls) == [
-        ("bitfit", 1, 1e-3, "mpnet"), ("bitfit", 2, 1e-3, "mpnet"), ("full", 1, 3e-5, "mpnet"), ("full", 2, 3e-5, "mpnet")]
+        ("bitfit", 1, 1e-3, "mpnet"), ("bitfit", 2, 1e-3, "mpnet"),
+        ("full", 1, 3e-5, "mpnet"), ("full", 2, 3e-5, "mpnet")]
     import report
 
     what = {cmd: specs for _, specs, cmd in report.pending(protocol.read_runs(), [])}
