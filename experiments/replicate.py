@@ -7,6 +7,9 @@
     python experiments/replicate.py sizes       [--tasks ...] [--max-minutes M]
     python experiments/replicate.py predictions [--max-minutes M]
     python experiments/replicate.py mpnet       [--tasks ...] [--max-minutes M]
+    python experiments/replicate.py rerun-sample [--max-minutes M]
+    python experiments/replicate.py edges       [--max-minutes M]
+    python experiments/replicate.py mpnet-seeds [--tasks ...] [--max-minutes M]
     python experiments/replicate.py report
 
 `grid`: per task and method, the LR search on dev at seed 0 (protocol.search: the grid moves while the best
@@ -20,6 +23,10 @@ predictions of BitFit and full fine-tuning at their chosen LRs, for the paired t
 before predictions were saved (and recording whether the re-run reproduced the logged score).
 `mpnet`: all-mpnet-base-v2, BitFit vs full fine-tuning on two tasks, seed 0, a small LR search
 (protocol.base_search: MiniLM's chosen LR and the ladder step below it, then off the edges).
+`rerun-sample`: BitFit and full fine-tuning at seed 0 on every task where the row is metric only (no
+predictions): run again, log logged vs re-run test metric in results/reruns.jsonl, keep the predictions only
+when the re-run reproduces the logged metric. `edges`: one LR step above every grid whose best seed-0 dev
+is tied with its top LR (report.knife_edges). `mpnet-seeds`: seeds 1-2 at the chosen all-mpnet-base-v2 LRs.
 
 Every finished run is one JSON line in experiments/results/runs.jsonl (and its test predictions a small
 .npz in experiments/results/predictions/) and is never recomputed: stop at any time (or give
@@ -223,28 +230,59 @@ def plan_mpnet(args: argparse.Namespace) -> Plan:
     return plan
 
 
-def rerun_predictions(max_minutes: float | None) -> None:
-    """Predictions for the paired tests (BitFit and full fine-tuning at their chosen LRs, every seed) where the
-    run predates them: run again, keep the row already logged, and record whether the score reproduced."""
+def rerun_predictions(max_minutes: float | None, sample: bool = False) -> None:
+    """Predictions for the paired tests (BitFit and full fine-tuning at their chosen LRs, every seed; with
+    `sample`, seed 0 only) where the run predates them: run again, keep the row already logged, and record
+    whether the score reproduced. A re-run that does not reproduce its row keeps no predictions file: the
+    file would stand for a run whose logged metric it does not give."""
     runs = read_runs()
+    log = protocol.RESULTS / "reruns.jsonl"
     todo = [r for t in TASKS for m in ("bitfit", "full") for r in at_best(runs, m, t)
-            if not predictions_path(r).is_file()]
-    started, cache, bases, log = time.monotonic(), {}, {}, protocol.RESULTS / "reruns.jsonl"
+            if not predictions_path(r).is_file() and (not sample or r["seed"] == 0)]
+    started, cache, bases = time.monotonic(), {}, {}
     for r in tqdm(todo, desc="predictions", unit="run"):
         if max_minutes is not None and time.monotonic() - started > max_minutes * 60:
             print("stopping; run again to continue")
             return
         again = run_one(spec(r["method"], r["task"], r["seed"], r["lr"], r["epochs"], r["train_size"],
                              r.get("model", "minilm")), cache, bases)
+        same = abs(again["test_metric"] - r["test_metric"]) < 0.01
+        if not same:
+            predictions_path(r).unlink(missing_ok=True)
+        log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "a") as fh:
             fh.write(json.dumps({k: again[k] for k in protocol.KEY} | {"logged_test": r["test_metric"],
-                                                                      "rerun_test": again["test_metric"]}) + "\n")
+                                                                      "rerun_test": again["test_metric"],
+                                                                      "reproduced": same}) + "\n")
+
+
+def read_reruns() -> list[dict]:
+    return read_runs(protocol.RESULTS / "reruns.jsonl")
+
+
+def plan_edges(args: argparse.Namespace) -> Plan:
+    """One LR step above each tie at the top of a grid (seed 0); the report lists them (report.knife_edges).
+    If the step wins, the search's own rule moves on from there, and `grid`, `controls` or `sizes` run the
+    seeds at the new choice."""
+    from report import knife_edges
+
+    return lambda runs: [spec(m, t, 0, nxt, epochs_for(n), n) for m, t, n, _, nxt in knife_edges(runs)]
+
+
+def plan_mpnet_seeds(args: argparse.Namespace) -> Plan:
+    """Seeds 1-2 at the chosen all-mpnet-base-v2 LRs, once a (method, task) search is finished."""
+    def plan(runs: list[dict]) -> list[dict]:
+        tasks = [t for t in SIZE_TASKS if t in args.tasks]
+        return [spec(m, t, s, lr, model="mpnet") for t in tasks for m in ("bitfit", "full")
+                if (lr := base_search(runs, m, t)[0]) is not None for s in SEEDS if s != 0]
+
+    return plan
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("command", choices=["grid", "controls", "lora", "epochs", "sizes", "predictions", "mpnet",
-                                        "report"])
+                                        "rerun-sample", "edges", "mpnet-seeds", "report"])
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + CONTROLS + tuple(LORA_METHODS))
     ap.add_argument("--max-minutes", type=float, help="start no new run after this long; run again to go on")
@@ -252,12 +290,14 @@ def main() -> None:
     if args.command == "report":
         from report import write_report
 
-        write_report(read_runs(), protocol.RESULTS)
-    elif args.command == "predictions":
-        rerun_predictions(args.max_minutes)
+        root = Path(__file__).resolve().parents[1]
+        write_report(read_runs(), protocol.RESULTS, docs=(root / "README.md", root / "docs" / "replication.md"),
+                     reruns=read_reruns())
+    elif args.command in ("predictions", "rerun-sample"):
+        rerun_predictions(args.max_minutes, sample=args.command == "rerun-sample")
     else:
         plans = {"grid": plan_grid, "controls": plan_controls, "lora": plan_lora, "epochs": plan_epochs,
-                 "sizes": plan_sizes, "mpnet": plan_mpnet}
+                 "sizes": plan_sizes, "mpnet": plan_mpnet, "edges": plan_edges, "mpnet-seeds": plan_mpnet_seeds}
         drive(plans[args.command](args), args.max_minutes, args.command)
 
 

@@ -2,9 +2,11 @@
 
 Every interval is a 95% one. Over seeds: Student's t on the seed means (n is small: 3 to 5). Between two
 methods: seeds are paired (seed s fixes the data order and the head's initialisation for every method),
-so a gap's interval is the t interval of the per-seed differences. On one task, from the saved test
-predictions: a paired bootstrap over test examples, the same resampled examples scored for both methods,
-averaged over the seeds both have.
+so a gap's interval is the t interval of the per-seed differences. That interval treats each test set as
+fixed; `two_level` adds the test set's own sampling: from the saved test predictions, a bootstrap that
+resamples seeds and, within each round, test examples (the same examples for both methods and every seed:
+all of them were scored on the one test set), so both sources of chance are in it. `slope` is the trend of
+a per-seed gap against log2 of the data size.
 """
 from __future__ import annotations
 
@@ -67,24 +69,63 @@ def metric_fn(metric: str, num_classes: int) -> Callable[[np.ndarray, np.ndarray
     return lambda pred, gold: M.accuracy(pred, gold)
 
 
-def paired_bootstrap(a: dict[int, np.ndarray], b: dict[int, np.ndarray], gold: np.ndarray,
-                     score: Callable[[np.ndarray, np.ndarray], float], rounds: int = 2000,
-                     seed: int = 0) -> tuple[Interval, float]:
-    """(interval of score(a) - score(b) averaged over the seeds both have, resampling test examples; the
-    two-sided bootstrap p-value of no difference)."""
-    seeds = sorted(set(a) & set(b))
+Preds = dict[str, dict[int, np.ndarray]]  # task -> seed -> the test predictions of one run
+Gold = dict[str, tuple[np.ndarray, Callable[[np.ndarray, np.ndarray], float]]]  # task -> (test gold, metric)
+NONE = Interval(float("nan"), float("nan"), float("nan"), 0)
+
+
+def paired_seeds(a: Preds, b: Preds, tasks) -> list[int]:
+    """The seeds with predictions of both methods on every one of `tasks` (a task average needs them all)."""
+    sets = [set(a.get(t, {})) & set(b.get(t, {})) for t in tasks]
+    return sorted(set.intersection(*sets)) if sets else []
+
+
+def two_level(a: Preds, b: Preds, gold: Gold, rounds: int = 2000, seed: int = 0) -> Interval:
+    """a - b averaged over the tasks of `gold` and over the seeds both have on all of them, with a 95%
+    percentile interval from a two-level bootstrap: each round draws the seeds with replacement, and for
+    each task one resample of its test examples, scored for both methods and every drawn seed (paired by
+    seed between the methods, and by example: one test set). n is the number of seeds; NONE without any.
+    Deterministic for a given `seed`. With 2 or 3 seeds the seed level of a bootstrap is coarse (it cannot
+    widen for a small sample as Student's t does): read it beside the seed-only interval, not instead."""
+    tasks = sorted(gold)
+    seeds = paired_seeds(a, b, tasks)
     if not seeds:
-        return Interval(float("nan"), float("nan"), float("nan"), 0), float("nan")
+        return NONE
+
+    def diff(s: int, t: str, idx: np.ndarray | None) -> float:
+        truth, score = gold[t]
+        pick = slice(None) if idx is None else idx
+        return score(a[t][s][pick], truth[pick]) - score(b[t][s][pick], truth[pick])
+
+    observed = float(np.mean([np.mean([diff(s, t, None) for t in tasks]) for s in seeds]))
     rng = np.random.default_rng(seed)
-    n = len(gold)
-    observed = float(np.mean([score(a[s], gold) - score(b[s], gold) for s in seeds]))
     draws = np.empty(rounds)
     for i in range(rounds):
-        idx = rng.integers(0, n, n)
-        draws[i] = np.mean([score(a[s][idx], gold[idx]) - score(b[s][idx], gold[idx]) for s in seeds])
+        drawn = rng.choice(seeds, len(seeds))
+        per_task = []
+        for t in tasks:
+            idx = rng.integers(0, len(gold[t][0]), len(gold[t][0]))
+            by = {s: diff(s, t, idx) for s in set(drawn.tolist())}  # a seed drawn twice is scored once
+            per_task.append(np.mean([by[s] for s in drawn]))
+        draws[i] = np.mean(per_task)
     low, high = np.percentile(draws, [2.5, 97.5])
-    p = float(min(1.0, 2 * min((draws <= 0).mean(), (draws >= 0).mean())))
-    return Interval(observed, float(low), float(high), len(seeds)), p
+    return Interval(observed, float(low), float(high), len(seeds))
+
+
+def slope(points: Sequence[tuple[float, float]]) -> Interval:
+    """Least-squares slope of y on log2(x) (so: per doubling of x) over (x, y) points, with its 95% t
+    interval (n - 2 degrees of freedom); n is the number of points."""
+    x = np.log2(np.asarray([p[0] for p in points], float))
+    y = np.asarray([p[1] for p in points], float)
+    n = len(x)
+    if n < 3 or np.ptp(x) == 0:
+        return Interval(float("nan"), float("nan"), float("nan"), n)
+    xc = x - x.mean()
+    b = float((xc * (y - y.mean())).sum() / (xc ** 2).sum())
+    resid = y - y.mean() - b * xc
+    se = math.sqrt(float((resid ** 2).sum()) / (n - 2) / float((xc ** 2).sum()))
+    half = float(sp.t.ppf(0.975, n - 2)) * se
+    return Interval(b, b - half, b + half, n)
 
 
 def kendall_tau(first: Sequence[float], second: Sequence[float]) -> float:
