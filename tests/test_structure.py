@@ -76,11 +76,8 @@ def test_the_cycle_finder_sees_a_circle():
 KIND_NAMES = {"classification", "regression", "token-classification", "question-answering"}
 SCANNED = ("runtime", "training", "compiler", "exporters", "bitfit")
 ALLOWED = {"runtime/kinds.py", "runtime/calls.py"}  # the registry and the call shapes: where kinds are named
-# bitfit/serve/ is being converted to ask the call shapes (issue 24 item 1, the server side); its remaining hits,
-# as file: count. Lower or drop an entry when its hits go: the test then holds that file to what is left.
+# Hits that are not task kinds, as file: count (the test holds each file to exactly that).
 KNOWN = {
-    "bitfit/serve/v2.py": 6,  # inputs_of, outputs_of, output_tensors: kind.call == "answer" / "run_tokens"
-    "bitfit/serve/app.py": 2,  # v2_infer: kind.call == "answer" / "run_tokens"
     "training/extract.py": 1,  # not a kind: transformers' own config.problem_type == "regression" (stays)
 }
 

@@ -52,7 +52,6 @@ import os
 import socket
 import sys
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +62,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 
+from bitfit.runtime.calls import SEQUENCE, Body, by_route
 from bitfit.runtime.errors import BitFitError, UnknownTaskError
 from bitfit.runtime.kinds import KINDS
 from bitfit.runtime.pack import MANIFEST_FILE, TENSORS_FILE
@@ -78,22 +78,9 @@ from .web import LOOPBACK, V1, HTTPError, check_limits, json_response, parse_jso
 __all__ = ["BODIES", "AppState", "ServeConfig", "create_app", "door_limits", "parse_body", "serve"]
 
 
-@dataclass(frozen=True)
-class Body:
-    """The JSON shape of one POST endpoint: its fields (lists of strings but `task`), which are required,
-    the session call that serves it, and the key of the answer's list."""
-
-    fields: tuple[str, ...]
-    required: tuple[str, ...]
-    answer: str  # key of the list in the response
-
-
-BODIES = {
-    "/v1/predict": Body(("task", "texts", "text_pairs"), ("task", "texts"), "predictions"),
-    "/v1/tokens": Body(("task", "texts"), ("task", "texts"), "predictions"),
-    "/v1/answer": Body(("task", "questions", "contexts"), ("task", "questions", "contexts"), "answers"),
-}
-assert {k.route for k in KINDS.values()} <= set(BODIES), "every kind's route needs a body shape here"
+# the /v1 POST endpoints, one per call shape (runtime.calls): its body's fields and the key of its answer
+BODIES = {route: shape.body for route, shape in by_route().items()}
+assert {k.route for k in KINDS.values()} <= set(BODIES), "every kind's route is a call shape's"
 
 
 def parse_body(data: Any, shape: Body, config: ServeConfig) -> dict[str, Any]:
@@ -160,17 +147,15 @@ async def tasks(request: Request, state: AppState) -> Response:
 
 async def post(request: Request, state: AppState) -> Response:
     """Every POST endpoint of a kind: the body's shape here, the rest is the session's."""
-    shape = BODIES[request.url.path]
-    body = parse_body(parse_json(await state.body(request), "invalid JSON", status=400), shape, state.config)
+    shape = by_route()[request.url.path]
+    body = parse_body(parse_json(await state.body(request), "invalid JSON", status=400), shape.body, state.config)
     task, session, batcher = body["task"], state.session, state.batcher
-    if shape.answer == "answers":
-        result = await batcher.call(session.answer, task, body["questions"], body["contexts"])
-    elif "text_pairs" in shape.fields:  # sequence kinds: batched with every other such request
+    if shape is SEQUENCE:  # batched with every other sequence request
         records = await batcher.submit(task, body["texts"], body.get("text_pairs"))
         return json_response({"predictions": [{k: r[k] for k in ("label", "scores", "logits")} for r in records]})
-    else:
-        result = await batcher.call(session.run_tokens, task, body["texts"])
-    return json_response({shape.answer: result.records()})
+    # the other shapes take their body's fields, in order, as the session call's arguments
+    result = await batcher.call(getattr(session, shape.method), task, *(body[f] for f in shape.body.fields[1:]))
+    return json_response({shape.body.answer: result.records()})
 
 
 async def healthz(request: Request, state: AppState) -> Response:

@@ -31,6 +31,7 @@ import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response
 
+from bitfit.runtime.calls import SEQUENCE
 from bitfit.runtime.errors import BitFitError, UnknownTaskError
 from bitfit.runtime.kinds import KINDS, TaskKind
 from bitfit.runtime.pack import PackManifest, TaskPack
@@ -54,29 +55,14 @@ class Tensor:
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
 
 
-# -- a task's signature --------------------------------------------------------------------------------
+# -- a task's signature: its kind's call shape (runtime.calls) says it ---------------------------------------
 def inputs_of(kind: TaskKind, manifest: PackManifest) -> list[Tensor]:
     """The model's inputs (required, all of them: text_pair appears only for pair tasks)."""
-    if kind.call == "answer":
-        return [Tensor("question", "BYTES", (-1,)), Tensor("context", "BYTES", (-1,))]
-    if kind.call == "run_tokens":
-        return [Tensor("text", "BYTES", (-1,))]
-    pair = [Tensor("text_pair", "BYTES", (-1,))] if manifest.text_pair else []
-    return [Tensor("text", "BYTES", (-1,)), *pair]
+    return [Tensor(t.name, t.datatype, t.shape) for t in kind.v2_signature(manifest.text_pair, manifest.labels)[0]]
 
 
 def outputs_of(kind: TaskKind, manifest: PackManifest) -> list[Tensor]:
-    if kind.call == "answer":
-        return [Tensor("answer", "BYTES", (-1,)), Tensor("record", "BYTES", (-1,))]
-    if kind.call == "run_tokens":
-        return [Tensor("record", "BYTES", (-1,))]
-    k = kind.outputs(manifest.labels)
-    if kind.labels == "value":
-        return [Tensor("logits", "FP32", (-1, k)), Tensor("value", "FP32", (-1,))]
-    return [Tensor("logits", "FP32", (-1, k)), Tensor("label", "BYTES", (-1,)), Tensor("scores", "FP32", (-1, k))]
-
-
-assert {k.call for k in KINDS.values()} <= {"run", "run_tokens", "answer"}, "every kind's call needs a signature"
+    return [Tensor(t.name, t.datatype, t.shape) for t in kind.v2_signature(manifest.text_pair, manifest.labels)[1]]
 
 
 def version_of(digest: str) -> str:
@@ -89,23 +75,29 @@ def model_metadata(task: str, digest: str, kind: TaskKind, manifest: PackManifes
             "outputs": [t.to_json() for t in outputs_of(kind, manifest)]}
 
 
+# what each output tensor holds, read from the session's records (floats as arrays, strings as lists)
+_VALUES: dict[str, Callable[[Sequence[dict[str, Any]]], Any]] = {
+    "answer": lambda rs: [r["answer"] for r in rs],
+    "record": lambda rs: [dumps(r) for r in rs],
+    "label": lambda rs: [r["label"] for r in rs],
+    "logits": lambda rs: np.asarray([r["logits"] for r in rs], dtype=np.float32).reshape(len(rs), -1),
+    "value": lambda rs: np.asarray([r["label"] for r in rs], dtype=np.float32),
+    "scores": lambda rs: np.asarray([list(r["scores"].values()) for r in rs], np.float32).reshape(len(rs), -1),
+}
+
+
 def output_tensors(kind: TaskKind, records: Sequence[dict[str, Any]]) -> dict[str, tuple[str, tuple[int, ...], Any]]:
     """Every output of the model as (datatype, shape, values), from the records the session returned (so the
     numbers are /v1's, and the shapes are those of the pack that ran, even across a reload)."""
-    n = len(records)
-    if kind.call == "answer":
-        return {"answer": ("BYTES", (n,), [r["answer"] for r in records]),
-                "record": ("BYTES", (n,), [dumps(r) for r in records])}
-    if kind.call == "run_tokens":
-        return {"record": ("BYTES", (n,), [dumps(r) for r in records])}
-    logits = np.asarray([r["logits"] for r in records], dtype=np.float32).reshape(n, -1)
-    out: dict[str, tuple[str, tuple[int, ...], Any]] = {"logits": ("FP32", logits.shape, logits)}
-    if kind.labels == "value":
-        out["value"] = ("FP32", (n,), np.asarray([r["label"] for r in records], dtype=np.float32))
-    else:
-        out["label"] = ("BYTES", (n,), [r["label"] for r in records])
-        out["scores"] = ("FP32", logits.shape, np.asarray([list(r["scores"].values()) for r in records], np.float32))
+    out = {}
+    for t in kind.shape.outputs(kind.labels == "value", 0):  # the names; the shapes come from the records
+        values = _VALUES[t.name](records)
+        out[t.name] = (t.datatype, values.shape if isinstance(values, np.ndarray) else (len(records),), values)
     return out
+
+
+assert all(t.name in _VALUES for k in KINDS.values() for value in (False, True)
+           for t in k.shape.outputs(value, 0)), "every output tensor of a call shape needs its values here"
 
 
 # -- requests ------------------------------------------------------------------------------------------
@@ -429,16 +421,14 @@ async def _run(state: AppState, task: str, kind: TaskKind, req: InferRequest) ->
             return fn(task, *args), digest
         return call
 
-    if kind.call == "answer":
-        result, digest = await batcher.call(versioned(session.answer), task, req.inputs["question"],
-                                            req.inputs["context"])
-        return result.records(), digest
-    if kind.call == "run_tokens":
-        result, digest = await batcher.call(versioned(session.run_tokens), task, req.inputs["text"])
-        return result.records(), digest
-    # batched with every other sequence request, /v1 and /v2 alike
-    records = await batcher.submit(task, req.inputs["text"], req.inputs.get("text_pair"))
-    return records, records[0]["digest"]
+    shape = kind.shape
+    if shape is SEQUENCE:  # batched with every other sequence request, /v1 and /v2 alike
+        records = await batcher.submit(task, req.inputs["text"], req.inputs.get("text_pair"))
+        return records, records[0]["digest"]
+    # the other shapes take their v2 inputs, in order, as the session call's arguments
+    result, digest = await batcher.call(versioned(getattr(session, shape.method)), task,
+                                        *(req.inputs[t.name] for t in shape.inputs(False)))
+    return result.records(), digest
 
 
 async def infer(request: Request, state: AppState) -> Response:
