@@ -196,6 +196,11 @@ def _run(command: list[str], what: str) -> None:
 
 
 def run_module_tool() -> str | None:
-    """iree-run-module (shipped in the runtime wheel), or None."""
-    found = shutil.which("iree-run-module", path=str(Path(sys.executable).parent)) or shutil.which("iree-run-module")
-    return found
+    """iree-run-module (shipped in the runtime wheel, beside its native library), or None."""
+    try:
+        import iree._runtime_libs as libs
+
+        beside = str(Path(libs.__file__).parent)
+    except ModuleNotFoundError:
+        beside = None
+    return shutil.which("iree-run-module", path=beside) if beside else shutil.which("iree-run-module")

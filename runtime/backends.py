@@ -241,7 +241,8 @@ class IreeEngine:
                     for name in self._arguments]
             with self._lock:
                 result = function(*args)
-            outputs.append(np.asarray(result.to_host())[:n, :sequence])
+            # a copy while `result` lives: to_host() maps the output buffer, which IREE reuses once it is freed
+            outputs.append(np.array(result.to_host()[:n, :sequence], copy=True))
         return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
 
     def _pad(self, array: np.ndarray, name: str, width: int, length: int) -> np.ndarray:
