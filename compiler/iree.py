@@ -27,7 +27,7 @@ _TARGETS: dict[str, tuple[list[str], str, str]] = {
     "iree-cpu": (["--iree-hal-target-device=local", "--iree-hal-local-target-device-backends=llvm-cpu"],
                  "--iree-llvmcpu-target-cpu", "host"),
     "iree-cuda": (["--iree-hal-target-device=cuda"], "--iree-cuda-target", "sm_80"),
-    "iree-rocm": (["--iree-hal-target-device=hip"], "--iree-hip-target", "gfx942"),
+    "iree-rocm": (["--iree-hal-target-device=hip"], "--iree-rocm-target", "gfx942"),  # IREE 3.13's flag names
     "iree-vulkan": (["--iree-hal-target-device=vulkan"], "--iree-vulkan-target", "ampere"),
 }
 _HAL_BACKEND = {"iree-cpu": "llvm-cpu", "iree-cuda": "cuda", "iree-rocm": "rocm", "iree-vulkan": "vulkan-spirv"}

@@ -184,6 +184,17 @@ def test_refusals(bert_model, bert_compiled, modules, copy_dir, tmp_path):
         TaskSession(alien, backend="iree")
 
 
+@pytest.mark.parametrize("target,arch", [("iree-cuda", "sm_80"), ("iree-rocm", "gfx942")])
+def test_gpu_targets_compile_but_do_not_run_here(bert_model, tmp_path, target, arch):
+    """No GPU here: the modules are emitted and checked to compile; the engine refuses to run them."""
+    out = compile_model(bert_model, tmp_path / "m", target=target, **QUIET)
+    info = cm.read_manifest(out).iree
+    assert info["target"] == target and info["cpu"] == arch and info["cpu_features"] == []
+    assert (out / "module.vmfb").stat().st_size > 0
+    with pytest.raises(CompiledModelError, match=rf"compiled for {target}, which this toolkit compiles but does not run"):
+        TaskSession(out, backend="iree")
+
+
 def test_cli_compile_target_and_predict_backend(bert_model, pack_all, tmp_path, capsys):
     from bitfit.cli import main
 
