@@ -190,7 +190,9 @@ def _argument_count(mlir: Path) -> int:
 def _run(command: list[str], what: str) -> None:
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-6:]
+        lines = (done.stderr or done.stdout).strip().splitlines()
+        errors = [line.strip()[:300] for line in lines if "error:" in line]  # the IR dumps around them are long
+        tail = errors[:3] or lines[-6:]
         raise CompiledModelError(f"IREE failed {what} the graph ({Path(command[0]).name} exit {done.returncode}):\n  "
                                  + "\n  ".join(tail))
 

@@ -6,7 +6,7 @@ Variants: onnxruntime on model.onnx (the graph the modules were compiled from); 
 set; default: IREE's defaults, `--iree-opt-level=O3`, data tiling). Compile time and module size are reported.
 The local-task driver's thread count is set to --threads (a process-wide IREE flag), as onnxruntime's is.
 
-    python benchmarks/iree.py [--rounds 30] [--threads 2] [--batches 1,8] [--out benchmarks/results]
+    python benchmarks/iree_latency.py [--rounds 30] [--threads 2] [--batches 1,8] [--out benchmarks/results]
 
 Timings are worth recording only from a quiet machine (the CPU-load guard skips a busy batch).
 """
@@ -22,6 +22,7 @@ from bitfit.compiler.compile import compile
 from bitfit.compiler.iree import compile_modules
 from bitfit.runtime import TaskSession
 from bitfit.runtime import compiled as cm
+from bitfit.runtime.errors import CompiledModelError
 from common import machine, minilm_dir, quiet_batches, synthetic_pack, time_interleaved, write_results
 
 SEQ = 128
@@ -50,7 +51,7 @@ def main() -> None:
         base = compile(minilm_dir(), work / "default", target="iree-cpu", buckets=buckets, log=lambda *_: None)
         builds = {"default (with the export)": time.perf_counter() - t}
         pack = synthetic_pack(base, "task", rng, max_length=SEQ)
-        directories = {"default": base}
+        directories, failed = {"default": base}, []
         for name in args.flags.split(","):
             if name == "default":
                 continue
@@ -60,8 +61,13 @@ def main() -> None:
                 (target / f).symlink_to(base / f)
             manifest = cm.read_manifest(base)
             t = time.perf_counter()
-            manifest.iree = compile_modules(target, manifest, buckets=[(b, SEQ) for b in batches] + [(0, 0)],
-                                            flags=FLAG_SETS[name], log=lambda *_: None)
+            try:
+                manifest.iree = compile_modules(target, manifest, buckets=[(b, SEQ) for b in batches] + [(0, 0)],
+                                                flags=FLAG_SETS[name], log=lambda *_: None)
+            except CompiledModelError as e:  # a flag set IREE fails on is a result too
+                failed.append(f"flags {name}: iree-compile failed ({str(e).splitlines()[-1].strip()[:200]})")
+                print("  " + failed[-1], flush=True)
+                continue
             builds[name] = time.perf_counter() - t
             cm.write_manifest(target, manifest)
             directories[name] = target
@@ -97,7 +103,7 @@ def main() -> None:
                 data["results"].append({"batch": batch, "variant": name, "median_ms": ms, "vs_ort": ms / ort_ms})
     lines = ["| batch | variant | median ms | vs onnxruntime |", "|---|---|---|---|", *rows, "",
              f"all-MiniLM-L6-v2, seq {SEQ}; machine: {machine(args.threads)}; compile s: "
-             + ", ".join(f"{k} {v:.1f}" for k, v in builds.items()), *skipped]
+             + ", ".join(f"{k} {v:.1f}" for k, v in builds.items()), *failed, *skipped]
     write_results(args.out, "iree", "\n".join(lines), data)
 
 
