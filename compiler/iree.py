@@ -93,7 +93,8 @@ def _tool(name: str) -> str:
     try:
         from iree.compiler.tools.binaries import find_tool
     except ModuleNotFoundError:
-        raise BitFitError("compiling for IREE needs IREE's compiler: pip install 'bitfit-deploy[iree-compile]'") from None
+        raise BitFitError("compiling for IREE needs IREE's compiler: "
+                          "pip install 'bitfit-deploy[iree-compile]'") from None
     return str(find_tool(name))
 
 

@@ -174,7 +174,8 @@ class IreeEngine:
             raise CompiledModelError(f"{root} was compiled for {info['target']}, which this toolkit compiles but does "
                                      "not run yet: compile with --target iree-cpu")
         if device not in ("cpu", "auto"):
-            raise BitFitError(f"unknown device {device!r} for the iree backend: its modules run on the CPU (cpu or auto)")
+            raise BitFitError(f"unknown device {device!r} for the iree backend: its modules run on the CPU "
+                              "(cpu or auto)")
         missing = sorted(set(info["cpu_features"]) - set(host_cpu_features()))
         if missing:  # the module's code would stop on an illegal instruction
             raise CompiledModelError(f"{root}'s module was compiled for CPU features this machine lacks "

@@ -51,8 +51,10 @@ def test_manifest_records_the_target(modules):
     assert info["target"] == "iree-cpu" and info["cpu"] == "host" and info["iree_version"]
     assert [(x["batch"], x["sequence"]) for x in info["modules"]] == [(1, 16), (4, 32)]
     assert info["arguments"] == [*m.token_inputs, *(b.name for b in m.bias_inputs)]  # the graph's input order
-    assert "--iree-llvmcpu-target-cpu=host" in info["flags"] and "avx2" in info["cpu_features"] or not info["cpu_features"]
-    assert (modules["plain"] / "module.vmfb").is_file() and cm.read_manifest(modules["plain"]).iree["modules"][0]["batch"] == 0
+    assert "--iree-llvmcpu-target-cpu=host" in info["flags"]
+    assert "avx2" in info["cpu_features"] or not info["cpu_features"]  # x86 hosts here; elsewhere its own names
+    assert (modules["plain"] / "module.vmfb").is_file()
+    assert cm.read_manifest(modules["plain"]).iree["modules"][0]["batch"] == 0  # dynamic: the default
 
 
 def test_iree_serves_packs_as_onnxruntime_does(modules, bert_compiled, pack_all, pack_min):
