@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from bitfit.runtime.backends import BACKENDS
-from bitfit.runtime.compiled import DEFAULT_OPSET, OPSETS
+from bitfit.runtime.compiled import DEFAULT_OPSET, IREE_TARGETS, OPSETS
 from bitfit.runtime.errors import BitFitError
 from bitfit.runtime.kinds import KINDS
 from bitfit.runtime.session import MAX_THREADS
@@ -43,8 +43,8 @@ def _compile(a: argparse.Namespace) -> int:
 
     try:
         compile(a.model, a.out, biases=a.biases, opset=a.opset, quantize=a.quantize, fp16=a.fp16, fuse=a.fuse,
-                mixed=a.mixed, head=not a.no_head, bias_defaults=not a.no_defaults, overwrite=a.overwrite,
-                verify=a.verify)
+                mixed=a.mixed, head=not a.no_head, bias_defaults=False if a.no_defaults else None,
+                overwrite=a.overwrite, verify=a.verify, target=a.target, buckets=a.buckets)
     except ParityError as e:  # a failed check (exit 1), not bad input; the graph was not put in place
         print(f"bitfit compile: parity check failed, {a.out} left as it was: {e}", file=sys.stderr)
         return 1
@@ -284,6 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-defaults", action="store_true",
                    help="bias inputs without the base values as defaults (plain required inputs): for graph "
                         "compilers that freeze any input with a default, such as OpenVINO; no in-graph head")
+    p.add_argument("--target", choices=["onnx", *IREE_TARGETS], default="onnx",
+                   help="onnx: the graph (onnxruntime, OpenVINO); iree-cpu: also an ahead-of-time IREE module, "
+                        "weights as constants, biases as arguments (--backend iree; no defaults, fp32 only); "
+                        "iree-cuda/-rocm/-vulkan: compiled, not run here. Needs the [iree-compile] extra")
+    p.add_argument("--buckets", help="IREE shape buckets, BATCHxSEQUENCE,... (e.g. 1x128,8x128,dynamic): a call is "
+                                     "padded to the smallest that holds it (default: dynamic shapes)")
     p.add_argument("--verify", nargs="*", metavar="PACK",
                    help="check the new graph (and these task packs, if any) against PyTorch before it is put in "
                         "place; on a mismatch exit 1 and leave --out as it was")

@@ -52,9 +52,11 @@ def compile(
     mixed: bool = False,
     head: bool = True,
     overwrite: bool = False,
-    bias_defaults: bool = True,
+    bias_defaults: bool | None = None,
     verify: Sequence[str | os.PathLike] | None = None,
     log: Callable[[str], None] = print,
+    target: str = "onnx",
+    buckets: str | Sequence[tuple[int, int]] | None = None,
 ) -> Path:
     """Export `model`'s encoder to `out`/model.onnx with bias inputs, plus tokenizer.json, the base biases and
     manifest.json. The directory is written by the toolkit's atomic writer: an existing `out` (only with
@@ -79,15 +81,28 @@ def compile(
     a default into a constant (OpenVINO): such a graph has no in-graph head.
     verify: task packs (possibly none) to check against PyTorch before the graph is put in place
     (compiler.verify, strict): a graph that fails parity raises ParityError and never replaces `out`.
+    target: "onnx" (the graph alone), or an IREE target (compiler/iree.py: "iree-cpu" runs on TaskSession's
+    backend "iree"; iree-cuda / iree-rocm / iree-vulkan are compiled only): the fp32 graph without bias defaults,
+    plus an ahead-of-time module per shape bucket ("1x128,8x128", "dynamic"; default: dynamic shapes).
+    bias_defaults None: True for onnx, False (the only choice) for IREE targets.
     """
     A.check("model", model, A.PATH)
     A.check("out", out, A.PATH)
     A.check("biases", biases, S.text(256))
-    for name, flag in (("fp16", fp16), ("fuse", fuse), ("mixed", mixed), ("head", head), ("overwrite", overwrite),
-                       ("bias_defaults", bias_defaults)):
+    for name, flag in (("fp16", fp16), ("fuse", fuse), ("mixed", mixed), ("head", head), ("overwrite", overwrite)):
         A.check(name, flag, S.boolean())
+    A.check("bias_defaults", bias_defaults, A.optional(S.boolean()))
     A.check("verify", verify, A.optional(A.PACKS))
     A.check("log", log, A.CALLABLE)
+    A.check("target", target, S.one_of(("onnx", *cm.IREE_TARGETS)))
+    if target != "onnx":
+        from .iree import check_options, parse_buckets
+
+        check_options(target, quantize=quantize, fp16=fp16, fuse=fuse, bias_defaults=bias_defaults)
+        bias_defaults, buckets = False, parse_buckets(buckets)
+    elif buckets is not None:
+        raise BitFitError("shape buckets are for the IREE targets: add --target iree-cpu, or drop --buckets")
+    bias_defaults = True if bias_defaults is None else bias_defaults
     if mixed and fuse:
         raise BitFitError("--mixed and --fuse do not combine: fused kernels take one bias per batch; choose one")
     if quantize is not None and quantize not in QUANTIZE_MODES:
@@ -148,11 +163,17 @@ def compile(
             precision=QUANTIZE_MODES[quantize] if quantize else "fp16" if fp16 else "fp32",
             tool_version=__version__,
         )
+        if target != "onnx":
+            from .iree import compile_modules
+
+            manifest.iree = compile_modules(tmp, manifest, target=target, buckets=buckets, log=log)
+            manifest.passes.append(f"iree-compile({target})")
         cm.write_manifest(tmp, manifest)
         if verify is not None:  # on the finished directory, before it replaces anything
             from .verify import verify as check_parity
 
-            report = check_parity(tmp, list(verify), model=model, log=log, strict=False)
+            backend = "iree" if target == "iree-cpu" else "onnxruntime"  # other IREE targets: the graph only
+            report = check_parity(tmp, list(verify), model=model, log=log, strict=False, backend=backend)
             log(report.table())
             if not report.ok:
                 raise ParityError(report.failure_summary().replace(str(tmp), str(out)), report)

@@ -1,9 +1,11 @@
-"""The engines a TaskSession runs its graph on: onnxruntime (the default, the core install) and OpenVINO (an
-optional extra: Intel CPUs, GPUs and NPUs). An engine loads the graph once, prepares a task's bias arrays
+"""The engines a TaskSession runs its graph on: onnxruntime (the default, the core install), OpenVINO (an
+optional extra: Intel CPUs, GPUs and NPUs) and IREE (an optional extra: the ahead-of-time modules of
+`bitfit compile --target iree-cpu`). An engine loads the graph once, prepares a task's bias arrays
 once as its own tensors, and runs token feeds plus prepared values; the session above it holds the tasks.
 """
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -12,10 +14,10 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from .compiled import TASK_IDS, CompiledManifest
+from .compiled import IREE_FUNCTION, TASK_IDS, CompiledManifest
 from .errors import BitFitError, CompiledModelError
 
-BACKENDS = ("onnxruntime", "openvino", "openvino-int8")
+BACKENDS = ("onnxruntime", "openvino", "openvino-int8", "iree")
 
 
 def _declared_inputs(manifest: CompiledManifest) -> set[str]:
@@ -145,12 +147,144 @@ class OpenVinoEngine:
         return np.array(request.get_tensor(self.output).data, copy=True)
 
 
+class IreeEngine:
+    """IREE: the ahead-of-time module(s) compiled beside the graph (compiler/iree.py), weights inside as
+    constants, token inputs and biases as the function's arguments in the graph's input order. A task's biases
+    become device arrays once (copies: re-made when the mixed graph's tables change). A module compiled for
+    static shape buckets gets each call padded to the smallest bucket that holds it (pad tokens, mask 0), and a
+    batch larger than every bucket runs in slices; rows and positions added are cut from the output.
+
+    Only the llvm-cpu target runs here (driver local-task); the GPU targets are compiled, not run, by this
+    toolkit so far. `threads`: the local-task driver's worker count, a process-wide IREE flag (the first
+    engine made in a process sets it)."""
+
+    name = "iree"
+    shares_memory = False  # value() copies into an IREE buffer: a mixed table's in-place writes need refresh()
+
+    def __init__(self, model_path: Path, manifest: CompiledManifest, *, threads: int | None, device: str) -> None:
+        try:
+            import iree.runtime as rt
+        except ModuleNotFoundError:
+            raise BitFitError("the iree backend needs IREE's runtime: pip install 'bitfit-deploy[iree]'") from None
+        root = model_path.parent
+        info = manifest.iree
+        if info is None:
+            raise CompiledModelError(f"{root} holds no IREE module: compile it with `bitfit compile --target iree-cpu`")
+        if info["target"] != "iree-cpu":
+            raise CompiledModelError(f"{root} was compiled for {info['target']}, which this toolkit compiles but does "
+                                     "not run yet: compile with --target iree-cpu")
+        if device not in ("cpu", "auto"):
+            raise BitFitError(f"unknown device {device!r} for the iree backend: its modules run on the CPU "
+                              "(cpu or auto)")
+        missing = sorted(set(info["cpu_features"]) - set(host_cpu_features()))
+        if missing:  # the module's code would stop on an illegal instruction
+            raise CompiledModelError(f"{root}'s module was compiled for CPU features this machine lacks "
+                                     f"({', '.join(missing[:6])}): compile it on (or for) this machine")
+        arguments = list(info["arguments"])
+        if set(arguments) != _declared_inputs(manifest):
+            raise CompiledModelError(f"{root}'s module arguments differ from its manifest's inputs: compile again")
+        self._rt = rt
+        if threads:
+            rt.flags.parse_flags(f"--task_topology_max_group_count={int(threads)}")
+        self._config = rt.Config("local-task")
+        self.device = self._config.device
+        self.output = manifest.output
+        self._arguments = arguments
+        self._pads = {"input_ids": manifest.pad_token_id, "attention_mask": 0, "token_type_ids": 0, TASK_IDS: 0}
+        self._functions = []
+        for module in info["modules"]:
+            path = root / module["file"]
+            try:
+                vm = rt.VmModule.mmap(self._config.vm_instance, str(path))
+                context = rt.SystemContext(config=self._config, vm_modules=[vm])
+                function = context.modules.module[IREE_FUNCTION]
+            except Exception as e:  # IREE raises RuntimeError/KeyError for a module it cannot load
+                raise CompiledModelError(f"IREE cannot load {path} ({e}): compile again with this IREE "
+                                         f"({_iree_version(rt)}; compiled with {info['iree_version']})") from e
+            # the calling convention, e.g. "0rrr_r": one r per argument. An importer that froze an input into a
+            # constant leaves fewer arguments than the graph has inputs.
+            arity = re.search(r"\(0([a-z]*)_", repr(function.vm_function))
+            if arity is None or len(arity.group(1)) != len(arguments):
+                raise CompiledModelError(f"{path} takes {len(arity.group(1)) if arity else '?'} arguments, the graph "
+                                         f"{len(arguments)} inputs (an input frozen into a constant?): compile again")
+            self._functions.append((int(module["batch"]), int(module["sequence"]), function))
+        self.session = self._functions[0][2]
+        self._lock = threading.Lock()  # one call at a time into a context: the driver has its own worker threads
+
+    def value(self, array: np.ndarray) -> Any:
+        return self._rt.asdevicearray(self.device, np.ascontiguousarray(array))
+
+    def _bucket(self, batch: int, sequence: int) -> tuple[int, int, Any]:
+        """The module a [batch, sequence] call runs on: of those that hold it, the one padding least (a static
+        one before the dynamic one at equal size); else the widest that holds the sequence, run in slices."""
+        def holds(f: tuple[int, int, Any]) -> bool:
+            return (f[0] == 0 or f[0] >= batch) and (f[1] == 0 or f[1] >= sequence)
+
+        fits = [f for f in self._functions if holds(f)]
+        if fits:
+            return min(fits, key=lambda f: ((f[0] or batch) * (f[1] or sequence), f[0] == 0))
+        longest = [f for f in self._functions if f[1] == 0 or f[1] >= sequence]
+        if not longest:
+            sizes = ", ".join(f"{b}x{s}" for b, s, _ in self._functions)
+            raise BitFitError(f"a sequence of {sequence} tokens fits none of the module's shape buckets ({sizes}): "
+                              "truncate it (max_length) or compile with a longer bucket (--buckets)")
+        return max(longest, key=lambda f: (f[0], -f[1]))
+
+    def run(self, feeds: Mapping[str, np.ndarray], values: Mapping[str, Any]) -> np.ndarray:
+        batch, sequence = next(iter(feeds.values())).shape[:2]
+        width, length, function = self._bucket(batch, sequence)
+        width = width or batch
+        outputs = []
+        for start in range(0, batch, width):
+            rows = {k: v[start:start + width] for k, v in feeds.items()}
+            n = len(next(iter(rows.values())))
+            args = [self.value(self._pad(rows[name], name, width, length)) if name in rows else values[name]
+                    for name in self._arguments]
+            with self._lock:
+                result = function(*args)
+            # a copy while `result` lives: to_host() maps the output buffer, which IREE reuses once it is freed
+            outputs.append(np.array(result.to_host()[:n, :sequence], copy=True))
+        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
+
+    def _pad(self, array: np.ndarray, name: str, width: int, length: int) -> np.ndarray:
+        rows = width - len(array)
+        cols = (length - array.shape[1]) if length and array.ndim == 2 else 0
+        if rows <= 0 and cols <= 0:
+            return array
+        pad = [(0, max(rows, 0))] + ([(0, max(cols, 0))] if array.ndim == 2 else [])
+        return np.pad(array, pad, constant_values=self._pads.get(name, 0))
+
+
+def host_cpu_features() -> list[str]:
+    """This CPU's instruction-set features as LLVM names them (x86: /proc/cpuinfo's flags, which mostly agree;
+    empty where unknown, which then checks nothing)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return sorted(set(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return []
+
+
+def _iree_version(rt: Any) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("iree-base-runtime")
+    except Exception:  # not installed from a wheel
+        return getattr(rt, "__version__", "unknown")
+
+
 def open_engine(backend: str, model_path: Path, manifest: CompiledManifest, *, threads: int | None, device: str,
-                spinning: bool) -> OrtEngine | OpenVinoEngine:
+                spinning: bool) -> OrtEngine | OpenVinoEngine | IreeEngine:
     if backend == "onnxruntime":
         return OrtEngine(model_path, manifest, threads=threads, device=device, spinning=spinning)
     if backend in ("openvino", "openvino-int8"):
         return OpenVinoEngine(model_path, manifest, threads=threads, device=device, int8=backend == "openvino-int8")
+    if backend == "iree":
+        return IreeEngine(model_path, manifest, threads=threads, device=device)
     raise BitFitError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
 
 

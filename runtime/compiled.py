@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,26 @@ TOKEN_LOGITS = "token_logits"  # [batch, sequence, labels] = hidden @ head.weigh
 MAX_ONNX_BYTES = 2 << 30  # protobuf's limit: a larger graph keeps its weights in external files, which ours never does
 _FIX = "the compiled directory is damaged or was edited by hand; compile it again (bitfit compile)"
 
+# IREE targets (compiler/iree.py): an ahead-of-time module per shape bucket, the weights inside as constants and
+# the arguments token inputs + biases (+ task_ids) in the graph's input order. model.onnx stays beside the modules:
+# it is what they were compiled from (checksummed, onnxruntime runs it too) and what verify and other targets read.
+IREE_TARGETS = ("iree-cpu", "iree-cuda", "iree-rocm", "iree-vulkan")
+IREE_FUNCTION = "main_graph"
+_MODULE_FILE = S.Field(lambda v: isinstance(v, str) and re.fullmatch(r"module[-a-z0-9x]*\.vmfb", v) is not None,
+                       "a module file name (module*.vmfb)")
+IREE_FIELDS = {
+    "target": S.one_of(IREE_TARGETS),
+    "hal_backend": S.string(64),  # iree-compile's backend: llvm-cpu, cuda, rocm, vulkan-spirv
+    "cpu": S.string(256),  # --iree-llvmcpu-target-cpu (or the GPU architecture) the modules were compiled for
+    "cpu_features": S.list_of(S.string(64), 256),  # host features compiled for (llvm-cpu, target cpu "host")
+    "iree_version": S.string(256),
+    "flags": S.list_of(S.string(4096), 256),  # every iree-compile flag, so a module can be rebuilt
+    "arguments": S.list_of(S.string(4096), 1 << 16, unique=True),  # the function's arguments, in order
+    # one module per shape bucket; batch and sequence 0: dynamic (any size)
+    "modules": S.list_of(S.record({"file": _MODULE_FILE, "batch": S.integer(0), "sequence": S.integer(0),
+                                   "sha256": S.hexdigest()}), 64),
+}
+
 _HEAD_SPEC = {**SPEC_FIELDS, "shape": S.Field(
     lambda v: isinstance(v, list) and 0 < len(v) <= 4 and all(S.integer(-1).check(d) and d != 0 for d in v),
     "a shape: 1 to 4 whole numbers >= 1, or -1 for any size")}
@@ -70,6 +91,7 @@ MANIFEST_FIELDS = {
     "head_inputs": S.list_of(S.record(_HEAD_SPEC), 16),
     "outputs": S.list_of(S.one_of((OUTPUT_NAME, LOGITS, TOKEN_LOGITS)), 3, unique=True),
     "tool_version": S.string(256, required=False),
+    "iree": S.record(IREE_FIELDS, required=False),
     S.SEAL: S.hexdigest(),
     "format": S.equal(FORMAT),
     "format_version": S.equal(FORMAT_VERSION),
@@ -107,6 +129,8 @@ class CompiledManifest:
     head_inputs: list[TensorSpec] = field(default_factory=list)
     outputs: list[str] = field(default_factory=lambda: [OUTPUT_NAME])
     tool_version: str = ""
+    # an ahead-of-time IREE target (IREE_FIELDS), or None: the graph alone, run by onnxruntime or OpenVINO
+    iree: dict[str, Any] | None = None
     manifest_sha256: str = ""
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
@@ -132,7 +156,14 @@ class CompiledManifest:
         out = asdict(self)
         out["bias_inputs"] = [b.to_json() for b in self.bias_inputs]
         out["head_inputs"] = [h.to_json() for h in self.head_inputs]
+        if self.iree is None:  # optional: a manifest without a module reads (and seals) as before
+            del out["iree"]
         return out
+
+    @property
+    def module_files(self) -> list[str]:
+        """The IREE module files beside the graph (none for a plain compiled directory)."""
+        return [m["file"] for m in self.iree["modules"]] if self.iree else []
 
 
 def write_manifest(directory: str | os.PathLike, manifest: CompiledManifest) -> Path:
@@ -140,6 +171,8 @@ def write_manifest(directory: str | os.PathLike, manifest: CompiledManifest) -> 
     manifest's own seal over everything."""
     root = Path(directory)
     manifest.files = {name: sha256_file(root / name) for name in FILES}
+    for module in (manifest.iree or {}).get("modules", []):
+        module["sha256"] = sha256_file(root / module["file"])
     data = S.seal(manifest.to_json())
     manifest.manifest_sha256 = data[S.SEAL]
     return write_file(root / MANIFEST_FILE, json.dumps(data, indent=2) + "\n", what="compiled manifest")
@@ -175,9 +208,10 @@ def read_manifest(directory: str | os.PathLike) -> CompiledManifest:
                                  "this version requires): compile it again")
     S.validate(data, MANIFEST_FIELDS, str(where), CompiledModelError, _FIX)
     S.check_seal(data, str(where), CompiledModelError, _FIX)
-    for name in FILES:
+    manifest = CompiledManifest(**data)
+    for name in (*FILES, *manifest.module_files):
         os.close(open_regular(root / name, error=CompiledModelError, fix=_FIX)[0])
-    return CompiledManifest(**data)
+    return manifest
 
 
 @dataclass(frozen=True)
@@ -231,6 +265,9 @@ def changed_files(root: Path, manifest: CompiledManifest) -> list[str]:
                 or (name == MODEL_FILE and size > MAX_ONNX_BYTES)
                 or sha256_file(path) != manifest.files.get(name)):
             out.append(name)
+    for module in (manifest.iree or {}).get("modules", []):
+        if sha256_file(root / module["file"]) != module["sha256"]:
+            out.append(module["file"])
     return out
 
 
