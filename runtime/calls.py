@@ -6,7 +6,6 @@ comparing kind names.
 """
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -44,7 +43,7 @@ class CallShape:
     route: str  # the /v1 endpoint of `bitfit serve`
     body: Body
     check: Callable[..., None]  # (Bound, texts, pairs) -> None or BitFitError: the call's inputs
-    options: Callable[..., None]  # (**options) -> None or BitFitError: checked before the task is looked up
+    options: dict[str, tuple[Any, Any]]  # name -> (default, Field): checked before the task is looked up
     run: Callable[..., Any]  # (Bound, texts, pairs, **options) -> results: the decoder
     token_level: bool  # logits per token (pooling "none", the graph's token_logits); not in mixed batches
     paired: bool  # always two texts (question, context), whatever the pack's text_pair says
@@ -65,7 +64,7 @@ class CallShape:
 
     def option_names(self) -> list[str]:
         """The keyword options its call takes (batch_size, ...)."""
-        return list(inspect.signature(self.options).parameters)
+        return list(self.options)
 
 
 _TEXTS = Tensor("text", "BYTES", (-1,))
@@ -75,20 +74,20 @@ _LOGITS = Tensor("logits", "FP32", (-1, "K"))
 SEQUENCE = CallShape(
     "sequence", "run", ("run", "run_mixed"), "/v1/predict",
     Body(("task", "texts", "text_pairs"), ("task", "texts"), "predictions"),
-    decode.check_sequence, decode.batch_options, decode.run_sequence, token_level=False, paired=False,
+    decode.check_sequence, decode.BATCH_OPTIONS, decode.run_sequence, token_level=False, paired=False,
     pairs="text_pairs", v2_inputs=(_TEXTS,), v2_pair=Tensor("text_pair", "BYTES", (-1,)),
     v2_outputs=(_LOGITS, Tensor("label", "BYTES", (-1,)), Tensor("scores", "FP32", (-1, "K"))),
     v2_value_outputs=(_LOGITS, Tensor("value", "FP32", (-1,))),
 )
 TOKENS = CallShape(
     "tokens", "run_tokens", ("run_tokens",), "/v1/tokens", Body(("task", "texts"), ("task", "texts"), "predictions"),
-    decode.check_words, decode.batch_options, decode.run_tokens, token_level=True, paired=False, pairs="text_pairs",
+    decode.check_words, decode.BATCH_OPTIONS, decode.run_tokens, token_level=True, paired=False, pairs="text_pairs",
     v2_inputs=(_TEXTS,), v2_pair=None, v2_outputs=(_RECORD,),
 )
 ANSWER = CallShape(
     "answer", "answer", ("answer",), "/v1/answer",
     Body(("task", "questions", "contexts"), ("task", "questions", "contexts"), "answers"),
-    decode.check_questions, decode.answer_options, decode.answer, token_level=True, paired=True, pairs="contexts",
+    decode.check_questions, decode.ANSWER_OPTIONS, decode.answer, token_level=True, paired=True, pairs="contexts",
     v2_inputs=(Tensor("question", "BYTES", (-1,)), Tensor("context", "BYTES", (-1,))), v2_pair=None,
     v2_outputs=(Tensor("answer", "BYTES", (-1,)), _RECORD),
 )

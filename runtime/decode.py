@@ -88,25 +88,22 @@ def check_questions(call: Bound, questions: Any, contexts: Any) -> None:
 
 
 # -- option checks (made before the task is looked up, so a bad option is the first thing reported) ------
-def batch_options(*, batch_size: int = 32) -> None:
-    A.check("batch_size", batch_size, A.COUNT)
+# a call shape's options: name -> (default, what it accepts)
+BATCH_OPTIONS: dict[str, tuple[Any, S.Field]] = {"batch_size": (32, A.COUNT)}
+ANSWER_OPTIONS: dict[str, tuple[Any, S.Field]] = {
+    "max_answer_tokens": (DEFAULT_MAX_ANSWER_TOKENS, A.COUNT), "batch_size": (32, A.COUNT),
+    "windows": (True, S.boolean()), "stride": (None, A.optional(S.integer(0))),
+    "no_answer": (None, A.optional(S.boolean())), "null_threshold": (0.0, A.number()),
+}
 
 
-def answer_options(
-    *,
-    max_answer_tokens: int = DEFAULT_MAX_ANSWER_TOKENS,
-    batch_size: int = 32,
-    windows: bool = True,
-    stride: int | None = None,
-    no_answer: bool | None = None,
-    null_threshold: float = 0.0,
-) -> None:
-    A.check("max_answer_tokens", max_answer_tokens, A.COUNT)
-    A.check("batch_size", batch_size, A.COUNT)
-    A.check("windows", windows, S.boolean())
-    A.check("stride", stride, A.optional(S.integer(0)))
-    A.check("no_answer", no_answer, A.optional(S.boolean()))
-    A.check("null_threshold", null_threshold, A.number())
+def check_options(spec: dict[str, tuple[Any, S.Field]], given: dict[str, Any]) -> dict[str, Any]:
+    """Every option of `spec`, the given ones checked, the others at their defaults."""
+    for name, value in given.items():
+        if name not in spec:
+            raise BitFitError(f"unknown option {name!r}: this call takes {', '.join(spec)}")
+        A.check(name, value, spec[name][1])
+    return {name: given.get(name, default) for name, (default, _) in spec.items()}
 
 
 # -- sequence kinds: logits [n, k] -> Predictions ------------------------------------------------------
@@ -238,19 +235,9 @@ def word_spans(encoding: Any) -> tuple[list[tuple[int, int]], list[int | None]]:
 
 
 # -- extractive question answering: the best span of each context -------------------------------------
-def answer(
-    call: Bound,
-    questions: Sequence[str],
-    contexts: Sequence[str],
-    *,
-    max_answer_tokens: int = DEFAULT_MAX_ANSWER_TOKENS,
-    batch_size: int = 32,
-    windows: bool = True,
-    stride: int | None = None,
-    no_answer: bool | None = None,
-    null_threshold: float = 0.0,
-) -> Answers:
-    """See TaskSession.answer (the options were checked by answer_options)."""
+def answer(call: Bound, questions: Sequence[str], contexts: Sequence[str], **options: Any) -> Answers:
+    """See TaskSession.answer; `options` are ANSWER_OPTIONS, all given and checked (check_options)."""
+    max_answer_tokens, batch_size, windows, stride, no_answer, null_threshold = (options[k] for k in ANSWER_OPTIONS)
     stride = call.max_length // 4 if stride is None else stride
     pairs = list(zip(questions, contexts))
     best: list[tuple[float, int, int]] = [(float("-inf"), 0, 0)] * len(pairs)

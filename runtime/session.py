@@ -269,7 +269,7 @@ class TaskSession:
 
     def _serve(self, shape: CallShape, task: str, texts: Any, pairs: Any, options: dict[str, Any]) -> Any:
         """A call through `shape`: its options, then the one check, then its decoder on the bound task."""
-        shape.options(**options)
+        options = decode.check_options(shape.options, options)
         return shape.run(self.check_call(shape.method, task, texts, pairs), texts, pairs, **options)
 
     # -- inference -----------------------------------------------------------------------------
