@@ -19,14 +19,13 @@ from bitfit.runtime.version import __version__
 
 
 def _train(a: argparse.Namespace) -> int:
-    from bitfit.training.train import train
+    from bitfit.training.train import TrainConfig, train
 
-    result = train(
-        a.model, a.data, a.out, biases=a.biases, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size,
-        warmup=a.warmup, schedule=a.schedule, max_length=a.max_length, pooling=a.pooling, task_kind=a.task_kind, task_name=a.name,
-        dev=a.dev, train_size=a.train_size, seed=a.seed, overwrite=a.overwrite, progress=not a.quiet,
-        train_pooler=a.train_pooler,
-    )
+    config = TrainConfig(biases=a.biases, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, warmup=a.warmup,
+                         schedule=a.schedule, max_length=a.max_length, pooling=a.pooling, task_kind=a.task_kind,
+                         task_name=a.name, dev=a.dev, train_size=a.train_size, seed=a.seed, overwrite=a.overwrite,
+                         progress=not a.quiet, train_pooler=a.train_pooler)
+    result = train(a.model, a.data, a.out, config)
     if not result.is_main_process:  # under `accelerate launch`: the main process reports
         return 0
     m = result.pack.manifest
