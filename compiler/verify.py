@@ -22,7 +22,7 @@ from bitfit.runtime import TaskSession, load_pack
 from bitfit.runtime import args as A
 from bitfit.runtime import schema as S
 from bitfit.runtime.backends import BACKENDS
-from bitfit.runtime.compiled import changed_files, read_manifest
+from bitfit.runtime.compiled import changed_files, read_compiled_manifest
 from bitfit.runtime.errors import (
     BitFitError,
     CompiledModelError,
@@ -221,7 +221,7 @@ def verify(
     A.check("log", log, A.CALLABLE)
     A.check("strict", strict, S.boolean())
     A.check("backend", backend, S.one_of(BACKENDS))
-    cm = read_manifest(compiled)  # not a compiled directory at all: bad input (exit 2)
+    cm = read_compiled_manifest(compiled)  # not a compiled directory at all: bad input (exit 2)
     if mode == "auto":
         mode = "int8" if cm.precision.startswith("int8") or backend.endswith("int8") else cm.precision
     if mode not in TOLERANCES:

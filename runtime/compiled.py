@@ -14,8 +14,9 @@ import numpy as np
 from . import args as A
 from . import schema as S
 from .errors import CompiledModelError, IncompatibleError
-from .fs import MAX_TOKENIZER_BYTES, open_regular, read_json, regular_size, sha256_file, write_file
+from .fs import MAX_TOKENIZER_BYTES, open_regular, regular_size, sha256_file, write_file
 from .heads import HEAD_BIAS, HEAD_POOLER_BIAS, HEAD_POOLER_WEIGHT, HEAD_WEIGHT
+from .manifest import Format, read_versioned
 from .pack import SPEC_FIELDS, PackManifest, TaskPack, TensorSpec, value_problems
 from .tensorfile import load_tensors, size_problem
 
@@ -74,6 +75,11 @@ MANIFEST_FIELDS = {
     "format": S.equal(FORMAT),
     "format_version": S.equal(FORMAT_VERSION),
 }
+MANIFEST_FORMAT = Format(
+    FORMAT, FORMAT_VERSION, MANIFEST_FIELDS, "compiled-model manifest", CompiledModelError, _FIX,
+    newer="{root} was compiled by a newer bitfit (format {version}): upgrade",
+    older="{root} was compiled by an older bitfit (format {version}, without the checksums this version requires): "
+          "compile it again")
 
 
 @dataclass
@@ -152,32 +158,23 @@ def _root(directory: str | os.PathLike) -> Path:
     return root
 
 
-def read_manifest(directory: str | os.PathLike) -> CompiledManifest:
-    """The compiled manifest, checked: bounded read, format and version, the schema, its seal, and every file
-    it lists present as a regular file (their contents: CompiledModel.open)."""
+def read_compiled_manifest(directory: str | os.PathLike) -> CompiledManifest:
+    """The compiled manifest, checked: bounded read, format and version, the schema, its seal
+    (runtime.manifest), and every file it lists present as a regular file (their contents: CompiledModel.open)."""
     root = _root(directory)
     if not root.is_dir():
         raise CompiledModelError(f"no compiled model at {root}: run `bitfit compile --model M --out {root}` first")
     for name in (MANIFEST_FILE, *FILES):
         if not os.path.lexists(root / name):
             raise CompiledModelError(f"{root} has no {name}: it is not a complete compiled model; compile it again")
-    where = root / MANIFEST_FILE
-    data = read_json(where, what="compiled manifest", error=CompiledModelError, fix=_FIX)
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise CompiledModelError(f"{where} is not a bitfit compiled-model manifest")
-    version = data.get("format_version")
-    if not S.integer(0).check(version):
-        raise CompiledModelError(f"{where} has format_version {version!r}, not a whole number: {_FIX}")
-    if version > FORMAT_VERSION:
-        raise CompiledModelError(f"{root} was compiled by a newer bitfit (format {version}): upgrade")
-    if version < FORMAT_VERSION:
-        raise CompiledModelError(f"{root} was compiled by an older bitfit (format {version}, without the checksums "
-                                 "this version requires): compile it again")
-    S.validate(data, MANIFEST_FIELDS, str(where), CompiledModelError, _FIX)
-    S.check_seal(data, str(where), CompiledModelError, _FIX)
+    data = read_versioned(root / MANIFEST_FILE, MANIFEST_FORMAT)
     for name in FILES:
         os.close(open_regular(root / name, error=CompiledModelError, fix=_FIX)[0])
     return CompiledManifest(**data)
+
+
+# the name before the pack reader got its own (read_pack_manifest): tests, benchmarks and exporters call it
+read_manifest = read_compiled_manifest
 
 
 @dataclass(frozen=True)
@@ -202,7 +199,7 @@ class CompiledModel:
     def open(cls, directory: str | os.PathLike, *, check_integrity: bool = True) -> CompiledModel:
         """check_integrity=False skips hashing the files (verify does it as one of its checks)."""
         root = _root(directory)
-        manifest = read_manifest(root)
+        manifest = read_compiled_manifest(root)
         if check_integrity:
             changed = changed_files(root, manifest)
             if changed:

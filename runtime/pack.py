@@ -23,7 +23,7 @@ from safetensors.numpy import save_file
 from . import args as A
 from . import schema as S
 from .errors import PackError
-from .fs import output_dir, read_json, regular_size, sha256_file
+from .fs import output_dir, regular_size, sha256_file
 from .heads import (
     HEAD_BIAS,
     HEAD_POOLER_BIAS,
@@ -32,6 +32,7 @@ from .heads import (
     POOLINGS,
 )
 from .kinds import KINDS, TaskKind, kind
+from .manifest import Format, read_versioned
 from .tensorfile import load_tensors, size_problem
 
 FORMAT = "bitfit-task-pack"
@@ -105,6 +106,12 @@ MANIFEST_FIELDS = {
     "format": S.equal(FORMAT),
     "format_version": S.equal(FORMAT_VERSION),
 }
+MANIFEST_FORMAT = Format(
+    FORMAT, FORMAT_VERSION, MANIFEST_FIELDS, "task-pack manifest", PackError, _FIX,
+    newer="{root} uses pack format {version}, newer than this bitfit reads ({current}): upgrade bitfit",
+    older="{root} uses pack format {version}, written by an older bitfit without the checksums this version requires: "
+          "re-save it with this version (train, extract or import-peft again)",
+    checksums=("tensors_sha256", S.SEAL))
 
 
 @dataclass(frozen=True)
@@ -348,38 +355,26 @@ def save_pack(pack: TaskPack, path: str | os.PathLike, *, overwrite: bool = Fals
     return path
 
 
-def read_manifest(path: str | os.PathLike) -> PackManifest:
-    """Read and check a pack's manifest.json (no tensors): bounded read, format and version, the schema, and
-    its seal (the sha256 of the rest of it), so a hand edit is refused however well-formed."""
+def read_pack_manifest(path: str | os.PathLike) -> PackManifest:
+    """Read and check a pack's manifest.json (no tensors): bounded read, format and version, both checksums
+    present, the schema, and its seal (the sha256 of the rest of it), so a hand edit is refused however
+    well-formed (runtime.manifest)."""
     root = _pack_dir(path)
     where = root / MANIFEST_FILE
     if not os.path.lexists(where):
         raise PackError(f"{root} has no {MANIFEST_FILE}: it is not a task pack (train one with `bitfit train`)")
-    data = read_json(where, what="pack manifest", error=PackError, fix=_FIX)
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise PackError(f"{where} is not a bitfit task-pack manifest (format is not {FORMAT!r})")
-    version = data.get("format_version")
-    if not S.integer(0).check(version):
-        raise PackError(f"{where} has format_version {version!r}, not a whole number: {_FIX}")
-    if version > FORMAT_VERSION:
-        raise PackError(f"{root} uses pack format {version}, newer than this bitfit reads ({FORMAT_VERSION}): "
-                        "upgrade bitfit")
-    if version < FORMAT_VERSION:
-        raise PackError(f"{root} uses pack format {version}, written by an older bitfit without the checksums this "
-                        "version requires: re-save it with this version (train, extract or import-peft again)")
-    for key in ("tensors_sha256", S.SEAL):
-        if not S.hexdigest().check(data.get(key)):
-            raise PackError(f"{where} lacks the required checksum {key}: {_FIX}")
-    S.validate(data, MANIFEST_FIELDS, str(where), PackError, _FIX)
-    S.check_seal(data, str(where), PackError, _FIX)
-    return PackManifest.from_json(data, str(where))
+    return PackManifest(**read_versioned(where, MANIFEST_FORMAT))
+
+
+# the name before the compiled reader got its own: bitfit.serve.packdir and tests import it
+read_manifest = read_pack_manifest
 
 
 def load_pack(path: str | os.PathLike) -> TaskPack:
-    """Load a pack strictly: the manifest (read_manifest), then the tensors file: its checksum, its header
+    """Load a pack strictly: the manifest (read_pack_manifest), then the tensors file: its checksum, its header
     against the manifest before any tensor is read, provenance, names, shapes, dtypes and finiteness."""
     root = _pack_dir(path)
-    manifest = read_manifest(root)
+    manifest = read_pack_manifest(root)
     tensors_path = root / TENSORS_FILE
     if not os.path.lexists(tensors_path):
         raise PackError(f"{root} has no {TENSORS_FILE}: the pack is incomplete; save it again")
