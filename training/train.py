@@ -308,9 +308,9 @@ def train(
     net = BitFitModel(encoder, kind(task.kind).outputs(task.labels), pooling,
                       pooler=load_pooler(model) if pooling == "pooler" else None)
     chosen = _choose(net, slots, bias_kinds, cfg)
-    cfg.log(f"BitFit on {task.name}: training {chosen.n_trained:,} {chosen.what}; {chosen.n_trained / chosen.n_base:.3%} "
-            f"of {chosen.n_base:,}) + {chosen.n_head:,} head parameters; {len(task.train)} train / {len(task.dev)} "
-            "dev examples")
+    cfg.log(f"BitFit on {task.name}: training {chosen.n_trained:,} {chosen.what}; "
+            f"{chosen.n_trained / chosen.n_base:.3%} of {chosen.n_base:,}) + {chosen.n_head:,} head parameters; "
+            f"{len(task.train)} train / {len(task.dev)} dev examples")
     fit = _fit(net, chosen, task, tokenizer, max_length, cfg, accelerator)
     net.to("cpu")
     counts = (chosen.n_trained + chosen.n_head, chosen.n_base)
