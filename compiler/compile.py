@@ -29,7 +29,7 @@ from bitfit.runtime import compiled as cm
 from bitfit.runtime import schema as S
 from bitfit.runtime.errors import BitFitError, CompiledModelError, ParityError
 from bitfit.runtime.fs import check_target, output_dir
-from bitfit.runtime.pack import TensorSpec
+from bitfit.runtime.pack import TensorSpec, model_identity
 from bitfit.runtime.version import __version__
 from safetensors.numpy import save_file
 
@@ -156,8 +156,10 @@ def _manifest(model: str | os.PathLike, encoder, tokenizer, slots, token_inputs:
               *, bias_defaults: bool, mixed: bool, head_inputs: list[TensorSpec], outputs: list[str],
               quantize: str | None, fp16: bool) -> cm.CompiledManifest:
     config = encoder.config
+    base_id, base_path = model_identity(model)
     return cm.CompiledManifest(
-        base_model=os.path.abspath(model) if Path(model).is_dir() else str(model),
+        base_model=base_id,
+        base_model_path=base_path,
         base_model_type=config.model_type,
         base_fingerprint=base_fingerprint(encoder),
         hidden_size=int(config.hidden_size),

@@ -360,7 +360,7 @@ def verify(
             raise
         return _finish(report, strict)  # a changed file that no longer loads: that row says it all
 
-    base = model or cm.base_model
+    base = model or cm.base_model_source()  # the recorded directory, if here; else the HF id
     sentences = list(texts or SENTENCES)
     max_len = min(128, cm.max_positions)
     run = _Run(cm, session, _Reference(base, cm.base_fingerprint), np.random.default_rng(seed), sentences,

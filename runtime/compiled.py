@@ -17,7 +17,7 @@ from .errors import CompiledModelError, IncompatibleError
 from .fs import MAX_TOKENIZER_BYTES, open_regular, regular_size, sha256_file, write_file
 from .heads import HEAD_BIAS, HEAD_POOLER_BIAS, HEAD_POOLER_WEIGHT, HEAD_WEIGHT
 from .manifest import Format, read_versioned
-from .pack import SPEC_FIELDS, PackManifest, TaskPack, TensorSpec, value_problems
+from .pack import SPEC_FIELDS, PackManifest, TaskPack, TensorSpec, locate_base_model, value_problems
 from .tensorfile import load_tensors, size_problem
 
 FORMAT = "bitfit-compiled"
@@ -46,6 +46,7 @@ _HEAD_SPEC = {**SPEC_FIELDS, "shape": S.Field(
     "a shape: 1 to 4 whole numbers >= 1, or -1 for any size")}
 MANIFEST_FIELDS = {
     "base_model": S.string(),
+    "base_model_path": S.string(required=False),  # absent in directories compiled before it (a hint only)
     "base_model_type": S.string(256),
     "base_fingerprint": S.hexdigest(),
     "hidden_size": S.integer(1, 1 << 16),
@@ -112,6 +113,9 @@ class CompiledManifest:
     # graphs and graphs compiled with --no-head. outputs: every graph output, `output` first.
     head_inputs: list[TensorSpec] = field(default_factory=list)
     outputs: list[str] = field(default_factory=lambda: [OUTPUT_NAME])
+    # base_model names the model on any machine (runtime.pack.model_identity); this is the directory it was
+    # compiled from, a hint only ("" for an HF id and in old manifests). What is checked is base_fingerprint.
+    base_model_path: str = ""
     tool_version: str = ""
     manifest_sha256: str = ""
     format: str = FORMAT
@@ -134,10 +138,16 @@ class CompiledManifest:
     def bias_specs(self) -> dict[str, TensorSpec]:
         return {b.name: b for b in self.bias_inputs}
 
+    def base_model_source(self) -> str:
+        """Where to load the base model from on this machine (runtime.pack.locate_base_model)."""
+        return locate_base_model(self.base_model, self.base_model_path, self.base_fingerprint, "the compiled graph")
+
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["bias_inputs"] = [b.to_json() for b in self.bias_inputs]
         out["head_inputs"] = [h.to_json() for h in self.head_inputs]
+        if not self.base_model_path:  # an old manifest keeps its JSON as written
+            del out["base_model_path"]
         return out
 
 

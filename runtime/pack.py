@@ -22,7 +22,7 @@ from safetensors.numpy import save_file
 
 from . import args as A
 from . import schema as S
-from .errors import PackError
+from .errors import IncompatibleError, PackError
 from .fs import output_dir, regular_size, sha256_file
 from .heads import (
     HEAD_BIAS,
@@ -66,6 +66,29 @@ def min_max_length(pair: bool, special_tokens: int | None = None) -> int:
     return specials + (2 if pair else 1)
 
 
+def model_identity(model: str | os.PathLike) -> tuple[str, str]:
+    """(the name that identifies a base model on another machine, where it is on this one): an HF id as given,
+    with no path; a local directory by its own name, with its absolute path as a hint. Manifests record both
+    (base_model, base_model_path); the base fingerprint beside them is what is checked."""
+    if Path(model).is_dir():
+        path = os.path.abspath(model)
+        return Path(path).name, path
+    return str(model), ""
+
+
+def locate_base_model(name: str, path: str, fingerprint: str, what: str) -> str:
+    """Where to load a manifest's base model from here: its recorded directory if that exists on this machine,
+    its name when no directory was recorded (an HF id; an old manifest's absolute path); otherwise a BitFitError
+    asking for the model (only the fingerprint can tell it is the right one)."""
+    if not path:
+        return name
+    if Path(path).is_dir():
+        return path
+    raise IncompatibleError(f"{what} was made from the base model {name!r} in {path}, a directory that is not on this "
+                            f"machine: give the base model explicitly (--model); its fingerprint must start with "
+                            f"{fingerprint[:12]}")
+
+
 def two_texts(task_kind: str, text_pair: bool) -> bool:
     """Whether a task's rows are two texts: sentence pairs, or question answering's question and context."""
     return bool(text_pair) or task_kind == "question-answering"
@@ -88,6 +111,7 @@ MANIFEST_FIELDS = {
     "max_length": S.integer(1, 1 << 20),
     "text_pair": S.boolean(),
     "base_model": S.string(),
+    "base_model_path": S.string(required=False),  # absent in packs written before it (a hint only)
     "base_model_type": S.string(256),
     "base_fingerprint": S.hexdigest(),
     "hidden_size": S.integer(1, 1 << 16),
@@ -159,6 +183,10 @@ class PackManifest:
     metrics: dict[str, Any] = field(default_factory=dict)
     # question answering trained with unanswerable questions (SQuAD 2.0): "" wins when CLS beats every span
     no_answer: bool = False
+    # base_model names the model on any machine (an HF id, or a local directory's name: model_identity); this is
+    # where the directory was on the machine that wrote the pack, a hint only ("" for an HF id, and in old packs,
+    # whose base_model is that absolute path). What is checked is base_fingerprint.
+    base_model_path: str = ""
     tool_version: str = ""
     tensors_sha256: str = ""
     manifest_sha256: str = ""  # set by save_pack: the sha256 of the rest of the manifest (runtime.schema)
@@ -229,10 +257,17 @@ class PackManifest:
     def specs(self) -> list[TensorSpec]:
         return [*self.biases, *self.head]
 
+    def base_model_source(self) -> str:
+        """Where to load the base model from on this machine (locate_base_model)."""
+        return locate_base_model(self.base_model, self.base_model_path, self.base_fingerprint,
+                                 f"task pack {self.task!r}")
+
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["biases"] = [b.to_json() for b in self.biases]
         out["head"] = [h.to_json() for h in self.head]
+        if not self.base_model_path:  # an old pack keeps its JSON, so its digest and seal, as written
+            del out["base_model_path"]
         return out
 
     @classmethod

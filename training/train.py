@@ -34,6 +34,7 @@ from bitfit.runtime.pack import (
     TaskPack,
     TensorSpec,
     min_max_length,
+    model_identity,
     save_pack,
     two_texts,
 )
@@ -457,7 +458,7 @@ def _pack(model: str | os.PathLike, task: TaskData, net: BitFitModel, slots: lis
     tensors = {s.name: s.parameter.detach().float().numpy().copy() for s in slots}
     head = net.head_tensors()
     tensors.update(head)
-    base_id = os.path.abspath(model) if Path(model).is_dir() else str(model)
+    base_id, base_path = model_identity(model)
     manifest = PackManifest(
         task=cfg.task_name or task.name,
         task_kind=task.kind,
@@ -466,6 +467,7 @@ def _pack(model: str | os.PathLike, task: TaskData, net: BitFitModel, slots: lis
         max_length=max_length,
         text_pair=task.text_pair,
         base_model=base_id,
+        base_model_path=base_path,
         base_model_type=encoder.config.model_type,
         base_fingerprint=fingerprint,
         hidden_size=encoder.config.hidden_size,
