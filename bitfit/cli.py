@@ -64,7 +64,7 @@ def _predict(a: argparse.Namespace) -> int:
         pairs = (pairs or []) + more_pairs if more_pairs else pairs
     if not texts:
         raise BitFitError("nothing to predict: pass --text T (repeatable) or --file F")
-    describe = read_pack_manifest(a.pack).kind.describe  # how this kind prints a record
+    describe = read_pack_manifest(a.pack).kind.describe  # how this task kind prints a record
     out = predict(a.compiled, a.pack, texts, pairs, threads=a.threads, device=a.device, backend=a.backend)
     for text, record in zip(texts, out.records()):
         print(json.dumps(record) if a.json else describe(record, text))

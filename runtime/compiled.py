@@ -265,10 +265,10 @@ def check_pack_fits(compiled: CompiledManifest, pack: TaskPack | PackManifest, w
     graph = compiled.bias_specs
     absent = [b.name for b in m.biases if b.name not in graph]
     if absent:
-        kinds = sorted({b.kind or "?" for b in m.biases if b.name in absent})
+        bias_kinds = sorted({b.kind or "?" for b in m.biases if b.name in absent})
         problems.append(
             f"the graph has no input for biases {', '.join(absent[:4])}{' ...' if len(absent) > 4 else ''}: "
-            f"recompile with --biases all (or include {','.join(kinds)})"
+            f"recompile with --biases all (or include {','.join(bias_kinds)})"
         )
     held = {b.name for b in m.biases}
     partial = sorted(g.name for g in compiled.bias_inputs if g.kind in m.bias_subset and g.name not in held)

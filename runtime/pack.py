@@ -31,7 +31,8 @@ from .heads import (
     HEAD_WEIGHT,
     POOLINGS,
 )
-from .kinds import KINDS, TaskKind, kind
+from .kinds import KINDS, TaskKind
+from .kinds import kind as task_kind_of
 from .manifest import Format, read_versioned
 from .tensorfile import load_tensors, size_problem
 
@@ -202,7 +203,7 @@ class PackManifest:
 
     def problems(self) -> list[str]:
         """Every way the manifest's fields contradict each other (types are the schema's job)."""
-        k = kind(self.task_kind)
+        k = self.kind
         out = []
         name_problem = S.task_name_problem(self.task)
         if name_problem:  # a manifest built in memory; one read from disk was refused by the schema already
@@ -243,7 +244,8 @@ class PackManifest:
 
     @property
     def kind(self) -> TaskKind:
-        return kind(self.task_kind)
+        """The task kind (runtime.kinds) named by task_kind; a bias's kind (bq, bm2, ...) is TensorSpec.kind."""
+        return task_kind_of(self.task_kind)
 
     @property
     def num_outputs(self) -> int:

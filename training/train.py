@@ -26,7 +26,7 @@ from bitfit.runtime import schema as S
 from bitfit.runtime.errors import BitFitError, PackError
 from bitfit.runtime.fs import check_target
 from bitfit.runtime.heads import POOLINGS
-from bitfit.runtime.kinds import kind
+from bitfit.runtime.kinds import kind as task_kind_of
 from bitfit.runtime.pack import (
     FORMAT,
     MANIFEST_FILE,
@@ -113,13 +113,13 @@ def make_accelerator():
     return accelerator
 
 
-def loss_terms(kind: str, target: torch.Tensor) -> int:
+def loss_terms(task_kind: str, target: torch.Tensor) -> int:
     """How many terms a batch's mean loss averages: labelled tokens, else rows (QA averages start and end
     within each row)."""
-    return objective(kind).terms(target)
+    return objective(task_kind).terms(target)
 
 
-def shard(inputs: dict[str, torch.Tensor], target: torch.Tensor, kind: str, rank: int,
+def shard(inputs: dict[str, torch.Tensor], target: torch.Tensor, task_kind: str, rank: int,
           world: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, float]:
     """Process `rank`'s contiguous rows of a global batch, and the weight for its loss (a mean over its own
     terms) that makes DDP's average of the processes' gradients the gradient of the whole batch's mean loss:
@@ -130,7 +130,7 @@ def shard(inputs: dict[str, torch.Tensor], target: torch.Tensor, kind: str, rank
         return inputs, target, 1.0
     n = len(target)
     lo, hi = n * rank // world, n * (rank + 1) // world
-    total, here = loss_terms(kind, target), loss_terms(kind, target[lo:hi])
+    total, here = loss_terms(task_kind, target), loss_terms(task_kind, target[lo:hi])
     if here == 0:
         lo, hi = 0, 1
     weight = world * here / total if total else float("nan")
@@ -287,7 +287,7 @@ def train(
         raise BitFitError(f"{task.name}: need non-empty train and dev splits")
     if cfg.task_name is None:  # the data set's name, e.g. a file's stem: "my data" cannot be served
         check_task_name(task.name, fix="name the task with --name")
-    token_level = kind(task.kind).token_level
+    token_level = task_kind_of(task.kind).token_level
     pooling = ("none" if token_level else "mean") if cfg.pooling == "auto" else cfg.pooling
     if token_level != (pooling == "none"):
         raise BitFitError(f"a {task.kind} task cannot use pooling {pooling!r}: token-level tasks take pooling 'none' "
@@ -306,7 +306,7 @@ def train(
         cfg.log(f"max_length {max_length} is more than {model} takes: using {limit}")
         max_length = limit
     slots = find_biases(encoder, bias_kinds)
-    net = BitFitModel(encoder, kind(task.kind).outputs(task.labels), pooling,
+    net = BitFitModel(encoder, task_kind_of(task.kind).outputs(task.labels), pooling,
                       pooler=load_pooler(model) if pooling == "pooler" else None)
     chosen = _choose(net, slots, bias_kinds, cfg)
     cfg.log(f"BitFit on {task.name}: training {chosen.n_trained:,} {chosen.what}; "
