@@ -86,22 +86,8 @@ def compile_model(
     verify: task packs (possibly none) to check against PyTorch before the graph is put in place
     (compiler.verify, strict): a graph that fails parity raises ParityError and never replaces `out`.
     """
-    A.check("model", model, A.PATH)
-    A.check("out", out, A.PATH)
-    A.check("biases", biases, S.text(256))
-    for name, flag in (("fp16", fp16), ("fuse", fuse), ("mixed", mixed), ("head", head), ("overwrite", overwrite),
-                       ("bias_defaults", bias_defaults)):
-        A.check(name, flag, S.boolean())
-    A.check("verify", verify, A.optional(A.PACKS))
-    A.check("log", log, A.CALLABLE)
-    if mixed and fuse:
-        raise BitFitError("--mixed and --fuse do not combine: fused kernels take one bias per batch; choose one")
-    if quantize is not None and quantize not in QUANTIZE_MODES:
-        raise BitFitError(f"unknown quantize mode {quantize!r}: use one of {', '.join(QUANTIZE_MODES)}")
-    if quantize and fp16:
-        raise BitFitError("choose one of --quantize and --fp16: int8 weights are for CPUs, fp16 weights for GPUs")
-    if not isinstance(opset, int) or not cm.OPSETS[0] <= opset <= cm.OPSETS[1]:
-        raise BitFitError(f"opset must be from {cm.OPSETS[0]} to {cm.OPSETS[1]}, got {opset!r}")
+    _check_options(model, out, biases, opset, quantize, verify, log, fp16=fp16, fuse=fuse, mixed=mixed, head=head,
+                   overwrite=overwrite, bias_defaults=bias_defaults)
     out = check_target(out, overwrite=overwrite, marker=cm.MANIFEST_FILE, format=cm.FORMAT,
                        what="compiled model directory")
     bias_kinds = parse_subset(biases)
@@ -140,6 +126,25 @@ def compile_model(
 
 
 compile = compile_model  # noqa: A001 - the public name (bitfit.compile); callers import it from here
+
+
+def _check_options(model, out, biases, opset, quantize, verify, log, **flags: bool) -> None:
+    """compile's arguments, each checked by name before anything is loaded."""
+    A.check("model", model, A.PATH)
+    A.check("out", out, A.PATH)
+    A.check("biases", biases, S.text(256))
+    for name, flag in flags.items():
+        A.check(name, flag, S.boolean())
+    A.check("verify", verify, A.optional(A.PACKS))
+    A.check("log", log, A.CALLABLE)
+    if flags["mixed"] and flags["fuse"]:
+        raise BitFitError("--mixed and --fuse do not combine: fused kernels take one bias per batch; choose one")
+    if quantize is not None and quantize not in QUANTIZE_MODES:
+        raise BitFitError(f"unknown quantize mode {quantize!r}: use one of {', '.join(QUANTIZE_MODES)}")
+    if quantize and flags["fp16"]:
+        raise BitFitError("choose one of --quantize and --fp16: int8 weights are for CPUs, fp16 weights for GPUs")
+    if not isinstance(opset, int) or not cm.OPSETS[0] <= opset <= cm.OPSETS[1]:
+        raise BitFitError(f"opset must be from {cm.OPSETS[0]} to {cm.OPSETS[1]}, got {opset!r}")
 
 
 def _check_parity(tmp: Path, out: Path, packs: list, model: str | os.PathLike, log: Callable[[str], None]) -> None:
