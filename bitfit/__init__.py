@@ -18,9 +18,9 @@ def train(*args: Any, **kwargs: Any):
 
 
 def compile(*args: Any, **kwargs: Any):  # noqa: A001 - the stage is called compile
-    from bitfit.compiler.compile import compile as _compile
+    from bitfit.compiler.compile import compile_model
 
-    return _compile(*args, **kwargs)
+    return compile_model(*args, **kwargs)
 
 
 def verify(*args: Any, **kwargs: Any):

@@ -1,6 +1,7 @@
 """The `bitfit` command. Every subcommand is also a function in the `bitfit` package.
 
-Exit codes: 0 ok, 1 a check failed (verify), 2 bad input or usage.
+Exit codes: 0 ok, 1 a check failed (verify, compile --verify: ParityError), 2 bad input or usage (any
+other BitFitError).
 """
 from __future__ import annotations
 
@@ -9,24 +10,25 @@ import json
 import math
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from bitfit.runtime.backends import BACKENDS
 from bitfit.runtime.compiled import DEFAULT_OPSET, IREE_TARGETS, OPSETS
-from bitfit.runtime.errors import BitFitError
+from bitfit.runtime.errors import BitFitError, ParityError
+from bitfit.runtime.heads import POOLINGS
 from bitfit.runtime.kinds import KINDS
 from bitfit.runtime.session import MAX_THREADS
 from bitfit.runtime.version import __version__
 
 
 def _train(a: argparse.Namespace) -> int:
-    from bitfit.training.train import train
+    from bitfit.training.train import TrainConfig, train
 
-    result = train(
-        a.model, a.data, a.out, biases=a.biases, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size,
-        warmup=a.warmup, schedule=a.schedule, max_length=a.max_length, pooling=a.pooling, task_kind=a.task_kind, task_name=a.name,
-        dev=a.dev, train_size=a.train_size, seed=a.seed, overwrite=a.overwrite, progress=not a.quiet,
-        train_pooler=a.train_pooler,
-    )
+    config = TrainConfig(biases=a.biases, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, warmup=a.warmup,
+                         schedule=a.schedule, max_length=a.max_length, pooling=a.pooling, task_kind=a.task_kind,
+                         task_name=a.name, dev=a.dev, train_size=a.train_size, seed=a.seed, overwrite=a.overwrite,
+                         progress=not a.quiet, train_pooler=a.train_pooler)
+    result = train(a.model, a.data, a.out, config)
     if not result.is_main_process:  # under `accelerate launch`: the main process reports
         return 0
     m = result.pack.manifest
@@ -38,16 +40,11 @@ def _train(a: argparse.Namespace) -> int:
 
 
 def _compile(a: argparse.Namespace) -> int:
-    from bitfit.compiler.compile import compile
-    from bitfit.runtime.errors import ParityError
+    from bitfit.compiler.compile import compile_model
 
-    try:
-        compile(a.model, a.out, biases=a.biases, opset=a.opset, quantize=a.quantize, fp16=a.fp16, fuse=a.fuse,
-                mixed=a.mixed, head=not a.no_head, bias_defaults=False if a.no_defaults else None,
-                overwrite=a.overwrite, verify=a.verify, target=a.target, buckets=a.buckets)
-    except ParityError as e:  # a failed check (exit 1), not bad input; the graph was not put in place
-        print(f"bitfit compile: parity check failed, {a.out} left as it was: {e}", file=sys.stderr)
-        return 1
+    compile_model(a.model, a.out, biases=a.biases, opset=a.opset, quantize=a.quantize, fp16=a.fp16, fuse=a.fuse,
+                  mixed=a.mixed, head=not a.no_head, bias_defaults=False if a.no_defaults else None,
+                  overwrite=a.overwrite, verify=a.verify, target=a.target, buckets=a.buckets)
     return 0
 
 
@@ -67,7 +64,7 @@ def _predict(a: argparse.Namespace) -> int:
         pairs = (pairs or []) + more_pairs if more_pairs else pairs
     if not texts:
         raise BitFitError("nothing to predict: pass --text T (repeatable) or --file F")
-    describe = read_pack_manifest(a.pack).kind.describe  # how this kind prints a record
+    describe = read_pack_manifest(a.pack).kind.describe  # how this task kind prints a record
     out = predict(a.compiled, a.pack, texts, pairs, threads=a.threads, device=a.device, backend=a.backend)
     for text, record in zip(texts, out.records()):
         print(json.dumps(record) if a.json else describe(record, text))
@@ -114,10 +111,7 @@ def _serve(a: argparse.Namespace) -> int:
         if e.name in ("starlette", "uvicorn", "prometheus_client", "anyio"):
             raise BitFitError(f"needs {e.name}; install the server extra: pip install 'bitfit-deploy[serve]'") from e
         raise
-    limits = {"max_texts": a.max_texts, "max_text_chars": a.max_text_chars, "max_batch_rows": a.max_batch_rows,
-              "max_wait_ms": a.max_wait_ms, "batching": not a.no_batching, "header_timeout_s": a.header_timeout,
-              "body_timeout_s": a.body_timeout, "max_connections": a.max_connections, "admin_token": a.admin_token,
-              "reload_every_s": a.reload_every}
+    limits = {name: getattr(a, name) for name in a.serve_fields}  # the ServeConfig fields given as flags
     if a.ray:
         try:
             from .serve.ray_app import run
@@ -223,47 +217,168 @@ PORT = _int_in(1, 65535)
 LENGTH = _int_in(1, 1 << 20)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bitfit", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"bitfit {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+# -- flags that several subcommands share: defined once ------------------------------------------------
+SERVE_DEPS = ("starlette", "uvicorn", "prometheus_client", "anyio")
+DEVICES = ["cpu", "cuda", "gpu", "npu", "auto"]
 
+
+def _engine_flags(p: argparse.ArgumentParser, *, device: bool = True, backend_help: str | None = None) -> None:
+    """--device and --backend: where and on what the graph runs (predict, verify, serve)."""
+    if device:
+        p.add_argument("--device", choices=DEVICES, default="cpu",
+                       help="cuda needs onnxruntime-gpu; auto: cuda where present (OpenVINO: cpu, gpu, npu, auto)")
+    p.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
+                   help=backend_help or "the engine: onnxruntime (default), openvino or openvino-int8 (OpenVINO's int8 "
+                   "weight compression; a graph compiled with --no-defaults and the [openvino] extra), or iree (a "
+                   "directory compiled with --target iree-cpu; the [iree] extra)")
+
+
+def _compiled_flag(p: argparse.ArgumentParser, help: str = "a directory made by `bitfit compile`") -> None:
+    p.add_argument("--compiled", required=True, help=help)
+
+
+def _out_flags(p: argparse.ArgumentParser, what: str, replaces: str) -> None:
+    """--out (required) and --overwrite, which every writer takes."""
+    p.add_argument("--out", required=True, help=what)
+    p.add_argument("--overwrite", action="store_true", help=f"replace {replaces}")
+
+
+def _pack_source_flags(p: argparse.ArgumentParser, source: str) -> None:
+    """What extract and import-peft share: the base, the task name, the bias kinds, max_length."""
+    p.add_argument("--task", help=f"task name (default: the {source} directory's name)")
+    p.add_argument("--biases", default="changed",
+                   help="'changed' (default: the bias kinds that differ from the base), 'all', or kinds")
+    p.add_argument("--max-length", type=LENGTH, help="default: the model's positions")
+
+
+# ServeConfig's fields become `bitfit serve` flags (bitfit.serve.app.ServeConfig, read, not copied: a new field is
+# a new flag). ServeConfig carries no help text or flag names, so these live here, keyed by field name; the value
+# parsers repeat its ranges so that a bad value is argparse's one line before anything loads (ServeConfig
+# checks them again for Python callers).
+SERVE_FLAGS: dict[str, tuple[str, Any, str]] = {
+    "max_texts": ("--max-texts", POSITIVE, "texts per request"),
+    "max_text_chars": ("--max-text-chars", POSITIVE, "characters per text"),
+    "max_batch_rows": ("--max-batch-rows", POSITIVE, "rows per batched session call"),
+    "max_wait_ms": ("--max-wait-ms", _float_in(0, 10_000), "how long a queued request waits for others to batch with"),
+    "batching": ("--no-batching", None, "run every request on its own"),
+    "body_timeout_s": ("--body-timeout", _float_in(0, 3600, above=True),
+                       "seconds a request body has to arrive (then 408)"),
+    "header_timeout_s": ("--header-timeout", _float_in(0, 3600, above=True),
+                         "seconds a connection has to send a whole request head"),
+    "max_connections": ("--max-connections", _int_in(1, 1 << 16),
+                        "open connections served at once; more are answered 503"),
+    "admin_token": ("--admin-token", None, "token for POST /v1/admin/* (Authorization: Bearer TOKEN); prefer the "
+                                           "BITFIT_ADMIN_TOKEN environment variable, which `ps` does not show"),
+    "reload_every_s": ("--reload-every", _float_in(0, 86_400),
+                       "also rescan --packs this often, in seconds (0: only on POST /v1/admin/reload)"),
+}
+# ServeConfig fields that are not flags, and why
+SERVE_NOT_FLAGS = {"max_body_bytes": "derived from max_texts and max_text_chars",
+                   "allowed_hosts": "set from --host (loopback names on a loopback address)"}
+
+
+def _serve_config_flags(p: argparse.ArgumentParser, config: type) -> list[str]:
+    """A flag per ServeConfig field (but SERVE_NOT_FLAGS), its default the field's; returns the field names."""
+    from dataclasses import MISSING, fields
+
+    names = []
+    for f in fields(config):
+        if f.name in SERVE_NOT_FLAGS:
+            continue
+        flag, parse, help = SERVE_FLAGS.get(f.name, (f"--{f.name.replace('_', '-')}", None, f"ServeConfig.{f.name}"))
+        default = None if f.default is MISSING else f.default
+        if isinstance(default, bool):  # a switch: --no-X turns off what is on by default, --X the other way
+            p.add_argument(flag, dest=f.name, action="store_false" if default else "store_true", help=help)
+        else:
+            shown = f"{default:g}" if isinstance(default, float) else default
+            metavar = "SECONDS" if f.name.endswith("_s") else flag[2:].upper().replace("-", "_")
+            p.add_argument(flag, dest=f.name, type=parse or _by_annotation(f.type), default=default, metavar=metavar,
+                           help=help + ("" if default is None else f" (default {shown})"))
+        names.append(f.name)
+    return names
+
+
+def _by_annotation(annotation: Any):
+    """The value parser of a ServeConfig field without an entry in SERVE_FLAGS (ServeConfig checks the range)."""
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    return _int_in(-(2**63)) if text.startswith("int") else _float_in(-math.inf) if text.startswith("float") else str
+
+
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve every task pack in a directory over HTTP (no torch)",
+                       description="HTTP server: GET /v1/tasks, POST /v1/predict (classification, regression), "
+                                   "POST /v1/tokens (token classification), POST /v1/answer (extractive QA), "
+                                   "GET /healthz, GET /metrics, POST /v1/admin/reload (admin: rescans --packs; "
+                                   "needs the admin token when one is set, and one must be set to listen beyond "
+                                   "loopback). /v1/predict requests of all tasks are batched together.")
+    _compiled_flag(p)
+    p.add_argument("--packs", required=True,
+                   help="a directory of task packs (one per subdirectory), served under their manifests' task names")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
+    p.add_argument("--port", type=PORT, default=8000)
+    p.add_argument("--threads", type=THREADS,
+                   help="onnxruntime intra-op threads (default: all cores but one, which the HTTP loop needs)")
+    _engine_flags(p)
+    try:
+        from .serve.app import ServeConfig
+    except ModuleNotFoundError as e:  # the runtime alone: every other command works; this one says what to install
+        if e.name not in SERVE_DEPS:
+            raise
+        p.set_defaults(run=_serve_unavailable, missing=e.name, serve_fields=[])
+        return
+    p.set_defaults(run=_serve, serve_fields=_serve_config_flags(p, ServeConfig))
+    ray = p.add_argument_group("Ray Serve (pip install 'bitfit-deploy[ray]'; docs/serving.md)")
+    ray.add_argument("--ray", action="store_true", help="run as a Ray Serve application: replicas of this server "
+                                                        "behind Ray's proxy, a reload reaching every replica")
+    ray.add_argument("--replicas", type=_replicas, default=2,
+                     help="replicas, or auto for Ray's autoscaling (default 2)")
+    ray.add_argument("--replica-cpus", type=_float_in(0, 1024, above=True), default=1.0,
+                     help="Ray CPUs each replica reserves (default 1)")
+    ray.add_argument("--ray-address", help="join this Ray cluster (default: start one on this machine)")
+
+
+def _serve_unavailable(a: argparse.Namespace) -> int:
+    raise BitFitError(f"needs {a.missing}; install the server extra: pip install 'bitfit-deploy[serve]'")
+
+
+def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="BitFit-train a task and save its task pack")
     p.add_argument("--model", required=True, help="HF model id or local directory of the pre-trained encoder")
     p.add_argument("--data", required=True,
                    help="CSV/TSV/JSONL with text, label (and text_pair) columns, or a built-in data set: "
                         "movie-sentiment, movie-score, trec6, sms-spam; token-level tasks: JSONL with tokens and "
                         "tags, or SQuAD-style question, context and answers")
-    p.add_argument("--out", required=True, help="directory to write the task pack to")
+    _out_flags(p, "directory to write the task pack to", "an existing pack at --out")
     p.add_argument("--dev", help="a dev file (default: 10%% of --data, seeded)")
     p.add_argument("--biases", default="all", help="'all', or bias kinds: bq,bk,bv,bm1,bLN1,bm2,bm3,bLN2,bLNe "
                                                    "(e.g. bq,bm2, the paper's 0.04%% setting)")
     p.add_argument("--epochs", type=POSITIVE, default=5)
-    p.add_argument("--lr", type=_float_in(0, above=True), default=1e-3, help="bias-only training wants a high LR (default 1e-3)")
+    p.add_argument("--lr", type=_float_in(0, above=True), default=1e-3,
+                   help="bias-only training wants a high LR (default 1e-3)")
     p.add_argument("--batch-size", type=POSITIVE, default=16)
     p.add_argument("--warmup", type=_float_in(0, 1, below=True), default=0.1, help="share of steps with linear warm-up")
     p.add_argument("--schedule", choices=["linear", "constant"], default="linear",
                    help="linear: warm-up then linear decay (default); constant: the LR throughout (the BitFit "
                         "authors' code)")
     p.add_argument("--max-length", type=LENGTH, default=128)
-    p.add_argument("--pooling", choices=["auto", "mean", "cls", "pooler", "none"], default="auto",
+    p.add_argument("--pooling", choices=["auto", *POOLINGS], default="auto",
                    help="auto: mean for sequence tasks, none for token-level ones; pooler: the checkpoint's own "
                         "BERT pooler (tanh dense on the first token, as HF *ForSequenceClassification), frozen")
     p.add_argument("--train-pooler", action="store_true", help="with --pooling pooler: train the pooler too")
-    p.add_argument("--task-kind", default="auto",
-                   choices=["auto", *KINDS],
+    p.add_argument("--task-kind", default="auto", choices=["auto", *KINDS],
                    help="auto: from the data (JSONL with tokens/tags: token-classification; with "
                         "question/context/answers: question-answering)")
     p.add_argument("--name", help="task name (default: the data set's name)")
     p.add_argument("--train-size", type=POSITIVE, help="use only the first N training examples")
     p.add_argument("--seed", type=_int_in(0, 2**32 - 1), default=0)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing pack at --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_train)
 
+
+def _compile_parser(sub) -> None:
     p = sub.add_parser("compile", help="export the frozen encoder to ONNX with bias inputs")
     p.add_argument("--model", required=True, help="HF model id or local directory")
-    p.add_argument("--out", required=True, help="directory for model.onnx, tokenizer.json, manifest.json")
+    _out_flags(p, "directory for model.onnx, tokenizer.json, manifest.json", "an existing compiled directory")
     p.add_argument("--biases", default="all", help="bias kinds to expose as inputs (default all: any pack fits)")
     p.add_argument("--opset", type=_int_in(*OPSETS), default=DEFAULT_OPSET,
                    help=f"ONNX opset, {OPSETS[0]} to {OPSETS[1]} (default {DEFAULT_OPSET})")
@@ -293,11 +408,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", nargs="*", metavar="PACK",
                    help="check the new graph (and these task packs, if any) against PyTorch before it is put in "
                         "place; on a mismatch exit 1 and leave --out as it was")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing compiled directory")
     p.set_defaults(run=_compile)
 
+
+def _predict_parser(sub) -> None:
     p = sub.add_parser("predict", help="run a task pack on texts with the compiled graph (no torch)")
-    p.add_argument("--compiled", required=True, help="a directory made by `bitfit compile`")
+    _compiled_flag(p)
     p.add_argument("--pack", required=True, help="a task pack made by `bitfit train`")
     p.add_argument("--text", action="append", help="a text (repeatable)")
     p.add_argument("--text-pair", action="append", help="second texts for sentence-pair tasks (repeatable)")
@@ -306,71 +422,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question", action="append", help="question answering: a question (repeatable)")
     p.add_argument("--context", action="append", help="question answering: the context of each --question")
     p.add_argument("--threads", type=THREADS, help="onnxruntime intra-op threads (default: all cores)")
-    p.add_argument("--device", choices=["cpu", "cuda", "gpu", "npu", "auto"], default="cpu",
-                   help="cuda needs onnxruntime-gpu; auto: cuda where present (OpenVINO: cpu, gpu, npu, auto)")
-    p.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
-                   help="the engine: onnxruntime (default), openvino or openvino-int8 (OpenVINO's int8 weight "
-                        "compression); OpenVINO needs a graph compiled with --no-defaults and the [openvino] extra")
+    _engine_flags(p)
     p.add_argument("--json", action="store_true", help="one JSON object per text: label, scores, logits")
     p.set_defaults(run=_predict)
 
+
+def _verify_parser(sub) -> None:
     p = sub.add_parser("verify", help="check the graph and task packs against PyTorch (exit 1 on mismatch)")
     p.add_argument("--compiled", required=True)
     p.add_argument("--pack", action="append", default=[], help="a task pack (repeatable)")
     p.add_argument("--model", help="the base model (default: the one recorded at compile time)")
-    p.add_argument("--atol", type=_float_in(0), help="max abs logit difference (default: fp32 1e-4, fp16 2e-2, int8 1.5)")
+    p.add_argument("--atol", type=_float_in(0),
+                   help="max abs logit difference (default: fp32 1e-4, fp16 2e-2, int8 1.5)")
     p.add_argument("--mode", choices=["auto", "fp32", "fp16", "int8"], default="auto",
                    help="tolerance mode; auto: the graph's precision")
     p.add_argument("--min-agreement", type=_float_in(0, 100), default=90.0,
                    help="fp16/int8 modes: %% of rows whose label must match fp32 PyTorch")
     p.add_argument("--report", help="also write the report as JSON here")
-    p.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
-                   help="the engine to check the graph on (every check, bias liveness included, runs on it)")
+    _engine_flags(p, device=False, backend_help="the engine to check the graph on (every check, bias liveness "
+                                                "included, runs on it)")
     p.set_defaults(run=_verify)
 
-    p = sub.add_parser("serve", help="serve every task pack in a directory over HTTP (no torch)",
-                       description="HTTP server: GET /v1/tasks, POST /v1/predict (classification, regression), "
-                                   "POST /v1/tokens (token classification), POST /v1/answer (extractive QA), "
-                                   "GET /healthz, GET /metrics, POST /v1/admin/reload (admin: rescans --packs; "
-                                   "needs the admin token when one is set, and one must be set to listen beyond "
-                                   "loopback). /v1/predict requests of all tasks are batched together.")
-    p.add_argument("--compiled", required=True, help="a directory made by `bitfit compile`")
-    p.add_argument("--packs", required=True,
-                   help="a directory of task packs (one per subdirectory), served under their manifests' task names")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
-    p.add_argument("--port", type=PORT, default=8000)
-    p.add_argument("--max-texts", type=POSITIVE, default=64, help="texts per request (default 64)")
-    p.add_argument("--max-text-chars", type=POSITIVE, default=10000, help="characters per text (default 10000)")
-    p.add_argument("--max-batch-rows", type=POSITIVE, default=32, help="rows per batched session call (default 32)")
-    p.add_argument("--max-wait-ms", type=_float_in(0, 10_000), default=5.0,
-                   help="how long a queued request waits for others to batch with (default 5)")
-    p.add_argument("--no-batching", action="store_true", help="run every request on its own")
-    p.add_argument("--header-timeout", type=_float_in(0, 3600, above=True), default=10.0,
-                   help="seconds a connection has to send a whole request head (default 10)")
-    p.add_argument("--body-timeout", type=_float_in(0, 3600, above=True), default=30.0,
-                   help="seconds a request body has to arrive (default 30; then 408)")
-    p.add_argument("--max-connections", type=_int_in(1, 1 << 16), default=256,
-                   help="open connections served at once; more are answered 503 (default 256)")
-    p.add_argument("--admin-token", help="token for POST /v1/admin/* (Authorization: Bearer TOKEN); prefer the "
-                                         "BITFIT_ADMIN_TOKEN environment variable, which `ps` does not show")
-    p.add_argument("--threads", type=THREADS,
-                   help="onnxruntime intra-op threads (default: all cores but one, which the HTTP loop needs)")
-    p.add_argument("--device", choices=["cpu", "cuda", "gpu", "npu", "auto"], default="cpu",
-                   help="cuda needs onnxruntime-gpu; auto: cuda where present (OpenVINO: cpu, gpu, npu, auto)")
-    p.add_argument("--backend", choices=BACKENDS, default="onnxruntime",
-                   help="the engine: onnxruntime (default), openvino or openvino-int8 (OpenVINO's int8 weight "
-                        "compression); OpenVINO needs a graph compiled with --no-defaults and the [openvino] extra")
-    p.add_argument("--reload-every", type=_float_in(0, 86_400), default=0.0, metavar="SECONDS",
-                   help="also rescan --packs this often (default 0: only on POST /v1/admin/reload)")
-    ray = p.add_argument_group("Ray Serve (pip install 'bitfit-deploy[ray]'; docs/serving.md)")
-    ray.add_argument("--ray", action="store_true", help="run as a Ray Serve application: replicas of this server "
-                                                        "behind Ray's proxy, a reload reaching every replica")
-    ray.add_argument("--replicas", type=_replicas, default=2, help="replicas, or auto for Ray's autoscaling (default 2)")
-    ray.add_argument("--replica-cpus", type=_float_in(0, 1024, above=True), default=1.0,
-                     help="Ray CPUs each replica reserves (default 1)")
-    ray.add_argument("--ray-address", help="join this Ray cluster (default: start one on this machine)")
-    p.set_defaults(run=_serve)
 
+def _pack_makers(sub) -> None:
+    """inspect, extract and import-peft."""
     p = sub.add_parser("inspect", help="summarise a task pack or a compiled directory")
     p.add_argument("path")
     p.add_argument("--json", action="store_true")
@@ -382,14 +457,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True, help="the pre-trained encoder the checkpoint was fine-tuned from")
     p.add_argument("--finetuned", required=True, help="a saved *ForSequenceClassification / *ForTokenClassification "
                                                       "/ *ForQuestionAnswering checkpoint")
-    p.add_argument("--out", required=True, help="directory to write the task pack to")
-    p.add_argument("--task", help="task name (default: the checkpoint directory's name)")
-    p.add_argument("--biases", default="changed",
-                   help="'changed' (default: the bias kinds that differ from the base), 'all', or kinds")
+    _out_flags(p, "directory to write the task pack to", "an existing pack at --out")
+    _pack_source_flags(p, "checkpoint")
     p.add_argument("--atol", type=_float_in(0), default=0.0,
                    help="allowed difference on frozen weights (default 0: bit-equal, as BitFit leaves them)")
-    p.add_argument("--max-length", type=LENGTH, help="default: the model's positions")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing pack at --out")
     p.set_defaults(run=_extract)
 
     p = sub.add_parser("import-peft", help="turn a bias-only PEFT adapter (BEFT, LoRA bias=all) into a task pack",
@@ -399,51 +470,63 @@ def build_parser() -> argparse.ArgumentParser:
                                    "give the right --base.")
     p.add_argument("--base", required=True, help="the base model the adapter was trained on")
     p.add_argument("--adapter", required=True, help="a directory written by PeftModel.save_pretrained")
-    p.add_argument("--out", required=True, help="directory to write the task pack to")
-    p.add_argument("--task", help="task name (default: the adapter directory's name)")
+    _out_flags(p, "directory to write the task pack to", "an existing pack at --out")
+    _pack_source_flags(p, "adapter")
     p.add_argument("--labels", help="comma-separated label names (default: a config.json beside the adapter)")
-    p.add_argument("--biases", default="changed", help="'changed' (default), 'all', or kinds")
-    p.add_argument("--max-length", type=LENGTH, help="default: the model's positions")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing pack at --out")
     p.set_defaults(run=_import_peft)
 
+
+def _exporters(sub) -> None:
     p = sub.add_parser("export-bank", help="all tasks' biases in one aligned binary for fixed-weight hardware",
                        description="Writes bank.bin (one equal-layout float32 block per task), bank.json (its "
                                    "memory map) and bank.h (the same map for C).")
-    p.add_argument("--compiled", required=True, help="the compiled directory whose bias inputs define a block")
+    _compiled_flag(p, "the compiled directory whose bias inputs define a block")
     p.add_argument("packs", nargs="+", help="task packs; task ids follow this order")
-    p.add_argument("--out", required=True, help="directory for bank.bin, bank.json, bank.h")
+    _out_flags(p, "directory for bank.bin, bank.json, bank.h", "an existing bank at --out")
     p.add_argument("--block-align", type=_int_in(64, 1 << 30), default=4096,
                    help="bytes each task block is aligned (and padded) to (default 4096: one page)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing bank at --out")
     p.set_defaults(run=_export_bank)
 
     p = sub.add_parser("export-adapter",
                        help="write a task pack as an onnxruntime adapter file (any onnxruntime binding, no bitfit)")
-    p.add_argument("--compiled", required=True, help="a plain compiled directory (not --mixed)")
+    _compiled_flag(p, "a plain compiled directory (not --mixed)")
     p.add_argument("pack", help="a task pack")
-    p.add_argument("--out", required=True, help="the adapter file, e.g. task.onnx_adapter (sidecar: task.json)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing adapter file and sidecar")
+    _out_flags(p, "the adapter file, e.g. task.onnx_adapter (sidecar: task.json)",
+               "an existing adapter file and sidecar")
     p.set_defaults(run=_export_adapter)
 
     p = sub.add_parser("export-triton", help="write an NVIDIA Triton model repository serving task packs")
-    p.add_argument("--compiled", required=True, help="a directory made by `bitfit compile --mixed`")
+    _compiled_flag(p, "a directory made by `bitfit compile --mixed`")
     p.add_argument("packs", nargs="+", help="task packs; task ids follow this order (append new ones last)")
-    p.add_argument("--out", required=True, help="the model repository (other models in it are left alone)")
+    _out_flags(p, "the model repository (other models in it are left alone)", "this model in the repository")
     p.add_argument("--name", default="bitfit", help="the model's name in the repository (default bitfit)")
     p.add_argument("--max-batch-size", type=POSITIVE, default=32, help="Triton's max_batch_size (default 32)")
     p.add_argument("--instance-kind", choices=["auto", "cpu", "gpu"], default="auto",
                    help="instance_group kind (default auto: Triton places it)")
     p.add_argument("--instances", type=_int_in(1, 1024), default=1, help="model instances (default 1)")
-    p.add_argument("--overwrite", action="store_true", help="replace this model in the repository")
     p.set_defaults(run=_export_triton)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bitfit", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"bitfit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_train_parser, _compile_parser, _predict_parser, _verify_parser, _serve_parser, _pack_makers,
+                _exporters):
+        add(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.run is not _serve_unavailable:  # which says what to install, whatever flags came with it
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.run(args)
+    except ParityError as e:  # a failed check, not bad input: exit 1 (README's exit codes)
+        print(f"bitfit {args.command}: parity check failed: {e}", file=sys.stderr)
+        return 1
     except BitFitError as e:
         print(f"bitfit {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -54,6 +54,7 @@ def _pack(path: Path, as_json: bool) -> str:
         f"task           {m.task} ({m.task_kind}{', sentence pairs' if m.text_pair else ''})",
         f"labels         {', '.join(m.labels) if m.labels else '(regression: one value)'}",
         f"base model     {m.base_model} ({m.base_model_type}, hidden {m.hidden_size})",
+        *_base_path(m, "trained"),
         f"fingerprint    {m.base_fingerprint}",
         f"biases         {','.join(m.bias_subset)}: {len(m.biases)} tensors, "
         f"{sum(int(np.prod(b.shape)) for b in m.biases):,} parameters",
@@ -69,6 +70,13 @@ def _pack(path: Path, as_json: bool) -> str:
     return "\n".join(lines)
 
 
+def _base_path(m, verb: str) -> list[str]:
+    """Where the base model was read from when it was a local directory: a hint (the fingerprint is checked)."""
+    if not m.base_model_path:
+        return []
+    return [f"base path      {m.base_model_path} (where it was {verb}; a hint: the fingerprint below is checked)"]
+
+
 def _head(m) -> str:
     linear = f"linear {m.hidden_size} x {m.num_outputs}"
     if m.token_level:
@@ -79,7 +87,7 @@ def _head(m) -> str:
 
 
 def _compiled(path: Path, as_json: bool) -> str:
-    m = cm.read_manifest(path)
+    m = cm.read_compiled_manifest(path)
     size = (path / cm.MODEL_FILE).stat().st_size
     if as_json:
         return json.dumps({"manifest": m.to_json(), "model_bytes": size}, indent=2)
@@ -87,6 +95,7 @@ def _compiled(path: Path, as_json: bool) -> str:
     lines = [
         f"compiled model {path}",
         f"base model     {m.base_model} ({m.base_model_type}, {m.num_layers} layers, hidden {m.hidden_size})",
+        *_base_path(m, "compiled"),
         f"fingerprint    {m.base_fingerprint}",
         f"graph          {cm.MODEL_FILE}, {_size(size)}, opset {m.opset}, {m.precision}",
         f"token inputs   {', '.join(m.token_inputs)} (int64 [batch, sequence], up to {m.max_positions} tokens)",

@@ -370,10 +370,27 @@ def export_fused(
     defaults: bool = True,
     seed: int = PLACEHOLDER_SEED,
 ) -> dict[str, int]:
-    """Write the fused graph, every slot a live input (with its base value as default), to `path`.
+    """Write the fused graph (fused_model) to `path`; returns the fused op counts."""
+    model = fused_model(encoder, slots, token_inputs, opset, defaults=defaults, seed=seed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ir.save(model, path)
+    return fused_op_counts(model)
+
+
+def fused_model(
+    encoder: nn.Module,
+    slots: list[BiasSlot],
+    token_inputs: list[str],
+    opset: int,
+    *,
+    defaults: bool = True,
+    seed: int = PLACEHOLDER_SEED,
+) -> ir.Model:
+    """The fused graph, every slot a live input (with its base value as default), in memory.
 
     `encoder` must be loaded with attn_implementation="eager" (the Attention fusion does not match
-    sdpa). Returns the fused op counts, e.g. {"Attention": 12, "SkipLayerNormalization": 24, ...}.
+    sdpa); fused_op_counts(model) then gives e.g. {"Attention": 12, "SkipLayerNormalization": 24, ...}.
     Raises BitFitError when the model does not fuse (one Attention per layer) or a bias cannot be lifted.
     """
     config = encoder.config
@@ -395,10 +412,6 @@ def export_fused(
             )
         return model
 
-    model = with_placeholders(encoder, slots, token_inputs, opset, optimise,
-                              f"fusing {config.model_type!r} with live biases", SUPPORTED_HINT, defaults=defaults,
-                              seed=seed)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ir.save(model, path)
-    return fused_op_counts(model)
+    return with_placeholders(encoder, slots, token_inputs, opset, optimise,
+                             f"fusing {config.model_type!r} with live biases", SUPPORTED_HINT, defaults=defaults,
+                             seed=seed)

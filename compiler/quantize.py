@@ -11,6 +11,10 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
 
 QUANTIZE_MODES = {
     "int8": "int8-dynamic-per-channel",
@@ -52,15 +56,16 @@ def _quiet_root_logger():
         root.setLevel(level)
 
 
-def to_fp16(path: str | Path) -> None:
-    """fp16 weights in place. keep_io_types keeps every graph input fp32, so a bias input and its default
+def to_fp16_model(model: ir.Model) -> ir.Model:
+    """The graph with fp16 weights. keep_io_types keeps every graph input fp32, so a bias input and its default
     stay fp32 and a Cast inside the graph feeds the fp16 compute: packs are the same for every precision."""
-    import onnx
+    import onnx_ir as ir
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    model = OnnxModel(onnx.load(str(path)))
-    model.convert_float_to_float16(keep_io_types=True)
-    model.save_model_to_file(str(path))
+    converted = OnnxModel(ir.to_proto(model))
+    converted.convert_float_to_float16(keep_io_types=True)
+    converted.topological_sort()  # what OnnxModel.save_model_to_file did before the graph stayed in memory
+    return ir.from_proto(converted.model)
 
 
 def nodes_reading_defaults(path: str | Path) -> list[str]:
@@ -103,16 +108,16 @@ def optimise_offline(src: str | Path, dst: str | Path) -> str:
     return f"onnxruntime {ort.__version__} ORT_ENABLE_EXTENDED (CPUExecutionProvider)"
 
 
-def export_int8_live(encoder, slots, token_inputs: list[str], path: str | Path, opset: int, *, per_channel: bool = True,
-                     defaults: bool = True) -> tuple[dict[str, int], str]:
+def export_int8_live(encoder, slots, token_inputs: list[str], opset: int, *, per_channel: bool = True,
+                     defaults: bool = True) -> tuple[ir.Model, dict[str, int], str]:
     """int8 weights with onnxruntime's int8 kernels fused around every bias, each bias still a live input.
 
     With a bias input, onnxruntime cannot fold the bias Add into DynamicQuantizeMatMul / MatMulIntegerToFloat
     (it folds constants only) and leaves 30 Adds in MiniLM: about 10% slower than a baked int8 graph. So the
     encoder is exported with placeholder biases, quantized, optimised offline by onnxruntime (the Adds fold
     into the kernels' bias inputs), and each placeholder lifted back to its input (compiler.fuse). The graph
-    then holds onnxruntime contrib ops: it is for onnxruntime's CPU provider. Returns (fused op counts, what
-    optimised it)."""
+    then holds onnxruntime contrib ops: it is for onnxruntime's CPU provider. Returns (the graph, in memory;
+    fused op counts; what optimised it)."""
     import onnx_ir as ir
 
     from .fuse import fused_op_counts, with_placeholders
@@ -122,11 +127,10 @@ def export_int8_live(encoder, slots, token_inputs: list[str], path: str | Path, 
     def transform(raw: Path) -> ir.Model:
         nonlocal optimised
         quantized, fused = raw.with_name("int8.onnx"), raw.with_name("int8-optimised.onnx")
-        quantize_int8(raw, quantized, per_channel=per_channel)
+        quantize_int8(raw, quantized, per_channel=per_channel)  # both work on files: onnxruntime's tools
         optimised = optimise_offline(quantized, fused)
         return ir.load(fused)
 
     model = with_placeholders(encoder, slots, token_inputs, opset, transform, "fusing int8 kernels around live biases",
                               "the plain int8 graph serves instead", defaults=defaults)
-    ir.save(model, path)
-    return fused_op_counts(model), optimised
+    return model, fused_op_counts(model), optimised

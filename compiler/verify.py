@@ -4,7 +4,8 @@ For the graph: the runtime's tokenization equals transformers'; with no bias fed
 base model; each bias input, perturbed alone, changes the output (no input is dead or baked in).
 For each pack: logits and probabilities on real sentences and on a grid of batch sizes and sequence
 lengths with padding, against the base model with the pack loaded in PyTorch; label agreement; and a
-perturbed copy of the pack must both change the output and still match PyTorch. Token-level packs
+perturbed copy of the pack must both change the output and still match PyTorch. Each check is a function
+returning its rows (GRAPH_CHECKS, PACK_CHECKS), run in that order. Token-level packs
 (token classification, QA) are compared per token on the real (unpadded) tokens; the reference head
 is training.model's BitFitModel in PyTorch (pooler packs: its tanh pooler), the runtime's is numpy.
 """
@@ -22,7 +23,7 @@ from bitfit.runtime import TaskSession, load_pack
 from bitfit.runtime import args as A
 from bitfit.runtime import schema as S
 from bitfit.runtime.backends import BACKENDS
-from bitfit.runtime.compiled import changed_files, read_manifest
+from bitfit.runtime.compiled import CompiledManifest, changed_files, read_compiled_manifest
 from bitfit.runtime.errors import (
     BitFitError,
     CompiledModelError,
@@ -181,6 +182,125 @@ class _Reference:
         return attach_head(self.encoder, pack)(**{k: torch.from_numpy(v) for k, v in inputs.items()}).numpy()
 
 
+@dataclass
+class _Run:
+    """What every check of one verify run reads: the graph's manifest, the session on the graph, the PyTorch
+    reference, the texts, and the tolerances. The checks draw from one random generator in a fixed order."""
+
+    manifest: CompiledManifest
+    session: TaskSession
+    ref: _Reference
+    rng: np.random.Generator
+    sentences: list[str]
+    encoded: dict[str, np.ndarray]  # the sentences, tokenized by the runtime at max_len
+    max_len: int
+    base: str | os.PathLike  # the base model: the caller's, else the one the graph records
+    atol: float
+    mode: str
+    min_agreement: float
+    grid: Sequence[tuple[int, int]]
+
+
+@dataclass
+class _PackUnderTest:
+    pack: TaskPack
+    name: str  # its task name in the run's session
+    label: str  # its own name, for the report
+
+
+def check_tokenizer(run: _Run) -> list[Check]:
+    """The runtime's `tokenizers` path gives transformers' ids."""
+    from bitfit.encoder.model import load_tokenizer
+
+    hf = load_tokenizer(run.base)(run.sentences, padding=True, truncation=True, max_length=run.max_len,
+                                  return_tensors="np", return_token_type_ids=True)
+    same = all(np.array_equal(run.encoded[k], hf[k]) for k in run.manifest.token_inputs)
+    return [Check("graph", "tokenizer ids vs transformers", 0.0 if same else float("inf"), passed=same,
+                  note="" if same else "token ids differ")]
+
+
+def check_base_model(run: _Run) -> list[Check]:
+    """With nothing fed, the graph is the base model. Compared on real tokens: hidden states at padded
+    positions are never read by a head and differ more between attention kernels (seen: 6e-5 vs 2.5e-6)."""
+    run.ref.set_biases({})
+    valid = run.encoded["attention_mask"].astype(bool)
+    a, r = diff(run.session.hidden_states(run.encoded)[valid], run.ref.hidden(run.encoded)[valid])
+    return [Check("graph", "base model, no bias fed (hidden, real tokens)", a, r, tolerance=run.atol,
+                  passed=a <= run.atol)]
+
+
+def check_live_biases(run: _Run) -> list[Check]:
+    """Each bias input is live: perturbing it alone moves the output. Not bk: a key bias adds q.bk to every
+    score of a query's row, which softmax cancels exactly, so it cannot move any output (the compiler's
+    CheckBiasInputsPass checks structurally that bk inputs are consumed)."""
+    probe = {k: v[:1, :8] for k, v in run.encoded.items()}
+    reference = run.session.hidden_states(probe)
+    dead = []
+    probed = [spec for spec in run.manifest.bias_inputs if spec.kind != "bk"]
+    for spec in probed:
+        delta = run.rng.normal(0, 1.0, spec.shape).astype(np.float32)
+        fed = {spec.name: run.ref.base[spec.name].numpy() + delta}
+        if np.abs(run.session.hidden_states(probe, biases=fed) - reference).max() <= 1e-4:
+            dead.append(spec.name)
+    return [Check("graph", f"each of {len(probed)} non-bk bias inputs is live", float("nan"), passed=not dead,
+                  note=f"dead: {', '.join(dead[:4])}" if dead else "")]
+
+
+def check_pack_parity(run: _Run, item: _PackUnderTest) -> list[Check]:
+    """The pack's logits against PyTorch on real sentences and on the shape grid with padding; in fp16 / int8
+    modes, label agreement over all rows too. Token kinds compare per real (unpadded) token."""
+    pack, m = item.pack, item.pack.manifest
+    cases = [("real sentences", run.session.encode(run.sentences, max_length=m.max_length))]
+    cases += [(f"grid b={b} s={s}", grid_inputs(b, s, int(run.ref.encoder.config.vocab_size),
+                                                run.manifest.token_inputs, run.rng, run.manifest.pad_token_id))
+              for b, s in run.grid if s <= run.manifest.max_positions]
+    out, pooled = [], []
+    for case, inputs in cases:
+        ours, ref = run.session.logits(item.name, inputs), run.ref.logits(pack, inputs)
+        if m.token_level:  # padded positions are never read (see check_base_model)
+            real = inputs["attention_mask"].astype(bool)
+            ours, ref = ours[real], ref[real]
+        pooled.append((ours, ref))
+        out.append(_compare(item.label, case, ours, ref, pack, run.atol))
+    if run.mode != "fp32" and m.kind.argmax:
+        ours_all, ref_all = np.concatenate([o for o, _ in pooled]), np.concatenate([r for _, r in pooled])
+        agree = float((ours_all.argmax(-1) == ref_all.argmax(-1)).mean() * 100)
+        a, r = diff(ours_all, ref_all)
+        out.append(Check(item.label, f"labels over all {len(ours_all)} rows", a, r, agreement=agree,
+                         tolerance=run.atol, passed=agree >= run.min_agreement,
+                         note=f"needs >= {run.min_agreement:g}%"))
+    return out
+
+
+def check_perturbed_pack(run: _Run, item: _PackUnderTest) -> list[Check]:
+    """A pack with other biases changes the output, and still matches PyTorch. Only the biases get noise: with
+    the head perturbed too, the output moved whether or not the task's biases reached the graph."""
+    pack, session = item.pack, run.session
+    noisy = {k: (v + run.rng.normal(0, 0.1, v.shape)).astype(np.float32) if k in pack.biases else v
+             for k, v in pack.tensors.items()}
+    other = TaskPack(pack.manifest, noisy)
+    other_name = session.register(other, name=f"{item.name}-perturbed")
+    try:
+        inputs = session.encode(run.sentences, max_length=pack.manifest.max_length)
+        ours_pack, ours_other = session.logits(item.name, inputs), session.logits(other_name, inputs)
+        ref_other = run.ref.logits(other, inputs)
+    finally:
+        session.remove(other_name)
+    if pack.manifest.token_level:
+        real = inputs["attention_mask"].astype(bool)
+        ours_pack, ours_other, ref_other = ours_pack[real], ours_other[real], ref_other[real]
+    moved = float(np.abs(ours_other - ours_pack).max())
+    check = _compare(item.label, "perturbed biases vs PyTorch", ours_other, ref_other, other, run.atol)
+    check.note = f"output moved {moved:.2e}"
+    check.passed = check.passed and moved > MIN_MOVE
+    return [check]
+
+
+# The checks, in the order they run (and draw from the run's random generator): each returns its report rows.
+GRAPH_CHECKS: tuple[Callable[[_Run], list[Check]], ...] = (check_tokenizer, check_base_model, check_live_biases)
+PACK_CHECKS: tuple[Callable[[_Run, _PackUnderTest], list[Check]], ...] = (check_pack_parity, check_perturbed_pack)
+
+
 def verify(
     compiled: str | os.PathLike,
     packs: Sequence[str | os.PathLike | TaskPack] = (),
@@ -206,8 +326,6 @@ def verify(
     backend: the engine the graph runs on (runtime.backends): every check, the liveness of each bias input
     included, runs on it, so a backend that ignored a fed bias fails here.
     """
-    from bitfit.encoder.model import load_tokenizer
-
     A.check("packs", packs, A.PACKS)
     A.check("model", model, A.optional(A.PATH))
     A.check("atol", atol, A.optional(A.number(0)))
@@ -221,7 +339,7 @@ def verify(
     A.check("log", log, A.CALLABLE)
     A.check("strict", strict, S.boolean())
     A.check("backend", backend, S.one_of(BACKENDS))
-    cm = read_manifest(compiled)  # not a compiled directory at all: bad input (exit 2)
+    cm = read_compiled_manifest(compiled)  # not a compiled directory at all: bad input (exit 2)
     if mode == "auto":
         mode = "int8" if cm.precision.startswith("int8") or backend.endswith("int8") else cm.precision
     if mode not in TOLERANCES:
@@ -242,89 +360,21 @@ def verify(
             raise
         return _finish(report, strict)  # a changed file that no longer loads: that row says it all
 
-    base = model or cm.base_model
-    ref = _Reference(base, cm.base_fingerprint)
-    rng = np.random.default_rng(seed)
+    base = model or cm.base_model_source()  # the recorded directory, if here; else the HF id
     sentences = list(texts or SENTENCES)
     max_len = min(128, cm.max_positions)
-    vocab = int(ref.encoder.config.vocab_size)
-
-    # tokenization: the runtime's `tokenizers` path must give transformers' ids
-    hf = load_tokenizer(base)(sentences, padding=True, truncation=True, max_length=max_len, return_tensors="np",
-                                 return_token_type_ids=True)
-    ours = session.encode(sentences, max_length=max_len)
-    same = all(np.array_equal(ours[k], hf[k]) for k in cm.token_inputs)
-    report.checks.append(Check("graph", "tokenizer ids vs transformers", 0.0 if same else float("inf"),
-                               passed=same, note="" if same else "token ids differ"))
-
-    # with nothing fed, the graph is the base model. Compared on real tokens: hidden states at padded
-    # positions are never read by a head and differ more between attention kernels (seen: 6e-5 vs 2.5e-6)
-    ref.set_biases({})
-    valid = ours["attention_mask"].astype(bool)
-    a, r = diff(session.hidden_states(ours)[valid], ref.hidden(ours)[valid])
-    report.checks.append(Check("graph", "base model, no bias fed (hidden, real tokens)", a, r, tolerance=atol,
-                               passed=a <= atol))
-
-    # each bias input is live: perturbing it alone moves the output. Not bk: a key bias adds q.bk to every
-    # score of a query's row, which softmax cancels exactly, so it cannot move any output (the compiler's
-    # CheckBiasInputsPass checks structurally that bk inputs are consumed).
-    probe = {k: v[:1, :8] for k, v in ours.items()}
-    reference = session.hidden_states(probe)
-    dead = []
-    probed = [spec for spec in cm.bias_inputs if spec.kind != "bk"]
-    for spec in probed:
-        delta = rng.normal(0, 1.0, spec.shape).astype(np.float32)
-        moved = np.abs(session.hidden_states(probe, biases={spec.name: ref.base[spec.name].numpy() + delta}) - reference)
-        if moved.max() <= 1e-4:
-            dead.append(spec.name)
-    report.checks.append(Check("graph", f"each of {len(probed)} non-bk bias inputs is live", float("nan"),
-                               passed=not dead, note=f"dead: {', '.join(dead[:4])}" if dead else ""))
-
+    run = _Run(cm, session, _Reference(base, cm.base_fingerprint), np.random.default_rng(seed), sentences,
+               session.encode(sentences, max_length=max_len), max_len, base, atol, mode, min_agreement, grid)
+    for graph_check in GRAPH_CHECKS:
+        report.checks += graph_check(run)
     for item in packs:
         pack = item if isinstance(item, TaskPack) else load_pack(item)
         name = session.register(pack, name=f"pack-{len(session.tasks)}")  # a task name, unique here
-        label = pack.name
-        log(f"verifying {label} ...")
-        cases = [("real sentences", session.encode(sentences, max_length=pack.manifest.max_length))]
-        cases += [(f"grid b={b} s={s}", grid_inputs(b, s, vocab, cm.token_inputs, rng, cm.pad_token_id))
-                  for b, s in grid if s <= cm.max_positions]
-        pooled: list[tuple[np.ndarray, np.ndarray]] = []
-        for case, inputs in cases:
-            ours_logits, ref_logits = session.logits(name, inputs), ref.logits(pack, inputs)
-            if pack.manifest.token_level:  # padded positions are never read (see the base-model check above)
-                real = inputs["attention_mask"].astype(bool)
-                ours_logits, ref_logits = ours_logits[real], ref_logits[real]
-            pooled.append((ours_logits, ref_logits))
-            report.checks.append(_compare(label, case, ours_logits, ref_logits, pack, atol))
-        if mode != "fp32" and pack.manifest.kind.argmax:
-            ours_all = np.concatenate([o for o, _ in pooled])
-            ref_all = np.concatenate([r for _, r in pooled])
-            agree = float((ours_all.argmax(-1) == ref_all.argmax(-1)).mean() * 100)
-            a, r = diff(ours_all, ref_all)
-            report.checks.append(Check(label, f"labels over all {len(ours_all)} rows", a, r, agreement=agree,
-                                       tolerance=atol, passed=agree >= min_agreement,
-                                       note=f"needs >= {min_agreement:g}%"))
-
-        # a pack with other biases changes the output, and still matches PyTorch. Only the biases get noise: with
-        # the head perturbed too, the output moved whether or not the task's biases reached the graph
-        noisy = {k: (v + rng.normal(0, 0.1, v.shape)).astype(np.float32) if k in pack.biases else v
-                 for k, v in pack.tensors.items()}
-        other = TaskPack(pack.manifest, noisy)
-        other_name = session.register(other, name=f"{name}-perturbed")
-        inputs = cases[0][1]
-        ours_pack, ours_other = session.logits(name, inputs), session.logits(other_name, inputs)
-        ref_other = ref.logits(other, inputs)
-        if pack.manifest.token_level:
-            real = inputs["attention_mask"].astype(bool)
-            ours_pack, ours_other, ref_other = ours_pack[real], ours_other[real], ref_other[real]
-        moved = float(np.abs(ours_other - ours_pack).max())
-        check = _compare(label, "perturbed biases vs PyTorch", ours_other, ref_other, other, atol)
-        check.note = f"output moved {moved:.2e}"
-        check.passed = check.passed and moved > MIN_MOVE
-        report.checks.append(check)
-        session.remove(other_name)
+        log(f"verifying {pack.name} ...")
+        for pack_check in PACK_CHECKS:
+            report.checks += pack_check(run, _PackUnderTest(pack, name, pack.name))
         session.remove(name)
-    ref.set_biases({})
+    run.ref.set_biases({})
     return _finish(report, strict)
 
 

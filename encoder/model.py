@@ -220,7 +220,7 @@ def model_from_pack(pack: TaskPack, base: str | os.PathLike | None = None, encod
     """A torch model of the base encoder with the pack's biases and head loaded (strict)."""
     m = pack.manifest
     if encoder is None:
-        encoder = load_encoder(base or m.base_model)
+        encoder = load_encoder(base or m.base_model_source())
     fp = base_fingerprint(encoder)
     if fp != m.base_fingerprint:
         raise IncompatibleError(

@@ -35,8 +35,9 @@ import numpy as np
 
 from . import schema as S
 from .errors import BitFitError, IncompatibleError, PackError, UnknownTaskError
-from .fs import read_json, regular_size, sha256_file
+from .fs import regular_size, sha256_file
 from .heads import POOLINGS
+from .manifest import Format, read_versioned
 from .pack import BIAS_KINDS, PackManifest, TaskPack
 
 FORMAT = "bitfit-bias-bank"
@@ -73,6 +74,11 @@ MAP_FIELDS = {
     "biases": S.list_of(S.record(TENSOR_FIELDS), 1 << 16), "tasks": S.list_of(S.record(TASK_FIELDS), 1 << 20),
     S.SEAL: S.hexdigest(),
 }
+MAP_FORMAT = Format(
+    FORMAT, FORMAT_VERSION, MAP_FIELDS, "bias-bank map", PackError, _FIX,
+    newer="{root} is bank format {version}, newer than this bitfit reads: upgrade",
+    older="{root} is bank format {version}, older than this bitfit reads ({current}): export the bank again "
+          "(bitfit export-bank)")
 
 
 @dataclass(frozen=True)
@@ -197,14 +203,7 @@ def read_bank(directory: str | os.PathLike, *, check_integrity: bool = True) -> 
     if not os.path.lexists(map_path) or not os.path.lexists(path):
         raise PackError(f"{root} is not a bias bank (it needs {MAP_FILE} and {BANK_FILE}): write one with "
                         "`bitfit export-bank`")
-    layout = read_json(map_path, what="bank map", error=PackError, fix=_FIX)
-    if not isinstance(layout, dict) or layout.get("format") != FORMAT:
-        raise PackError(f"{map_path} is not a bitfit bias-bank map (format is not {FORMAT!r})")
-    version = layout.get("format_version")
-    if S.integer(FORMAT_VERSION + 1).check(version):
-        raise PackError(f"{root} is bank format {version}, newer than this bitfit reads: upgrade")
-    S.validate(layout, MAP_FIELDS, str(map_path), PackError, _FIX)
-    S.check_seal(layout, str(map_path), PackError, _FIX)
+    layout = read_versioned(map_path, MAP_FORMAT)
     size = regular_size(path, error=PackError, fix=_FIX)
     if size != layout["total_bytes"]:
         raise PackError(f"{path} is {size} bytes but {MAP_FILE} says {layout['total_bytes']}: truncated or from "

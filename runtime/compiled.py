@@ -15,9 +15,10 @@ import numpy as np
 from . import args as A
 from . import schema as S
 from .errors import CompiledModelError, IncompatibleError
-from .fs import MAX_TOKENIZER_BYTES, open_regular, read_json, regular_size, sha256_file, write_file
+from .fs import MAX_TOKENIZER_BYTES, open_regular, regular_size, sha256_file, write_file
 from .heads import HEAD_BIAS, HEAD_POOLER_BIAS, HEAD_POOLER_WEIGHT, HEAD_WEIGHT
-from .pack import SPEC_FIELDS, PackManifest, TaskPack, TensorSpec, value_problems
+from .manifest import Format, read_versioned
+from .pack import SPEC_FIELDS, PackManifest, TaskPack, TensorSpec, locate_base_model, value_problems
 from .tensorfile import load_tensors, size_problem
 
 FORMAT = "bitfit-compiled"
@@ -66,6 +67,7 @@ _HEAD_SPEC = {**SPEC_FIELDS, "shape": S.Field(
     "a shape: 1 to 4 whole numbers >= 1, or -1 for any size")}
 MANIFEST_FIELDS = {
     "base_model": S.string(),
+    "base_model_path": S.string(required=False),  # absent in directories compiled before it (a hint only)
     "base_model_type": S.string(256),
     "base_fingerprint": S.hexdigest(),
     "hidden_size": S.integer(1, 1 << 16),
@@ -96,6 +98,11 @@ MANIFEST_FIELDS = {
     "format": S.equal(FORMAT),
     "format_version": S.equal(FORMAT_VERSION),
 }
+MANIFEST_FORMAT = Format(
+    FORMAT, FORMAT_VERSION, MANIFEST_FIELDS, "compiled-model manifest", CompiledModelError, _FIX,
+    newer="{root} was compiled by a newer bitfit (format {version}): upgrade",
+    older="{root} was compiled by an older bitfit (format {version}, without the checksums this version requires): "
+          "compile it again")
 
 
 @dataclass
@@ -128,6 +135,9 @@ class CompiledManifest:
     # graphs and graphs compiled with --no-head. outputs: every graph output, `output` first.
     head_inputs: list[TensorSpec] = field(default_factory=list)
     outputs: list[str] = field(default_factory=lambda: [OUTPUT_NAME])
+    # base_model names the model on any machine (runtime.pack.model_identity); this is the directory it was
+    # compiled from, a hint only ("" for an HF id and in old manifests). What is checked is base_fingerprint.
+    base_model_path: str = ""
     tool_version: str = ""
     # an ahead-of-time IREE target (IREE_FIELDS), or None: the graph alone, run by onnxruntime or OpenVINO
     iree: dict[str, Any] | None = None
@@ -152,12 +162,18 @@ class CompiledManifest:
     def bias_specs(self) -> dict[str, TensorSpec]:
         return {b.name: b for b in self.bias_inputs}
 
+    def base_model_source(self) -> str:
+        """Where to load the base model from on this machine (runtime.pack.locate_base_model)."""
+        return locate_base_model(self.base_model, self.base_model_path, self.base_fingerprint, "the compiled graph")
+
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["bias_inputs"] = [b.to_json() for b in self.bias_inputs]
         out["head_inputs"] = [h.to_json() for h in self.head_inputs]
         if self.iree is None:  # optional: a manifest without a module reads (and seals) as before
             del out["iree"]
+        if not self.base_model_path:  # an old manifest keeps its JSON as written
+            del out["base_model_path"]
         return out
 
     @property
@@ -185,33 +201,24 @@ def _root(directory: str | os.PathLike) -> Path:
     return root
 
 
-def read_manifest(directory: str | os.PathLike) -> CompiledManifest:
-    """The compiled manifest, checked: bounded read, format and version, the schema, its seal, and every file
-    it lists present as a regular file (their contents: CompiledModel.open)."""
+def read_compiled_manifest(directory: str | os.PathLike) -> CompiledManifest:
+    """The compiled manifest, checked: bounded read, format and version, the schema, its seal
+    (runtime.manifest), and every file it lists present as a regular file (their contents: CompiledModel.open)."""
     root = _root(directory)
     if not root.is_dir():
         raise CompiledModelError(f"no compiled model at {root}: run `bitfit compile --model M --out {root}` first")
     for name in (MANIFEST_FILE, *FILES):
         if not os.path.lexists(root / name):
             raise CompiledModelError(f"{root} has no {name}: it is not a complete compiled model; compile it again")
-    where = root / MANIFEST_FILE
-    data = read_json(where, what="compiled manifest", error=CompiledModelError, fix=_FIX)
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise CompiledModelError(f"{where} is not a bitfit compiled-model manifest")
-    version = data.get("format_version")
-    if not S.integer(0).check(version):
-        raise CompiledModelError(f"{where} has format_version {version!r}, not a whole number: {_FIX}")
-    if version > FORMAT_VERSION:
-        raise CompiledModelError(f"{root} was compiled by a newer bitfit (format {version}): upgrade")
-    if version < FORMAT_VERSION:
-        raise CompiledModelError(f"{root} was compiled by an older bitfit (format {version}, without the checksums "
-                                 "this version requires): compile it again")
-    S.validate(data, MANIFEST_FIELDS, str(where), CompiledModelError, _FIX)
-    S.check_seal(data, str(where), CompiledModelError, _FIX)
+    data = read_versioned(root / MANIFEST_FILE, MANIFEST_FORMAT)
     manifest = CompiledManifest(**data)
     for name in (*FILES, *manifest.module_files):
         os.close(open_regular(root / name, error=CompiledModelError, fix=_FIX)[0])
     return manifest
+
+
+# the name before the pack reader got its own (read_pack_manifest): tests, benchmarks and exporters call it
+read_manifest = read_compiled_manifest
 
 
 @dataclass(frozen=True)
@@ -236,7 +243,7 @@ class CompiledModel:
     def open(cls, directory: str | os.PathLike, *, check_integrity: bool = True) -> CompiledModel:
         """check_integrity=False skips hashing the files (verify does it as one of its checks)."""
         root = _root(directory)
-        manifest = read_manifest(root)
+        manifest = read_compiled_manifest(root)
         if check_integrity:
             changed = changed_files(root, manifest)
             if changed:
@@ -295,10 +302,10 @@ def check_pack_fits(compiled: CompiledManifest, pack: TaskPack | PackManifest, w
     graph = compiled.bias_specs
     absent = [b.name for b in m.biases if b.name not in graph]
     if absent:
-        kinds = sorted({b.kind or "?" for b in m.biases if b.name in absent})
+        bias_kinds = sorted({b.kind or "?" for b in m.biases if b.name in absent})
         problems.append(
             f"the graph has no input for biases {', '.join(absent[:4])}{' ...' if len(absent) > 4 else ''}: "
-            f"recompile with --biases all (or include {','.join(kinds)})"
+            f"recompile with --biases all (or include {','.join(bias_kinds)})"
         )
     held = {b.name for b in m.biases}
     partial = sorted(g.name for g in compiled.bias_inputs if g.kind in m.bias_subset and g.name not in held)

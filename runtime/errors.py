@@ -3,7 +3,8 @@ from __future__ import annotations
 
 
 class BitFitError(ValueError):
-    """Bad input given to the toolkit (exit code 2 on the command line)."""
+    """Everything the toolkit refuses: bad input (exit code 2 on the command line), and, as the subclass
+    ParityError, a failed check (exit code 1)."""
 
 
 class PackError(BitFitError):
@@ -23,8 +24,10 @@ class CompiledModelError(BitFitError):
 
 
 class ParityError(BitFitError):
-    """A compiled graph or task pack does not match PyTorch: `report` holds every check, `failures` those that
-    failed (raised by verify unless it is asked for a report with strict=False)."""
+    """A compiled graph or task pack does not match PyTorch: a failed check, not bad input (exit code 1 on the
+    command line, as `bitfit verify` exits on a mismatch). `report` holds every check, `failures` those that
+    failed (raised by verify unless it is asked for a report with strict=False, and by compile(verify=...)).
+    A BitFitError still, so that `except BitFitError` catches every refusal of the toolkit."""
 
     def __init__(self, message: str, report: object = None) -> None:
         super().__init__(message)

@@ -23,8 +23,8 @@ from safetensors.numpy import save_file
 
 from . import args as A
 from . import schema as S
-from .errors import PackError
-from .fs import output_dir, read_json, regular_size, sha256_file
+from .errors import IncompatibleError, PackError
+from .fs import output_dir, regular_size, sha256_file
 from .heads import (
     HEAD_BIAS,
     HEAD_POOLER_BIAS,
@@ -32,7 +32,9 @@ from .heads import (
     HEAD_WEIGHT,
     POOLINGS,
 )
-from .kinds import KINDS, TaskKind, kind
+from .kinds import KINDS, TaskKind
+from .kinds import kind as task_kind_of
+from .manifest import Format, read_versioned
 from .tensorfile import load_tensors, size_problem
 
 FORMAT = "bitfit-task-pack"
@@ -66,6 +68,29 @@ def min_max_length(pair: bool, special_tokens: int | None = None) -> int:
     return specials + (2 if pair else 1)
 
 
+def model_identity(model: str | os.PathLike) -> tuple[str, str]:
+    """(the name that identifies a base model on another machine, where it is on this one): an HF id as given,
+    with no path; a local directory by its own name, with its absolute path as a hint. Manifests record both
+    (base_model, base_model_path); the base fingerprint beside them is what is checked."""
+    if Path(model).is_dir():
+        path = os.path.abspath(model)
+        return Path(path).name, path
+    return str(model), ""
+
+
+def locate_base_model(name: str, path: str, fingerprint: str, what: str) -> str:
+    """Where to load a manifest's base model from here: its recorded directory if that exists on this machine,
+    its name when no directory was recorded (an HF id; an old manifest's absolute path); otherwise a BitFitError
+    asking for the model (only the fingerprint can tell it is the right one)."""
+    if not path:
+        return name
+    if Path(path).is_dir():
+        return path
+    raise IncompatibleError(f"{what} was made from the base model {name!r} in {path}, a directory that is not on this "
+                            f"machine: give the base model explicitly (--model); its fingerprint must start with "
+                            f"{fingerprint[:12]}")
+
+
 def two_texts(task_kind: str, text_pair: bool) -> bool:
     """Whether a task's rows are two texts: sentence pairs, or question answering's question and context."""
     return kind(task_kind).two_texts(text_pair)
@@ -88,6 +113,7 @@ MANIFEST_FIELDS = {
     "max_length": S.integer(1, 1 << 20),
     "text_pair": S.boolean(),
     "base_model": S.string(),
+    "base_model_path": S.string(required=False),  # absent in packs written before it (a hint only)
     "base_model_type": S.string(256),
     "base_fingerprint": S.hexdigest(),
     "hidden_size": S.integer(1, 1 << 16),
@@ -106,6 +132,12 @@ MANIFEST_FIELDS = {
     "format": S.equal(FORMAT),
     "format_version": S.equal(FORMAT_VERSION),
 }
+MANIFEST_FORMAT = Format(
+    FORMAT, FORMAT_VERSION, MANIFEST_FIELDS, "task-pack manifest", PackError, _FIX,
+    newer="{root} uses pack format {version}, newer than this bitfit reads ({current}): upgrade bitfit",
+    older="{root} uses pack format {version}, written by an older bitfit without the checksums this version requires: "
+          "re-save it with this version (train, extract or import-peft again)",
+    checksums=("tensors_sha256", S.SEAL))
 
 
 @dataclass(frozen=True)
@@ -154,6 +186,10 @@ class PackManifest:
     metrics: dict[str, Any] = field(default_factory=dict)
     # question answering trained with unanswerable questions (SQuAD 2.0): "" wins when CLS beats every span
     no_answer: bool = False
+    # base_model names the model on any machine (an HF id, or a local directory's name: model_identity); this is
+    # where the directory was on the machine that wrote the pack, a hint only ("" for an HF id, and in old packs,
+    # whose base_model is that absolute path). What is checked is base_fingerprint.
+    base_model_path: str = ""
     tool_version: str = ""
     tensors_sha256: str = ""
     manifest_sha256: str = ""  # set by save_pack: the sha256 of the rest of the manifest (runtime.schema)
@@ -169,7 +205,7 @@ class PackManifest:
 
     def problems(self) -> list[str]:
         """Every way the manifest's fields contradict each other (types are the schema's job)."""
-        k = kind(self.task_kind)
+        k = self.kind
         out = []
         name_problem = S.task_name_problem(self.task)
         if name_problem:  # a manifest built in memory; one read from disk was refused by the schema already
@@ -210,7 +246,8 @@ class PackManifest:
 
     @property
     def kind(self) -> TaskKind:
-        return kind(self.task_kind)
+        """The task kind (runtime.kinds) named by task_kind; a bias's kind (bq, bm2, ...) is TensorSpec.kind."""
+        return task_kind_of(self.task_kind)
 
     @property
     def num_outputs(self) -> int:
@@ -224,11 +261,18 @@ class PackManifest:
     def specs(self) -> list[TensorSpec]:
         return [*self.biases, *self.head]
 
+    def base_model_source(self) -> str:
+        """Where to load the base model from on this machine (locate_base_model)."""
+        return locate_base_model(self.base_model, self.base_model_path, self.base_fingerprint,
+                                 f"task pack {self.task!r}")
+
     def to_json(self) -> dict[str, Any]:
         # shallow, not asdict(): asdict deep-copies ~50 specs, and this runs for every pack registered
         out = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name not in ("biases", "head")}
         out["biases"] = [b.to_json() for b in self.biases]
         out["head"] = [h.to_json() for h in self.head]
+        if not self.base_model_path:  # an old pack keeps its JSON, so its digest and seal, as written
+            del out["base_model_path"]
         return out
 
     @classmethod
@@ -351,38 +395,26 @@ def save_pack(pack: TaskPack, path: str | os.PathLike, *, overwrite: bool = Fals
     return path
 
 
-def read_manifest(path: str | os.PathLike) -> PackManifest:
-    """Read and check a pack's manifest.json (no tensors): bounded read, format and version, the schema, and
-    its seal (the sha256 of the rest of it), so a hand edit is refused however well-formed."""
+def read_pack_manifest(path: str | os.PathLike) -> PackManifest:
+    """Read and check a pack's manifest.json (no tensors): bounded read, format and version, both checksums
+    present, the schema, and its seal (the sha256 of the rest of it), so a hand edit is refused however
+    well-formed (runtime.manifest)."""
     root = _pack_dir(path)
     where = root / MANIFEST_FILE
     if not os.path.lexists(where):
         raise PackError(f"{root} has no {MANIFEST_FILE}: it is not a task pack (train one with `bitfit train`)")
-    data = read_json(where, what="pack manifest", error=PackError, fix=_FIX)
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise PackError(f"{where} is not a bitfit task-pack manifest (format is not {FORMAT!r})")
-    version = data.get("format_version")
-    if not S.integer(0).check(version):
-        raise PackError(f"{where} has format_version {version!r}, not a whole number: {_FIX}")
-    if version > FORMAT_VERSION:
-        raise PackError(f"{root} uses pack format {version}, newer than this bitfit reads ({FORMAT_VERSION}): "
-                        "upgrade bitfit")
-    if version < FORMAT_VERSION:
-        raise PackError(f"{root} uses pack format {version}, written by an older bitfit without the checksums this "
-                        "version requires: re-save it with this version (train, extract or import-peft again)")
-    for key in ("tensors_sha256", S.SEAL):
-        if not S.hexdigest().check(data.get(key)):
-            raise PackError(f"{where} lacks the required checksum {key}: {_FIX}")
-    S.validate(data, MANIFEST_FIELDS, str(where), PackError, _FIX)
-    S.check_seal(data, str(where), PackError, _FIX)
-    return PackManifest.from_json(data, str(where))
+    return PackManifest(**read_versioned(where, MANIFEST_FORMAT))
+
+
+# the name before the compiled reader got its own: bitfit.serve.packdir and tests import it
+read_manifest = read_pack_manifest
 
 
 def load_pack(path: str | os.PathLike) -> TaskPack:
-    """Load a pack strictly: the manifest (read_manifest), then the tensors file: its checksum, its header
+    """Load a pack strictly: the manifest (read_pack_manifest), then the tensors file: its checksum, its header
     against the manifest before any tensor is read, provenance, names, shapes, dtypes and finiteness."""
     root = _pack_dir(path)
-    manifest = read_manifest(root)
+    manifest = read_pack_manifest(root)
     tensors_path = root / TENSORS_FILE
     if not os.path.lexists(tensors_path):
         raise PackError(f"{root} has no {TENSORS_FILE}: the pack is incomplete; save it again")

@@ -257,3 +257,21 @@ def test_export_and_serve_a_bank_without_torch(bert_compiled, pack_all, pack_min
     for p in (pack_all, pack_min):
         name = session.register(p)
         assert np.abs(np.array(got[name]) - session.run(name, ["a good fun movie", "awful"]).logits).max() <= 1e-6
+
+
+@pytest.mark.parametrize("version, message", [
+    (1, r"is bank format 1, older than this bitfit reads \(2\): export the bank again"),
+    (3, r"is bank format 3, newer than this bitfit reads: upgrade"),
+    ("2", r"has format_version '2', not a whole number"),
+])
+def test_a_bank_map_of_another_version_is_refused_by_the_one_manifest_reader(bank_dir, tmp_path, version, message):
+    """bank.json goes through runtime.manifest.read_versioned, as pack and compiled manifests do: an older
+    version is named as older (it was a schema complaint about format_version before), a non-number as such."""
+    from conftest import write_sealed
+
+    bad = tmp_path / "bad"
+    shutil.copytree(bank_dir, bad)
+    layout = json.loads((bad / "bank.json").read_text())
+    write_sealed(bad / "bank.json", {**layout, "format_version": version})
+    with pytest.raises(PackError, match=message):
+        read_bank(bad)

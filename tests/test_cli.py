@@ -316,3 +316,66 @@ def test_train_refuses_a_degenerate_max_length_or_task_name(flags, message, bert
                          tmp_path / "p", "--quiet", *flags)
     no_traceback(code, err, message)
     assert not (tmp_path / "p").exists()
+
+
+# -- issue 24: serve flags from ServeConfig, one exit code per kind of failure ------------------------------
+def test_serve_flags_are_serveconfig_fields_with_their_defaults(monkeypatch):
+    """Every ServeConfig field is a `bitfit serve` flag (or named in SERVE_NOT_FLAGS with the reason), with the
+    field's own default: the CLI repeats neither the list of limits nor their defaults."""
+    from dataclasses import fields
+
+    from bitfit import cli
+    from bitfit.serve.app import ServeConfig
+
+    given = {}
+    monkeypatch.setattr(cli, "_serve", lambda a: given.update({n: getattr(a, n) for n in a.serve_fields}) or 0)
+    assert main(["serve", "--compiled", "c", "--packs", "p"]) == 0
+    assert set(given) | set(cli.SERVE_NOT_FLAGS) == {f.name for f in fields(ServeConfig)}
+    assert ServeConfig(**given) == ServeConfig()
+    main(["serve", "--compiled", "c", "--packs", "p", "--no-batching", "--max-texts", "3", "--reload-every", "2.5"])
+    assert (given["batching"], given["max_texts"], given["reload_every_s"]) == (False, 3, 2.5)
+
+
+def test_a_failed_parity_check_exits_1_and_bad_input_2(monkeypatch, capsys):
+    """ParityError is a failed check (exit 1, README's rule) wherever it comes from; other BitFitErrors are bad
+    input (exit 2): main maps both, once."""
+    from bitfit.compiler import compile as compile_module
+    from bitfit.runtime import BitFitError, ParityError
+
+    def failing(*a, **k):
+        raise ParityError("parity failed on o: 1 of 5 checks")
+
+    monkeypatch.setattr(compile_module, "compile_model", failing)
+    code, _, err = run(capsys, "compile", "--model", "m", "--out", "o", "--verify")
+    assert code == 1 and "bitfit compile: parity check failed: parity failed on o" in err
+    monkeypatch.setattr(compile_module, "compile_model", lambda *a, **k: (_ for _ in ()).throw(BitFitError("bad")))
+    code, _, err = run(capsys, "compile", "--model", "m", "--out", "o")
+    assert code == 2 and "bitfit compile: error: bad" in err
+
+
+def test_serve_without_the_server_extra_says_what_to_install():
+    """The runtime alone (no starlette): `bitfit serve`, with any of its flags, exits 2 naming the extra, and the
+    other commands still parse (the serve flags come from ServeConfig, which needs starlette to import)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys
+        class Blocker:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "starlette":
+                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        sys.meta_path.insert(0, Blocker())
+        from bitfit.cli import main
+        rc = main(["serve", "--compiled", "c", "--packs", "p", "--max-texts", "5", "--no-batching"])
+        try:
+            main(["predict", "--compiled", "c", "--pack", "p", "--bogus"])
+        except SystemExit as e:
+            print("predict", e.code)
+        print("serve", rc)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "serve 2" in proc.stdout and "predict 2" in proc.stdout, proc.stderr
+    assert "needs starlette; install the server extra: pip install 'bitfit-deploy[serve]'" in proc.stderr
+    assert "unrecognized arguments: --bogus" in proc.stderr and "Traceback" not in proc.stderr

@@ -228,3 +228,53 @@ def test_corrupt_or_newer_compiled_manifest(bert_compiled, copy_dir):
     write_sealed(broken / MANIFEST_FILE, data)
     with pytest.raises(CompiledModelError, match=r"is invalid: missing keys bias_inputs: .*compile it again"):
         TaskSession(broken)
+
+
+# -- issue 24, item 7: provenance a machine other than the trainer's can use ---------------------------------
+def test_manifests_name_the_base_by_its_directory_and_keep_the_path_as_a_hint(bert_model, bert_compiled, pack_all):
+    """A local base model is recorded by its directory's name (what identifies it elsewhere, with the
+    fingerprint); its absolute path on this machine is only base_model_path, which inspect shows."""
+    import bitfit
+    from bitfit.runtime.pack import model_identity
+
+    for m in (load_pack(pack_all).manifest, read_manifest(bert_compiled)):
+        assert m.base_model == bert_model.name and "/" not in m.base_model
+        assert m.base_model_path == str(bert_model.resolve()) and m.base_model_source() == m.base_model_path
+    assert load_pack(pack_all).manifest.tokenizer == bert_model.name
+    for path in (pack_all, bert_compiled):
+        assert f"base model     {bert_model.name} (bert" in bitfit.inspect(path)
+        assert f"base path      {bert_model.resolve()} (where it was" in bitfit.inspect(path)
+    assert model_identity("sentence-transformers/all-MiniLM-L6-v2") == ("sentence-transformers/all-MiniLM-L6-v2", "")
+
+
+def _reseal(directory, drop: tuple[str, ...] = (), **changes) -> None:
+    data = json.loads((directory / MANIFEST_FILE).read_text())
+    write_sealed(directory / MANIFEST_FILE, {**{k: v for k, v in data.items() if k not in drop}, **changes})
+
+
+def test_a_base_directory_not_on_this_machine_asks_for_the_model(bert_model, pack_all, copy_dir):
+    from bitfit.encoder.model import model_from_pack
+
+    moved = copy_dir(pack_all, "moved")
+    _reseal(moved, base_model_path="/elsewhere/on/the/trainer/bert")
+    pack = load_pack(moved)
+    with pytest.raises(IncompatibleError, match=r"was made from the base model '[^']+' in /elsewhere/on/the/trainer/"
+                                                r"bert, a directory that is not on this machine: give the base model "
+                                                r"explicitly \(--model\); its fingerprint must start with [0-9a-f]{12}"):
+        model_from_pack(pack)
+    model_from_pack(pack, bert_model)  # given, and checked by its fingerprint
+
+
+def test_a_manifest_written_before_base_model_path_still_loads(bert_compiled, pack_all, copy_dir):
+    """Old packs and compiled directories: base_model an absolute path, no base_model_path. They load, keep their
+    JSON (so a pack keeps its digest), and that path still locates the model."""
+    old_pack = copy_dir(pack_all, "old-pack")
+    path = load_pack(pack_all).manifest.base_model_path
+    _reseal(old_pack, drop=("base_model_path",), base_model=path)
+    m = load_pack(old_pack).manifest
+    assert "base_model_path" not in m.to_json() and m.base_model_source() == path
+    old_compiled = copy_dir(bert_compiled, "old-compiled")
+    _reseal(old_compiled, drop=("base_model_path",), base_model=path)
+    assert read_manifest(old_compiled).base_model_source() == path
+    assert "base_model_path" not in read_manifest(old_compiled).to_json()
+    TaskSession(old_compiled).register(old_pack)
