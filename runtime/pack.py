@@ -93,7 +93,7 @@ def locate_base_model(name: str, path: str, fingerprint: str, what: str) -> str:
 
 def two_texts(task_kind: str, text_pair: bool) -> bool:
     """Whether a task's rows are two texts: sentence pairs, or question answering's question and context."""
-    return kind(task_kind).two_texts(text_pair)
+    return task_kind_of(task_kind).two_texts(text_pair)
 
 
 SPEC_FIELDS = {
@@ -129,8 +129,6 @@ MANIFEST_FIELDS = {
     "tool_version": S.string(256, required=False),
     "tensors_sha256": _CHECKSUM,
     S.SEAL: _CHECKSUM,
-    "format": S.equal(FORMAT),
-    "format_version": S.equal(FORMAT_VERSION),
 }
 MANIFEST_FORMAT = Format(
     FORMAT, FORMAT_VERSION, MANIFEST_FIELDS, "task-pack manifest", PackError, _FIX,
@@ -278,7 +276,7 @@ class PackManifest:
     @classmethod
     def from_json(cls, data: Any, where: str = "the pack's manifest") -> PackManifest:
         """A manifest from parsed JSON, checked against the schema first (types, ranges, keys)."""
-        data = S.validate(data, MANIFEST_FIELDS, where, PackError, _FIX)
+        data = S.validate(data, MANIFEST_FORMAT.schema, where, PackError, _FIX)
         return cls(**data)
 
 
