@@ -65,7 +65,7 @@ TASK_FIELDS = {
     "pack": S.Field(lambda v: isinstance(v, dict), "the source pack's manifest (an object)"),
 }
 MAP_FIELDS = {
-    "format": S.equal(FORMAT), "format_version": S.equal(FORMAT_VERSION), "tool_version": S.string(256),
+    "tool_version": S.string(256),
     "byte_order": S.equal("little"), "dtype": S.equal("float32"), "base_model": S.string(),
     "base_model_type": S.string(256), "base_fingerprint": S.hexdigest(), "hidden_size": S.integer(1, 1 << 16),
     "block_align": S.integer(64, 1 << 30), "tensor_align": S.integer(1, 1 << 20), "block_bytes": S.integer(1, _BIG),

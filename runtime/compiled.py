@@ -95,8 +95,6 @@ MANIFEST_FIELDS = {
     "tool_version": S.string(256, required=False),
     "iree": S.record(IREE_FIELDS, required=False),
     S.SEAL: S.hexdigest(),
-    "format": S.equal(FORMAT),
-    "format_version": S.equal(FORMAT_VERSION),
 }
 MANIFEST_FORMAT = Format(
     FORMAT, FORMAT_VERSION, MANIFEST_FIELDS, "compiled-model manifest", CompiledModelError, _FIX,

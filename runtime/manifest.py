@@ -34,6 +34,11 @@ class Format:
     older: str  # the file's version is older
     checksums: tuple[str, ...] = ()  # keys that must hold a sha256 before the schema is even looked at
 
+    @property
+    def schema(self) -> dict[str, S.Field]:
+        """The fields, and the format's own name and version (every format states them the same way)."""
+        return {**self.fields, "format": S.equal(self.name), "format_version": S.equal(self.version)}
+
 
 def read_versioned(path: str | os.PathLike, fmt: Format) -> dict[str, Any]:
     """The manifest at `path` as a dict that passed every check of `fmt`; `fmt.error` naming the first
@@ -51,6 +56,6 @@ def read_versioned(path: str | os.PathLike, fmt: Format) -> dict[str, Any]:
     for key in fmt.checksums:
         if not S.hexdigest().check(data.get(key)):
             raise fmt.error(f"{where} lacks the required checksum {key}: {fmt.fix}")
-    S.validate(data, fmt.fields, str(where), fmt.error, fmt.fix)
+    S.validate(data, fmt.schema, str(where), fmt.error, fmt.fix)
     S.check_seal(data, str(where), fmt.error, fmt.fix)
     return data
