@@ -120,6 +120,11 @@ class TaskSession:
     def tasks(self) -> list[str]:
         return sorted(self._state.tasks)
 
+    def __contains__(self, task: object) -> bool:
+        """Whether `task` is registered: O(1), where `task in session.tasks` sorts every name (a rescan asked it
+        per pack: 6-7 s of a 10,000-pack rescan)."""
+        return task in self._state.tasks
+
     @property
     def mixed(self) -> bool:
         """Whether one batch may hold rows of different tasks in a single pass."""

@@ -122,7 +122,7 @@ class PackDirectory:
     def _still_served(self, directory: Path, seen: _Seen) -> bool:
         """Whether `seen` is the version this directory serves now (then an unchanged key means unchanged)."""
         return (seen.fingerprint is not None and self.served.get(seen.task) == seen.fingerprint
-                and self.sources.get(seen.task) == directory and seen.task in self.session.tasks)
+                and self.sources.get(seen.task) == directory and seen.task in self.session)
 
     def prepare(self) -> tuple[list[_Loaded], ReloadResult]:
         """Read, check and load everything new or changed (no registration): safe to run in a thread."""
@@ -140,7 +140,7 @@ class PackDirectory:
                 continue
             try:
                 fingerprint = _fingerprint(directory, manifest)
-                if self.served.get(name) == fingerprint and name in self.session.tasks:
+                if self.served.get(name) == fingerprint and name in self.session:
                     self.sources[name] = directory  # the same bytes, maybe a copy in another directory now
                     self._seen[directory] = _Seen(key, name, fingerprint=fingerprint)
                     result.unchanged.append(name)
@@ -194,7 +194,7 @@ class PackDirectory:
         one already serving it, else the first by directory name."""
         if len(candidates) == 1:
             return candidates[0]
-        source = self.sources.get(name) if name in self.session.tasks else None
+        source = self.sources.get(name) if name in self.session else None
         chosen = next((c for c in candidates if c[0] == source), None)
         why = "the directory already serving it" if chosen else "the first by directory name"
         directory = (chosen or candidates[0])[0]
@@ -214,7 +214,7 @@ class PackDirectory:
         thread."""
         if not loaded:
             return result
-        existed = {item.name: item.name in self.session.tasks for item in loaded}
+        existed = {item.name: item.name in self.session for item in loaded}
         try:
             self.session.register_many([i.pack for i in loaded], names=[i.name for i in loaded], replace=True)
             done = loaded
