@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 TEXTS = ["What a wonderful, moving film.", "Who wrote the novel Hamlet?", "free entry: reply WIN now",
          "the plot was dull and far too long", "How far is the moon from the earth?", "an honest, warm comedy"]
 LABELS = 6
+GROWN = "grown: "  # the line a child process returns its rows on
 PATIENCE = 60  # seconds to wait for a quiet machine before a latency measurement (--patience)
 
 
@@ -119,13 +121,16 @@ def grow(graph: str, compiled: Path, packs_dir: Path, counts: list[int], calls: 
 
     dirs = sorted(packs_dir.iterdir(), key=lambda d: int(d.name[1:]))
     pack_bytes = Packs(compiled).template.nbytes
-    one = TaskSession(compiled, threads=threads)
+    # spinning off: two sessions share the cores, and a spinning one slows the other (docs/benchmarks.md)
+    one = TaskSession(compiled, threads=threads, spinning=False)
     one.register(dirs[0])
-    big = TaskSession(compiled, threads=threads)
-    gc.collect()
-    empty_rss = rss()
-    rows, done = [], 0
+    big = TaskSession(compiled, threads=threads, spinning=False)
+    big.register(dirs[0])
     rng = np.random.default_rng(2)
+    latency(big, one, 1, 3, rng)  # onnxruntime's arena grows to the calls' size: before the baseline, not per task
+    gc.collect()
+    base_rss = rss()  # one task registered
+    rows, done = [], 1
     for n in counts:
         times = []
         while done < n:
@@ -134,13 +139,14 @@ def grow(graph: str, compiled: Path, packs_dir: Path, counts: list[int], calls: 
             times.append(time.perf_counter() - t)
             done += 1
         gc.collect()
-        held = rss() - empty_rss
+        held = rss() - base_rss  # what the tasks after the first hold
         row = {
             "graph": graph, "tasks": n, "pack_bytes": pack_bytes,
             "register_ms_first_100": round(1000 * float(np.mean(times[:100])), 3),
             "register_ms_last_100": round(1000 * float(np.mean(times[-100:])), 3),
             "register_all_s": round(float(np.sum(times)), 2),
-            "rss_per_task_bytes": int(held / n), "rss_per_task_over_pack": round(held / n / pack_bytes, 3),
+            "rss_per_task_bytes": int(held / max(n - 1, 1)),
+            "rss_per_task_over_pack": round(held / max(n - 1, 1) / pack_bytes, 3),
             "capacity": big.capacity,
         }
         load = wait_until_quiet(0.3, patience=PATIENCE)
@@ -148,7 +154,7 @@ def grow(graph: str, compiled: Path, packs_dir: Path, counts: list[int], calls: 
         print(json.dumps(row), flush=True)
         rows.append(row)
     t = time.perf_counter()
-    bulk = TaskSession(compiled, threads=threads)
+    bulk = TaskSession(compiled, threads=threads, spinning=False)
     bulk.register_many(dirs[:counts[-1]])
     rows[-1]["register_many_ms_per_task"] = round(1000 * (time.perf_counter() - t) / counts[-1], 3)
     return rows
@@ -238,6 +244,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default="runs/many_tasks", help="compiled graphs and pack directories (reused)")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--grow-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--patience", type=float, default=PATIENCE, help="seconds to wait for a quiet machine")
     args = ap.parse_args()
     PATIENCE = args.patience
@@ -245,11 +252,24 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     counts = [int(x) for x in args.counts.split(",")]
     rows, servers = [], []
+    if args.grow_only:  # the child process of one graph (below)
+        compiled = compiled_graph(work, args.graphs)
+        packs_dir = work / f"packs-{max(counts)}"
+        print(GROWN + json.dumps(grow(args.graphs, compiled, packs_dir, counts, args.calls, args.threads)))
+        return 0
     for graph in args.graphs.split(","):
         compiled = compiled_graph(work, graph)
-        packs_dir = write_pack_dirs(compiled, work / f"packs-{max(counts)}", max(counts))  # one set serves both graphs
-        rows += grow(graph, compiled, packs_dir, counts, args.calls, args.threads)
-        gc.collect()
+        write_pack_dirs(compiled, work / f"packs-{max(counts)}", max(counts))  # one set serves both graphs
+        # each graph in a process of its own: memory freed by the other graph's sessions would read as negative
+        # growth here
+        child = subprocess.run([sys.executable, __file__, "--grow-only", "--graphs", graph, "--counts", args.counts,
+                                "--calls", str(args.calls), "--threads", str(args.threads), "--work", str(work),
+                                "--patience", str(args.patience)], stdout=subprocess.PIPE, text=True, check=True)
+        for line in child.stdout.splitlines():
+            if line.startswith(GROWN):
+                rows += json.loads(line[len(GROWN):])
+            else:
+                print(line, flush=True)
     server_counts = [int(x) for x in args.server_counts.split(",") if x]
     for graph in args.graphs.split(",") if server_counts else []:
         compiled = compiled_graph(work, graph)
