@@ -72,7 +72,6 @@ MAP_FIELDS = {
     "block_used_bytes": S.integer(0, _BIG), "num_tasks": S.integer(1, 1 << 20), "heads_offset": S.integer(0, _BIG),
     "heads_bytes": S.integer(0, _BIG), "total_bytes": S.integer(1, _BIG), "bank_sha256": S.hexdigest(),
     "biases": S.list_of(S.record(TENSOR_FIELDS), 1 << 16), "tasks": S.list_of(S.record(TASK_FIELDS), 1 << 20),
-    S.SEAL: S.hexdigest(),
 }
 MAP_FORMAT = Format(
     FORMAT, FORMAT_VERSION, MAP_FIELDS, "bias-bank map", PackError, _FIX,

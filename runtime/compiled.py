@@ -94,7 +94,6 @@ MANIFEST_FIELDS = {
     "outputs": S.list_of(S.one_of((OUTPUT_NAME, LOGITS, TOKEN_LOGITS)), 3, unique=True),
     "tool_version": S.string(256, required=False),
     "iree": S.record(IREE_FIELDS, required=False),
-    S.SEAL: S.hexdigest(),
 }
 MANIFEST_FORMAT = Format(
     FORMAT, FORMAT_VERSION, MANIFEST_FIELDS, "compiled-model manifest", CompiledModelError, _FIX,

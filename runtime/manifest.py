@@ -33,11 +33,12 @@ class Format:
     newer: str  # the file's version is newer than ours
     older: str  # the file's version is older
     checksums: tuple[str, ...] = ()  # keys that must hold a sha256 before the schema is even looked at
+    seal: S.Field = S.hexdigest()  # the manifest's own checksum (a pack made in memory may not have one yet)
 
     @property
     def schema(self) -> dict[str, S.Field]:
-        """The fields, and the format's own name and version (every format states them the same way)."""
-        return {**self.fields, "format": S.equal(self.name), "format_version": S.equal(self.version)}
+        """The fields, and what every format states the same way: its name, its version and its seal."""
+        return {**self.fields, S.SEAL: self.seal, "format": S.equal(self.name), "format_version": S.equal(self.version)}
 
 
 def read_versioned(path: str | os.PathLike, fmt: Format) -> dict[str, Any]:

@@ -128,14 +128,13 @@ MANIFEST_FIELDS = {
     "no_answer": S.boolean(required=False),
     "tool_version": S.string(256, required=False),
     "tensors_sha256": _CHECKSUM,
-    S.SEAL: _CHECKSUM,
 }
 MANIFEST_FORMAT = Format(
     FORMAT, FORMAT_VERSION, MANIFEST_FIELDS, "task-pack manifest", PackError, _FIX,
     newer="{root} uses pack format {version}, newer than this bitfit reads ({current}): upgrade bitfit",
     older="{root} uses pack format {version}, written by an older bitfit without the checksums this version requires: "
           "re-save it with this version (train, extract or import-peft again)",
-    checksums=("tensors_sha256", S.SEAL))
+    checksums=("tensors_sha256", S.SEAL), seal=_CHECKSUM)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from bitfit.runtime import BitFitError, TaskSession, load_pack
 from bitfit.runtime.compiled import MANIFEST_FILE
 from bitfit.runtime.fs import sha256_file
 from bitfit.runtime.pack import TENSORS_FILE
-from conftest import reseal_compiled, write_sealed
+from conftest import write_sealed
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument

@@ -4,7 +4,6 @@ outside the registry (runtime/kinds.py) and the call shapes (runtime/calls.py)."
 from __future__ import annotations
 
 import ast
-import re
 from pathlib import Path
 
 import pytest
