@@ -159,7 +159,7 @@ async def post(request: Request, state: AppState) -> Response:
 
 
 async def healthz(request: Request, state: AppState) -> Response:
-    n = len(state.session.tasks)
+    n = len(state.session)
     named: dict[str, Any] = {"replica": state.replica} if state.replica else {}
     if state.packs is not None and state.packs.clashes:  # directories declaring one task: which is served
         named["clashes"] = dict(sorted(state.packs.clashes.items()))
@@ -310,7 +310,7 @@ def serve(
     initial: ReloadResult = app.state.initial_load
     for name, message in initial.refused.items():
         print(f"bitfit serve: refused {name}: {message}", file=sys.stderr)
-    if not session.tasks:
+    if not len(session):
         raise BitFitError(f"no valid task pack in {packs_dir} (each pack is a subdirectory holding {MANIFEST_FILE} "
                           f"and {TENSORS_FILE}): nothing to serve")
     batching = (f"batching up to {config.max_batch_rows} rows, {config.max_wait_ms:g} ms" if config.batching

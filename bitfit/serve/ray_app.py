@@ -57,7 +57,7 @@ class BitFitReplica:
         session = TaskSession(self.compiled, threads=self.threads, spinning=False, backend=self.backend)
         self.server = create_app(session, self.packs, ServeConfig.from_limits(**self.limits), replica=self.replica,
                               reload_all=self.reload_everywhere)
-        if not session.tasks:
+        if not len(session):
             raise BitFitError(f"no valid task pack in {self.packs}: nothing to serve")
         return self.server
 

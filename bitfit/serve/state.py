@@ -43,7 +43,7 @@ class AppState:
     @classmethod
     def start(cls, session: TaskSession, packs: PackDirectory | None, config: ServeConfig, **more: Any) -> AppState:
         """The state of a new app: metrics and batcher made, every valid pack of `packs` registered now."""
-        metrics = Metrics(tasks=lambda: len(session.tasks), capacity=lambda: session.capacity)
+        metrics = Metrics(tasks=lambda: len(session), capacity=lambda: session.capacity)
         batcher = Batcher(session, max_batch_rows=config.max_batch_rows, max_wait_ms=config.max_wait_ms,
                           enabled=config.batching, on_batch=metrics.batch)
         initial = packs.reload() if packs is not None else ReloadResult(unchanged=list(session.tasks))

@@ -364,7 +364,7 @@ async def live(request: Request, state: AppState) -> Response:
 
 
 async def ready(request: Request, state: AppState) -> Response:
-    is_ready = bool(state.session.tasks)
+    is_ready = len(state.session) > 0
     return json_response({"ready": is_ready}, 200 if is_ready else 503)
 
 
