@@ -71,6 +71,18 @@ def export_triton(*args: Any, **kwargs: Any):
     return _export_triton(*args, **kwargs)
 
 
-STAGES = ["compile", "export_adapter", "export_bank", "export_triton", "extract", "import_peft", "inspect", "predict",
-          "train", "verify"]
+def export_web(*args: Any, **kwargs: Any):
+    from bitfit.exporters.web import export_web as _export_web
+
+    return _export_web(*args, **kwargs)
+
+
+def serve_web(*args: Any, **kwargs: Any):
+    from bitfit.exporters.site_server import serve_web as _serve_web
+
+    return _serve_web(*args, **kwargs)
+
+
+STAGES = ["compile", "export_adapter", "export_bank", "export_triton", "export_web", "extract", "import_peft", "inspect",
+          "predict", "serve_web", "train", "verify"]
 __all__ = ["BitFitError", "ParityError", "__version__", *STAGES]

@@ -159,6 +159,24 @@ def _export_bank(a: argparse.Namespace) -> int:
     return 0
 
 
+def _export_web(a: argparse.Namespace) -> int:
+    from bitfit.exporters.web import export_web
+
+    site = export_web(a.compiled, a.packs, a.out, title=a.title, overwrite=a.overwrite)
+    g = site["graph"]
+    per_task = ", ".join(f"{t['name']} {t['bytes'] / 1024:.1f} KB" for t in site["tasks"])
+    print(f"{a.out}: graph {g['bytes'] / 2**20:.1f} MiB ({g['precision']}) downloaded once; tasks: {per_task}. "
+          f"Serve it over https or from localhost (bitfit serve-web {a.out}) and open index.html")
+    return 0
+
+
+def _serve_web(a: argparse.Namespace) -> int:
+    from bitfit.exporters.site_server import serve_web
+
+    serve_web(a.site, host=a.host, port=a.port, isolated=not a.no_isolation)
+    return 0
+
+
 def _export_adapter(a: argparse.Namespace) -> int:
     from bitfit.exporters.adapter import export_adapter
 
@@ -486,6 +504,23 @@ def _exporters(sub) -> None:
     p.add_argument("--block-align", type=_int_in(64, 1 << 30), default=4096,
                    help="bytes each task block is aligned (and padded) to (default 4096: one page)")
     p.set_defaults(run=_export_bank)
+
+    p = sub.add_parser("export-web", help="a static web site running task packs in the browser (onnxruntime-web)",
+                       description="Writes the graph once, each pack as a ~100 KB binary plus its description, "
+                                   "bitfit.js and a demo page (docs/web.md).")
+    _compiled_flag(p, "a plain compiled directory (fp32 or int8; not --mixed, --fuse or --fp16)")
+    p.add_argument("packs", nargs="+", help="task packs (sequence kinds: classification, regression)")
+    _out_flags(p, "the site's directory", "an existing site at --out")
+    p.add_argument("--title", default="BitFit tasks in the browser", help="the demo page's title")
+    p.set_defaults(run=_export_web)
+
+    p = sub.add_parser("serve-web", help="serve a site written by export-web on this machine (a preview)")
+    p.add_argument("site", help="the site's directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=_int_in(0, 65535), default=8000, help="port (default 8000; 0: any free one)")
+    p.add_argument("--no-isolation", action="store_true",
+                   help="omit the cross-origin isolation headers (onnxruntime-web then runs on one wasm thread)")
+    p.set_defaults(run=_serve_web)
 
     p = sub.add_parser("export-adapter",
                        help="write a task pack as an onnxruntime adapter file (any onnxruntime binding, no bitfit)")

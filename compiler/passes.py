@@ -42,6 +42,32 @@ class BiasDefaultsPass(InPlacePass):
         return PassResult(model, modified=bool(self.defaults))
 
 
+class RequiredInputsPass(InPlacePass):
+    """Drop the default (initializer) of the named graph inputs: each becomes a plain required input.
+
+    For runtimes that refuse a feed of an input with a default: onnxruntime-web 1.31 lists only required
+    inputs in `inputNames` and rejects any other feed ("invalid input"), so the browser feeds every bias and
+    head input of a graph without defaults (exporters/web.py).
+    """
+
+    def __init__(self, names: Iterable[str]):
+        super().__init__()
+        self.names = list(names)
+
+    def call(self, model: ir.Model) -> PassResult:
+        inputs = {v.name: v for v in model.graph.inputs}
+        missing = [n for n in self.names if n not in inputs]
+        if missing:
+            raise PreconditionError(f"the graph has no inputs {missing[:4]}")
+        modified = False
+        for name in self.names:
+            if name in model.graph.initializers:
+                model.graph.initializers.pop(name)
+                inputs[name].const_value = None
+                modified = True
+        return PassResult(model, modified=modified)
+
+
 class CheckBiasInputsPass(InPlacePass):
     """Every expected bias is a float32 graph input of its shape that some node consumes (None in a shape:
     a dynamic axis).

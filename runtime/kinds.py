@@ -33,6 +33,7 @@ class TaskKind:
     objective: str | None = None  # training.objectives.OBJECTIVES key: how it trains (None: not trainable)
     data: str = "texts"  # the format of its training rows (training.data.FORMATS): texts, tags or squad
     checkpoint: str = ""  # the transformers architecture suffix of a fine-tuned model of this kind (extract)
+    web: str | None = None  # how web/bitfit.js decodes its logits ("classes", "value"); None: not in the browser
 
     # what the call shape owns, named here for the kind's callers (the server reads call and route)
     @property
@@ -91,9 +92,9 @@ def _answer_line(record: dict[str, Any], text: Any) -> str:
 
 
 CLASSIFICATION = TaskKind("classification", SEQUENCE, "names", "accuracy", True, _label_line, decode=decode.classes,
-                          objective="classes", checkpoint="ForSequenceClassification")
+                          objective="classes", checkpoint="ForSequenceClassification", web="classes")
 REGRESSION = TaskKind("regression", SEQUENCE, "value", "spearman", False, _value_line, decode=decode.value,
-                      objective="value", checkpoint="ForSequenceClassification")
+                      objective="value", checkpoint="ForSequenceClassification", web="value")
 TOKEN_CLASSIFICATION = TaskKind("token-classification", TOKENS, "names", "accuracy", True, _tags_line,
                                 objective="tags", data="tags", checkpoint="ForTokenClassification")
 QUESTION_ANSWERING = TaskKind("question-answering", ANSWER, ("start", "end"), "f1", False, _answer_line,
