@@ -3,13 +3,14 @@
 //
 // It drives the system's Chromium (Debian's /usr/bin/chromium, or CHROMIUM) through playwright-core, which
 // never downloads a browser. Commands:
-//   {"op": "goto", "url": U}                 open a page (waits for its load event)
+//   {"op": "goto", "url": U}                 open a page (waits for its load event); clears the two logs below
 //   {"op": "eval", "js": "async () => ..."}  run a function in the page and return its (JSON) value
 //   {"op": "fill", "selector": S, "value": V} / {"op": "select", "selector": S, "value": V} / {"op": "click", "selector": S}
 //   {"op": "wait", "selector": S, "text": T?, "timeout_ms": N?}  wait until S is visible (and holds T)
 //   {"op": "text", "selector": S}            the element's inner text
 //   {"op": "screenshot", "path": P}          a PNG of the whole page
 //   {"op": "requests"}                       every request the page made so far: [{url, status, bytes}]
+//                                            (bytes: headers and body as received, -1 where unknown)
 //   {"op": "console"}                        the page's console messages and errors so far
 //   {"op": "close"}
 import { createInterface } from "node:readline";
@@ -46,7 +47,11 @@ page.on("pageerror", (e) => consoleLines.push(`pageerror: ${e.message}`));
 
 async function run(cmd) {
   switch (cmd.op) {
-    case "goto": await page.goto(cmd.url, { waitUntil: "load" }); return page.url();
+    case "goto":  // a new page: the request and console logs start again
+      requests.length = 0;
+      consoleLines.length = 0;
+      await page.goto(cmd.url, { waitUntil: "load" });
+      return page.url();
     case "eval": return await page.evaluate(`(${cmd.js})()`);
     case "fill": await page.fill(cmd.selector, cmd.value); return null;
     case "select": await page.selectOption(cmd.selector, cmd.value); return null;
