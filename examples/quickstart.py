@@ -117,11 +117,51 @@ def main() -> None:
     print(f"\ntrainable share {rows[0]['trainable_share']:.3%} of the encoder; metrics in percent "
           f"(movie/trec: accuracy, sms: spam F1); {args.train_size} train examples, {args.epochs} epochs; "
           f"total {elapsed / 60:.1f} min")
-    summary = {"rows": rows, "verify": report.to_json(), "seconds": elapsed, "args": vars(args)}
+    web = browser_step(compiled, [results[t].pack_path for t in TASKS], work, session)
+    summary = {"rows": rows, "verify": report.to_json(), "web": web, "seconds": elapsed, "args": vars(args)}
     (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {work / 'summary.json'}")
     if not report.ok or any(r["max_logit_diff"] > 1e-4 for r in rows):
         raise SystemExit("parity check failed")
+    if web.get("tasks") and not all(t["labels_agree"] and t["max_logit_diff"] <= 1e-4 for t in web["tasks"]):
+        raise SystemExit("the browser's answers differ from onnxruntime's")
+
+
+def browser_step(compiled: Path, packs: list[Path], work: Path, session: TaskSession) -> dict:
+    """6. The three packs as a static site (bitfit export-web), opened in headless Chromium: the demo page's labels
+    for DEMO, and bitfit.js's logits on 100 dev texts per task, against the Python session's."""
+    from bitfit.exporters.browser import Browser, browser_problem
+    from bitfit.exporters.site_server import serve_site
+
+    site = work / "site"
+    index = bitfit.export_web(compiled, packs, site, overwrite=True)
+    print(f"\nbrowser: {site} holds the graph once ({index['graph']['bytes'] / 2**20:.1f} MiB) and each task in "
+          + ", ".join(f"{t['bytes'] / 1024:.0f} KB" for t in index["tasks"]))
+    problem = browser_problem()
+    if problem:
+        print(f"  not opened in Chromium: {problem}")
+        return {"skipped": problem}
+    out = []
+    with serve_site(site) as url, Browser() as browser:
+        browser.call("goto", url=url)
+        browser.call("eval", js="async () => { await window.bitfitReady; return null; }")
+        browser.call("fill", selector="#texts", value="\n".join(DEMO))
+        for task in TASKS:
+            browser.call("select", selector="#task", value=task)
+            browser.call("click", selector="#run")
+            browser.call("wait", selector="#timing", text=f"task {task},")
+            labels = browser.call("eval", js="async () => [...document.querySelectorAll('#results td.label')]"
+                                             ".map((td) => td.textContent)")
+            texts = [e.text for e in load_builtin(task).dev[:100]]
+            page = browser.call("eval", js=f"async () => (await window.bitfitSite.predict({json.dumps(task)}, "
+                                           f"{json.dumps(texts)})).records.map((r) => r.logits)")
+            diff = float(np.abs(np.array(page) - session.run(task, texts).logits).max())
+            out.append({"task": task, "page_labels": labels, "labels_agree": labels == session.run(task, DEMO).labels,
+                        "max_logit_diff": diff})
+            print(f"  {task:<16} demo page: {' | '.join(labels)}; bitfit.js on 100 dev texts: max |dlogit| {diff:.1e}")
+        browser.call("screenshot", path=str(work / "web-demo.png"))
+    print(f"  screenshot of the demo page: {work / 'web-demo.png'}; to open it yourself: bitfit serve-web {site}")
+    return {"tasks": out, "graph_bytes": index["graph"]["bytes"], "task_bytes": [t["bytes"] for t in index["tasks"]]}
 
 
 if __name__ == "__main__":

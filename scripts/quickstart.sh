@@ -3,5 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh dev --assets
+bash scripts/setup_web.sh || true  # without a browser the example still exports the site, and says why it was not opened
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 exec .venv/bin/python examples/quickstart.py "$@"
