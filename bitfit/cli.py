@@ -566,6 +566,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bitfit {args.command}: error: {e}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:
+        if e.name in ("onnx", "onnx_ir") and args.command == "export-web":
+            print(f"bitfit {args.command}: error: needs {e.name}; pip install 'bitfit-deploy[web]'", file=sys.stderr)
+            return 2
         if e.name in ("torch", "transformers", "onnx", "onnx_ir", "accelerate"):
             print(f"bitfit {args.command}: error: needs {e.name}; install the training extra: "
                   "pip install 'bitfit-deploy[train]'", file=sys.stderr)

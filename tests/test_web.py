@@ -396,3 +396,31 @@ def test_every_compiled_variant_runs_in_the_page(browser, bert_model, pack_all, 
     want = python.run(task, TEXTS)
     assert page["labels"] == want.labels
     assert np.abs(np.array([r["logits"] for r in page["records"]]) - want.logits).max() < TOL
+
+
+def _blocked(blocked: tuple[str, ...], argv: list[str]):
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import sys
+        class Blocker:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {blocked!r}:
+                    raise ModuleNotFoundError(f"No module named {{name!r}} (blocked by the test)", name=name)
+        sys.meta_path.insert(0, Blocker())
+        from bitfit.cli import main
+        sys.exit(main(sys.argv[1:]))
+    """)
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+
+
+def test_export_web_needs_no_torch(bert_compiled, pack_all, tmp_path):
+    """A web export is a build step beside compile, but without torch: onnx and onnx-ir only ([web])."""
+    argv = ["export-web", "--compiled", str(bert_compiled), str(pack_all), "--out", str(tmp_path / "s")]
+    proc = _blocked(("torch", "transformers", "onnxscript"), argv)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "s" / SITE_FILE).read_text())["tasks"][0]["name"] == load_pack(pack_all).name
+    proc = _blocked(("torch", "onnx_ir"), argv[:-1] + [str(tmp_path / "t")])
+    assert proc.returncode == 2 and "pip install 'bitfit-deploy[web]'" in proc.stderr, proc.stderr
