@@ -424,3 +424,36 @@ def test_export_web_needs_no_torch(bert_compiled, pack_all, tmp_path):
     assert json.loads((tmp_path / "s" / SITE_FILE).read_text())["tasks"][0]["name"] == load_pack(pack_all).name
     proc = _blocked(("torch", "onnx_ir"), argv[:-1] + [str(tmp_path / "t")])
     assert proc.returncode == 2 and "pip install 'bitfit-deploy[web]'" in proc.stderr, proc.stderr
+
+
+def test_a_task_costs_the_same_at_any_count(bert_compiled, pack_all, tmp_path, monkeypatch):
+    """At 2 or 40 tasks: the graph is written once, the compiled directory opened once, and each task adds the
+    same bytes to the site and to site.json (nothing per task grows with the count: 10,000 tasks stay linear)."""
+    import bitfit.exporters.web as web
+
+    opened = []
+    real_open = web.CompiledModel.open
+    monkeypatch.setattr(web.CompiledModel, "open", lambda *a, **k: opened.append(1) or real_open(*a, **k))
+    base = load_pack(pack_all)
+
+    def packs(n: int) -> list:
+        out = []
+        for i in range(n):
+            p = load_pack(pack_all)
+            p.manifest.task = f"task{i:04d}"
+            p.tensors = {k: v + np.float32(i * 1e-3) if k == "head.bias" else v for k, v in base.tensors.items()}
+            out.append(p)
+        return out
+
+    sizes = {}
+    for n in (2, 40):
+        site = tmp_path / f"s{n}"
+        export_web(bert_compiled, packs(n), site)
+        assert len(list((site / "model").glob("model.*.onnx"))) == 1
+        task_bytes = [f.stat().st_size for f in (site / "tasks").iterdir()]
+        assert len(task_bytes) == 2 * n
+        sizes[n] = ((site / SITE_FILE).stat().st_size, sum(task_bytes))
+    assert opened == [1, 1]
+    per_index = (sizes[40][0] - sizes[2][0]) / 38
+    assert per_index < 400  # bytes of site.json per task
+    assert abs(sizes[40][1] / 40 - sizes[2][1] / 2) < 64  # bytes of a task's two files

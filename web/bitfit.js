@@ -286,6 +286,7 @@ export class Site {
     this.encoder = encoder;
     this.baseTensors = baseTensors;
     this.stats = stats; // what loading cost: bytes and milliseconds, and each task's as it loads
+    this.entries = new Map(index.tasks.map((t) => [t.name, t])); // O(1) a lookup: a site may list 10,000 tasks
     this.loaded = new Map(); // task name -> Promise of its feeds: fetched once, kept
     this.queue = Promise.resolve(); // onnxruntime-web runs one call of a session at a time
   }
@@ -307,10 +308,11 @@ export class Site {
   }
 
   async fetchTask(name) {
-    const entry = this.index.tasks.find((t) => t.name === name);
+    const entry = this.entries.get(name);
     if (!entry) {
-      const known = this.index.tasks.map((t) => t.name).join(", ");
-      throw new BitFitError(`unknown task ${JSON.stringify(name)}: this site serves ${known}`);
+      const names = this.index.tasks.map((t) => t.name);
+      const known = names.slice(0, 20).join(", ") + (names.length > 20 ? `, ... (${names.length} in all)` : "");
+      throw new BitFitError(`unknown task ${JSON.stringify(String(name).slice(0, 100))}: this site serves ${known}`);
     }
     const t0 = performance.now();
     const what = `task ${JSON.stringify(name)}`;
