@@ -457,3 +457,18 @@ def test_a_task_costs_the_same_at_any_count(bert_compiled, pack_all, tmp_path, m
     per_index = (sizes[40][0] - sizes[2][0]) / 38
     assert per_index < 400  # bytes of site.json per task
     assert abs(sizes[40][1] / 40 - sizes[2][1] / 2) < 64  # bytes of a task's two files
+
+
+def test_an_insecure_page_refuses_to_load(browser, site):
+    """Served over plain http from an address that is not loopback, browsers offer no crypto.subtle: the page
+    must refuse to load (it cannot check a digest), saying how to serve it, rather than skip its checks."""
+    import subprocess
+
+    addresses = [a for a in subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout.split()
+                 if "." in a and not a.startswith("127.")]
+    if not addresses:
+        pytest.skip("this machine has no non-loopback IPv4 address to serve an insecure page from")
+    with serve_site(site, host=addresses[0]) as address:
+        browser.call("goto", url=address)
+        browser.call("wait", selector="#error", text="not in a secure context")
+        assert browser.call("eval", js="async () => window.isSecureContext") is False
