@@ -312,9 +312,11 @@ def test_the_demo_page_answers_and_is_pictured(browser, url, names, python, tmp_
     assert "3 texts in" in browser.call("text", selector="#timing")
     shot = browser.call("screenshot", path=str(tmp_path / "demo.png"))
     assert Path(shot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and Path(shot).stat().st_size > 10_000
-    # switching tasks in the picker fetched no second graph
-    graphs = [r for r in browser.call("requests") if "/model/model." in r["url"]]
-    assert len(graphs) == 1
+    # switching tasks in the picker fetched no second graph, and nothing came from anywhere but the site
+    requests = browser.call("requests")
+    assert len([r for r in requests if "/model/model." in r["url"]]) == 1
+    assert requests and all(r["url"].startswith(url) for r in requests), [r["url"] for r in requests]
+    assert any(r["url"].endswith("/vendor/ort-wasm-simd-threaded.wasm") for r in requests)
 
 
 def test_a_damaged_task_file_is_refused_on_the_page(browser, site, names, tmp_path):

@@ -174,7 +174,7 @@ export function longestFirst(n1, n2, room) {
   return n1 > n2 ? [b, a] : [a, b];
 }
 
-class TextEncoder {
+class TokenEncoder {
   constructor(tokenizerJson, padToken, padId, tokenInputs) {
     try {
       this.tokenizer = new Tokenizer(tokenizerJson, {});
@@ -430,7 +430,7 @@ export async function loadSite(url = new URL(".", import.meta.url), { numThreads
                                   new Map(g.bias_inputs.map((s) => [s.name, s.shape])), "the base biases");
   const missing = g.bias_inputs.filter((s) => !baseTensors.has(s.name)).map((s) => s.name);
   if (missing.length) throw new BitFitError(`the base biases lack ${missing.join(", ")}; ${REFETCH}`);
-  const encoder = new TextEncoder(parseJson(tokenizerBytes, "the tokenizer"), index.tokenizer.pad_token,
+  const encoder = new TokenEncoder(parseJson(tokenizerBytes, "the tokenizer"), index.tokenizer.pad_token,
                                   index.tokenizer.pad_token_id, g.token_inputs);
   const threads = numThreads ?? (globalThis.crossOriginIsolated ? Math.min(4, navigator.hardwareConcurrency || 1) : 1);
   ort.env.wasm.numThreads = threads;
