@@ -348,6 +348,7 @@ def test_a_damaged_task_file_is_refused_on_the_page(browser, site, names, tmp_pa
     ("site", "is not valid JSON"),
     ("format", "declares format"),
     ("description", "description .* does not match its digest"),
+    ("huge", "the graph .* is listed as 3221225472 bytes, more than such a file can be"),
 ])
 def test_damaged_site_files_are_refused(browser, site, names, tmp_path, damage, message):
     damaged = tmp_path / "site"
@@ -359,6 +360,8 @@ def test_damaged_site_files_are_refused(browser, site, names, tmp_path, damage, 
         (damaged / SITE_FILE).write_text((damaged / SITE_FILE).read_text()[:500])
     elif damage == "format":
         (damaged / SITE_FILE).write_text(json.dumps({**index, "format": "something-else"}))
+    elif damage == "huge":  # refused from the index, before 3 GiB are fetched
+        (damaged / SITE_FILE).write_text(json.dumps({**index, "graph": {**index["graph"], "bytes": 3 << 30}}))
     else:
         flip_byte(damaged / index["tasks"][0]["description"]["file"], at=40)
     with serve_site(damaged) as address:

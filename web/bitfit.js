@@ -19,6 +19,9 @@ export const MAX_TEXTS = 256; // texts per predict call (the server's /v1 defaul
 export const MAX_TEXT_CHARS = 100000; // characters per text: the tokenizer would read them all before truncating
 export const MAX_ABS_VALUE = 1e4; // as the Python runtime: trained values are O(1)-O(10); beyond is damage
 const SITE_FILE = "site.json";
+const MiB = 2 ** 20;
+// the most a file of each kind may be (as runtime/fs.py bounds the Python side's): more is not one of ours
+const LIMITS = { index: 64 * MiB, description: 4 * MiB, binary: 256 * MiB, tokenizer: 256 * MiB, graph: 2048 * MiB };
 const REFETCH = "re-export the site (bitfit export-web) and reload the page";
 
 export class BitFitError extends Error {
@@ -57,7 +60,11 @@ async function sha256Hex(bytes) {
 }
 
 /** The bytes of one file the index lists ({file, sha256, bytes}), refused unless they are exactly those. */
-async function fetchChecked(base, entry, what) {
+async function fetchChecked(base, entry, what, limit) {
+  if (entry.bytes > limit) {
+    throw new BitFitError(`${what} (${entry.file}) is listed as ${entry.bytes} bytes, more than such a file can be ` +
+                          `(${limit}): it is not one bitfit export-web wrote; ${REFETCH}`);
+  }
   const url = new URL(entry.file, base);
   const bytes = new Uint8Array(await (await fetchOk(url, what)).arrayBuffer());
   if (bytes.length !== entry.bytes) {
@@ -86,7 +93,7 @@ const isObject = (v) => v !== null && typeof v === "object" && !Array.isArray(v)
 const isCount = (v, min = 0) => Number.isSafeInteger(v) && v >= min;
 const isHex = (v) => typeof v === "string" && /^[0-9a-f]{64}$/.test(v);
 const isFile = (v) => isObject(v) && typeof v.file === "string" && /^[A-Za-z0-9._/-]{1,300}$/.test(v.file) &&
-  !v.file.includes("..") && isHex(v.sha256) && isCount(v.bytes);
+  !v.file.includes("..") && !v.file.startsWith("/") && isHex(v.sha256) && isCount(v.bytes); // inside the site only
 
 function need(ok, what, field, expected) {
   if (!ok) throw new BitFitError(`${what}: ${field} must be ${expected}; ${REFETCH}`);
@@ -316,7 +323,7 @@ export class Site {
     }
     const t0 = performance.now();
     const what = `task ${JSON.stringify(name)}`;
-    const d = parseJson(await fetchChecked(this.base, entry.description, `${what}'s description`), `${what}'s description`);
+    const d = parseJson(await fetchChecked(this.base, entry.description, `${what}'s description`, LIMITS.description), `${what}'s description`);
     checkFormat(d, TASK_FORMAT, `${what}'s description`);
     need(d.task === name && d.digest === entry.digest, what, "its description", "the one site.json lists (name, digest)");
     if (d.base_fingerprint !== this.index.base_fingerprint) {
@@ -332,7 +339,7 @@ export class Site {
     need(isFile(d.binary), what, "binary", "{file, sha256, bytes}");
     const k = d.decoder === "value" ? 1 : d.labels.length;
     const takes = new Map([...this.index.graph.bias_inputs, ...this.index.graph.head_inputs].map((s) => [s.name, s.shape]));
-    const bytes = await fetchChecked(this.base, d.binary, `${what}'s biases and head`);
+    const bytes = await fetchChecked(this.base, d.binary, `${what}'s biases and head`, LIMITS.binary);
     const tensors = readTensors(bytes, d.tensors, takes, `${what}'s biases and head`);
     const weight = tensors.get("head.weight");
     if (!weight || weight.dims[0] !== k || !tensors.has("head.bias") || tensors.get("head.bias").dims[0] !== k) {
@@ -417,13 +424,16 @@ export async function loadSite(url = new URL(".", import.meta.url), { numThreads
   const t0 = performance.now();
   const base = new URL(url, location.href);
   const indexBytes = new Uint8Array(await (await fetchOk(new URL(SITE_FILE, base), SITE_FILE, { cache: "no-cache" })).arrayBuffer());
+  if (indexBytes.length > LIMITS.index) {
+    throw new BitFitError(`${SITE_FILE} is ${indexBytes.length} bytes, more than an index can be (${LIMITS.index}); ${REFETCH}`);
+  }
   const index = parseJson(indexBytes, SITE_FILE);
   checkSite(index);
   const g = index.graph;
   const [graph, tokenizerBytes, baseBytes] = await Promise.all([
-    fetchChecked(base, g, "the graph"),
-    fetchChecked(base, index.tokenizer, "the tokenizer"),
-    fetchChecked(base, index.base_biases, "the base biases"),
+    fetchChecked(base, g, "the graph", LIMITS.graph),
+    fetchChecked(base, index.tokenizer, "the tokenizer", LIMITS.tokenizer),
+    fetchChecked(base, index.base_biases, "the base biases", LIMITS.binary),
   ]);
   const t1 = performance.now();
   const baseTensors = readTensors(baseBytes, index.base_biases.tensors,
