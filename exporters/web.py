@@ -64,6 +64,7 @@ VENDOR = {
 # each equal to Python onnxruntime's logits to 1e-6 on the tiny test model (tests/test_web.py runs them in Chromium;
 # on MiniLM the wasm and x86 int8 kernels round differently: docs/web.md). Refused: mixed graphs
 # (bias tables and task_ids: the page runs one task per call) and graphs without the task head (the page reads logits).
+TITLE = "BitFit tasks in the browser"  # the demo page's, unless export_web(title=...) says otherwise
 SHA_PREFIX = 16  # hex digits of a file's sha256 in its name: enough to tell versions apart in a cache
 
 
@@ -212,7 +213,7 @@ def write_site(
     packs: Sequence[TaskPack | str | os.PathLike],
     out: str | os.PathLike,
     *,
-    title: str = "BitFit tasks in the browser",
+    title: str = TITLE,
     overwrite: bool = False,
 ) -> Path:
     """Write the static site for `packs` on `compiled_dir`'s graph to `out` (the toolkit's atomic writer: an
@@ -272,7 +273,7 @@ def export_web(
     packs: Sequence[TaskPack | str | os.PathLike],
     out: str | os.PathLike,
     *,
-    title: str = "BitFit tasks in the browser",
+    title: str = TITLE,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """`bitfit export-web`: write the site and return its index (site.json, as written)."""

@@ -477,3 +477,19 @@ def test_an_insecure_page_refuses_to_load(browser, site):
         browser.call("goto", url=address)
         browser.call("wait", selector="#error", text="not in a secure context")
         assert browser.call("eval", js="async () => window.isSecureContext") is False
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"packs": "packs/x"}, "packs must be"),
+    ({"title": 5}, "title must be"),
+    ({"overwrite": "yes"}, "overwrite must be"),
+    ({"out": None}, "out must be"),
+])
+def test_bad_arguments_are_refused_at_the_door(bert_compiled, pack_all, tmp_path, kwargs, message):
+    call = {"compiled_dir": bert_compiled, "packs": [pack_all], "out": tmp_path / "s", **kwargs}
+    with pytest.raises(BitFitError, match=message):
+        export_web(**call)
+    assert not (tmp_path / "s").exists()
+    with pytest.raises(BitFitError, match="port must be"):
+        with serve_site(tmp_path, port=70000):
+            pass
