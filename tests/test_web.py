@@ -116,6 +116,8 @@ def test_every_file_is_named_and_listed_by_its_digest(site, names):
     for vendored in ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.wasm", "ort-wasm-simd-threaded.mjs", "tokenizers.min.mjs"):
         assert (site / "vendor" / vendored).stat().st_size > 1000  # served by the site itself, never a CDN
     assert index["runtime"] == {"onnxruntime-web": "1.31.1", "@huggingface/tokenizers": "0.2.0"}
+    assert "MIT" in (site / "vendor" / "LICENSE.onnxruntime-web").read_text()
+    assert "Apache" in (site / "vendor" / "LICENSE.huggingface-tokenizers").read_text()
 
 
 def load_pack_digest(site: Path, task: dict) -> str:
