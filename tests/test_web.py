@@ -289,13 +289,17 @@ def test_switching_tasks_keeps_one_session(browser, url, names):
         const a1 = await site.predict({json.dumps(names[0])}, texts);
         const b = await site.predict({json.dumps(names[1])}, texts);
         const a2 = await site.predict({json.dumps(names[0])}, texts);
+        // calls at once (a person clicking twice): queued on the one session, each with its own task's arrays
+        const both = await Promise.all([site.predict({json.dumps(names[1])}, texts), site.predict({json.dumps(names[0])}, texts)]);
         ort.InferenceSession.create = create;
         const fetched = performance.getEntriesByType('resource').map((e) => new URL(e.name).pathname);
         return {{ sessions, fetched, same: JSON.stringify(a1.records) === JSON.stringify(a2.records),
+                  concurrent: JSON.stringify(both[0].records) === JSON.stringify(b.records) &&
+                              JSON.stringify(both[1].records) === JSON.stringify(a1.records),
                   differs: JSON.stringify(a1.records) !== JSON.stringify(b.records) }};
     }}""")
     assert out["sessions"] == 1
-    assert out["same"] and out["differs"]
+    assert out["same"] and out["differs"] and out["concurrent"]
     graphs = [p for p in out["fetched"] if p.startswith("/model/model.")]
     tasks = [p for p in out["fetched"] if p.startswith("/tasks/")]
     assert len(graphs) == 1
