@@ -31,7 +31,9 @@ class Interval:
         return (self.high - self.low) / 2
 
     def text(self, digits: int = 2) -> str:
-        if self.n < 2 or not math.isfinite(self.half):
+        # one seed has no interval over seeds (t), but the two-level bootstrap still resamples its test examples:
+        # whatever interval a verdict is judged by is printed
+        if self.n < 1 or not math.isfinite(self.half):
             return f"{self.mean:.{digits}f} (n={self.n})"
         return f"{self.mean:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}] (n={self.n})"
 

@@ -623,3 +623,12 @@ def test_the_committed_readme_and_docs_carry_the_reports_words():
     root = Path(__file__).resolve().parents[1]
     shared = json.loads((protocol.RESULTS / "summary.json").read_text())["shared"]
     assert report.block_of(root / "README.md") == report.block_of(root / "docs" / "replication.md") == shared
+
+
+def test_an_interval_a_verdict_is_judged_by_is_printed_even_from_one_seed():
+    """One seed has no interval over seeds, but the two-level bootstrap's (its test examples) is real: the words
+    must show it, since a verdict may be judged by it."""
+    from stats import Interval, t_interval
+
+    assert t_interval([1.0]).text() == "1.00 (n=1)"
+    assert Interval(-0.65, -1.9, 0.6, 1).text() == "-0.65 [-1.90, 0.60] (n=1)"
