@@ -399,7 +399,26 @@ def test_the_base_size_section_sets_mpnet_beside_minilm_and_states_how_far_its_s
     lines = report.base_size(runs)
     assert "| BitFit (all biases) | trec6 | 0.003 | 87.00 | 91.00 | 0.001: 80.00 | 600 | chosen |" in lines
     assert "| Full fine-tuning | trec6 | 3e-05 | 86.00 | 92.00 | 3e-05: 80.00 | 600 |  |" in lines
-    assert "trec6 -2.50 (n=1) (MiniLM, paired by seed" in lines[-1]  # best dev, not best test: 91.0 - 93.5
+    assert "trec6 2.50 (n=1) over seeds; no seed has predictions of both: **one seed: no interval** (MiniLM, " \
+        "over seeds: 0.67 [-0.77, 2.10] (n=3))" in lines[-1]  # best dev, not best test: full 93.5 - BitFit 91.0
+    assert report.base_size_short(runs) == ["- at base size (all-mpnet-base-v2), per task, BitFit matches full "
+                                            "fine-tuning (goal: full - BitFit < 1.5): trec6 2.50 (n=1) over seeds; "
+                                            "no seed has predictions of both: **one seed: no interval**"]
+    # seeds 1-2 at the chosen points (and one at a point not chosen, which must not count): an interval, a verdict
+    runs += [row(m, "trec6", lr, 80.0, model="mpnet", seed=s, test_metric=test) for m, lr, s, test in (
+        ("bitfit", 3e-3, 1, 91.0), ("bitfit", 3e-3, 2, 91.0), ("full", 1e-5, 1, 92.0), ("full", 1e-5, 2, 93.5),
+        ("full", 3e-5, 1, 50.0))]
+    gap = "trec6 2.00 [-0.15, 4.15] (n=3) over seeds"  # full - BitFit per seed: 2.5, 1.0, 2.5 (not 3e-5's -41)
+    assert gap in report.base_size(runs)[-1] and gap in report.base_size_short(runs)[0]
+    line = lambda: report.base_size_short(runs)[0]  # noqa: E731
+    assert line().endswith("no seed has predictions of both: **undetermined (seed-only: no test predictions)**")
+    at = {(r["method"], r["seed"]): r for r in runs if r["model"] == "mpnet" and r["lr"] in (3e-3, 1e-5)}
+    for s, test in ((0, 93.0), (1, 91.6), (2, 92.9)):  # full - BitFit 0.5, 0.4, 0.6: under the goal on every seed
+        at["bitfit", s]["test_metric"] = test
+    assert line().endswith("**reproduced (seed-only: no test predictions)**")
+    for s in (0, 1, 2):  # full 4.5 to 5.5 ahead: BitFit does not match it
+        at["bitfit", s]["test_metric"] -= 5.0
+    assert line().endswith("**not reproduced (seed-only: no test predictions)**")
 
 
 def test_the_data_size_verdict_needs_both_ends_of_the_trend():
