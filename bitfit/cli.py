@@ -160,9 +160,9 @@ def _export_bank(a: argparse.Namespace) -> int:
 
 
 def _export_web(a: argparse.Namespace) -> int:
-    from bitfit.exporters.web import export_web
+    from bitfit.exporters.web import TITLE, export_web
 
-    site = export_web(a.compiled, a.packs, a.out, overwrite=a.overwrite, **({"title": a.title} if a.title else {}))
+    site = export_web(a.compiled, a.packs, a.out, title=a.title or TITLE, overwrite=a.overwrite)
     g = site["graph"]
     per_task = ", ".join(f"{t['name']} {t['bytes'] / 1024:.1f} KB" for t in site["tasks"])
     print(f"{a.out}: graph {g['bytes'] / 2**20:.1f} MiB ({g['precision']}) downloaded once; tasks: {per_task}. "
@@ -511,7 +511,7 @@ def _exporters(sub) -> None:
     _compiled_flag(p, "a compiled directory with the task head (fp32, int8, fp16 or fused; not --mixed)")
     p.add_argument("packs", nargs="+", help="task packs (sequence kinds: classification, regression)")
     _out_flags(p, "the site's directory", "an existing site at --out")
-    p.add_argument("--title", default=None, help="the demo page's title")
+    p.add_argument("--title", help="the demo page's title (default: exporters.web.TITLE)")
     p.set_defaults(run=_export_web)
 
     p = sub.add_parser("serve-web", help="serve a site written by export-web on this machine (a preview)")
