@@ -781,6 +781,7 @@ def write_report(runs: list[dict], out: Path, gold: Gold | None = None, serving:
     cells_lora = final(runs, tuple(LORA_METHODS))
     curve_lines, points = size_curve(runs, gold)
     block = shared_block(cells, runs, gold)
+    found = findings(cells, runs, gold)  # once: table.md and summary.json both print them (bootstraps are slow)
     coverage_lines, have, total = coverage({**cells, **cells_ctl, **cells_lora}, (*METHODS, *CONTROLS, *LORA_METHODS))
     text = [
         "# Replication on all-MiniLM-L6-v2 (not BERT-base, not GLUE)",
@@ -803,7 +804,7 @@ def write_report(runs: list[dict], out: Path, gold: Gold | None = None, serving:
         "rule: reproduced, or not reproduced, only when both intervals lie on the same side of the goal; "
         "undetermined otherwise; where no seed has predictions the seed-only verdict is marked as such.",
         "",
-        *findings(cells, runs, gold),
+        *found,
         *robustness(runs, cells),
         "",
         "Per task, full fine-tuning minus BitFit, judged against 0 by the same rule:",
@@ -901,7 +902,7 @@ def write_report(runs: list[dict], out: Path, gold: Gold | None = None, serving:
         splice(doc, block)
         if markers("pending runs")[0] in doc.read_text():
             splice(doc, waiting, "pending runs")
-    summary = {"runs": len(everything), "in_protocol": len(runs), "findings": findings(cells, runs, gold),
+    summary = {"runs": len(everything), "in_protocol": len(runs), "findings": found,
                "shared": block}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print("\n".join(text))
